@@ -1,0 +1,38 @@
+# ftpcluster: make run | make test | make bench
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+SYSPKGS := memcached haproxy lftp curl openssl iproute2 proftpd-core
+.PHONY: run test bench venv sysdeps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/ftpcluster start
+
+# System tools the tests drive as real peers; installed when missing and root.
+sysdeps:
+	@missing=""; \
+	for b in memcached haproxy lftp curl openssl ip proftpd; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    (apt-get install -y -q $(SYSPKGS) >/dev/null 2>&1 || (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSPKGS) >/dev/null)); \
+	  else echo "missing (tests needing them will skip):$$missing"; fi; \
+	fi
+
+test: venv sysdeps
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: venv sysdeps
+	$(PY) -m bench $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench/results/*.tmp
