@@ -1,0 +1,257 @@
+"""The `ftpcluster` command. Names, flags and exit codes are fixed by CONTRACT.md:
+errors are one line on stderr; 0 success, 1 failure, 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from . import config as config_mod
+from .durations import DurationError, parse_duration
+
+
+class CommandError(Exception):
+    """A failure to report as one line and exit 1."""
+
+
+def _add_config(p: argparse.ArgumentParser, root: bool = False) -> None:
+    # SUPPRESS on sub-commands, so `ftpcluster --config F status` is not reset to None.
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None if root else argparse.SUPPRESS,
+        help="TOML config (default ./ftpcluster.toml, /etc/ftpcluster/ftpcluster.toml, embedded)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="ftpcluster", description="Clustered FTP/FTPS server")
+    _add_config(root, root=True)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("start", help="bind, pre-fork N nodes and supervise them")
+    _add_config(p)
+    p.add_argument("--nodes", type=int, metavar="N", help="worker nodes (overrides server.nodes)")
+    p.add_argument("--daemon", action="store_true", help="detach; return once every node accepts")
+
+    p = sub.add_parser("stop", help="graceful stop")
+    _add_config(p)
+    p.add_argument("--timeout", default="30s", help="let transfers finish this long (default 30s)")
+
+    p = sub.add_parser("reload", help="re-read config, users and certificates; replace workers")
+    _add_config(p)
+
+    p = sub.add_parser("status", help="supervisor, nodes, listeners, memcached")
+    _add_config(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("ban", help="ban a host, user or class")
+    _add_config(p)
+    p.add_argument("kind", choices=["host", "user", "class"])
+    p.add_argument("name")
+    p.add_argument("--for", dest="duration", metavar="DURATION", help="30s, 10m, 2h, 1d or hh:mm:ss; default permanent")
+    p.add_argument("--reason", default="")
+
+    p = sub.add_parser("permit", help="lift a ban everywhere")
+    _add_config(p)
+    p.add_argument("kind", choices=["host", "user", "class"])
+    p.add_argument("name")
+
+    p = sub.add_parser("bans", help="every ban in force")
+    _add_config(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("user", help="manage virtual users")
+    usub = p.add_subparsers(dest="user_command", required=True)
+    pa = usub.add_parser("add", help="add or update a user")
+    _add_config(pa)
+    pa.add_argument("name")
+    pa.add_argument("--home", required=True)
+    pa.add_argument("--read-only", action="store_true")
+    pa.add_argument("--password-stdin", action="store_true", required=True, help="read the password from stdin")
+    pd = usub.add_parser("del", help="remove a user")
+    _add_config(pd)
+    pd.add_argument("name")
+
+    p = sub.add_parser("cert", help="certificates")
+    csub = p.add_subparsers(dest="cert_command", required=True)
+    pg = csub.add_parser("generate", help="write a self-signed certificate and key")
+    _add_config(pg)
+    pg.add_argument("--out", required=True, metavar="DIR")
+    pg.add_argument("--ecdsa", action="store_true", help="ECDSA P-256 instead of RSA 2048")
+
+    p = sub.add_parser("key", help="cluster session key")
+    ksub = p.add_subparsers(dest="key_command", required=True)
+    pk = ksub.add_parser("generate", help="write a new cluster session key")
+    _add_config(pk)
+    pk.add_argument("--out", metavar="FILE", help="default: [tls] session_key_file")
+
+    p = sub.add_parser("config", help="configuration")
+    cfsub = p.add_subparsers(dest="config_command", required=True)
+    pc = cfsub.add_parser("check", help="validate and print the effective values")
+    _add_config(pc)
+    return root
+
+
+# ---------------------------------------------------------------- handlers
+def cmd_start(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .supervisor.arbiter import start
+
+    if args.nodes is not None:
+        if args.nodes < 1:
+            raise CommandError("--nodes must be at least 1")
+        cfg.server.nodes = args.nodes
+    return start(cfg, daemon=args.daemon)
+
+
+def _control(cfg: config_mod.Config, request: dict, timeout: float = 10.0) -> dict:
+    from .supervisor.control_client import ControlError, call
+
+    try:
+        return call(cfg, request, timeout=timeout)
+    except ControlError as e:
+        raise CommandError(str(e)) from None
+
+
+def cmd_stop(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    timeout = _duration(args.timeout)
+    _control(cfg, {"cmd": "stop", "timeout": timeout}, timeout=timeout + 10)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    reply = _control(cfg, {"cmd": "reload"}, timeout=60)
+    if not reply.get("ok", False):
+        raise CommandError(reply.get("error", "reload failed"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .supervisor.status_view import render_status
+
+    reply = _control(cfg, {"cmd": "status"})
+    status = reply["status"]
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def cmd_ban(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .cluster.ban_names import BanNameError, validate_ban_name
+
+    try:
+        name = validate_ban_name(args.kind, args.name, cfg)
+    except BanNameError as e:
+        raise CommandError(str(e)) from None
+    duration = _duration(args.duration) if args.duration else None
+    reply = _control(cfg, {"cmd": "ban", "kind": args.kind, "name": name, "duration": duration, "reason": args.reason})
+    if not reply.get("ok"):
+        raise CommandError(reply.get("error", "ban failed"))
+    return 0
+
+
+def cmd_permit(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .cluster.ban_names import BanNameError, validate_ban_name
+
+    try:
+        name = validate_ban_name(args.kind, args.name, cfg)
+    except BanNameError as e:
+        raise CommandError(str(e)) from None
+    reply = _control(cfg, {"cmd": "permit", "kind": args.kind, "name": name})
+    if not reply.get("ok"):
+        raise CommandError(reply.get("error", "permit failed"))
+    return 0
+
+
+def cmd_bans(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    reply = _control(cfg, {"cmd": "bans"})
+    bans = reply.get("bans", [])
+    if args.json:
+        print(json.dumps(bans, indent=2))
+    elif not bans:
+        print("no bans in force")
+    else:
+        import time
+
+        for b in bans:
+            exp = "permanent" if b["expires_at"] is None else f"{max(0, int(b['expires_at'] - time.time()))}s left"
+            print(f"{b['kind']:5} {b['name']:30} {exp:14} {b['origin']:7} {b.get('reason', '')}")
+    return 0
+
+
+def cmd_user(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .users import UserError, add_user, del_user
+
+    path = cfg.resolve(cfg.server.users_file)
+    try:
+        if args.user_command == "add":
+            password = sys.stdin.readline().rstrip("\r\n")
+            if not password:
+                raise CommandError("empty password on stdin")
+            add_user(path, args.name, password, cfg.resolve(args.home) if not args.home.startswith("/") else args.home, args.read_only)
+        else:
+            del_user(path, args.name)
+    except UserError as e:
+        raise CommandError(str(e)) from None
+    return 0
+
+
+def cmd_cert(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .certs import generate_self_signed
+
+    cert, key = generate_self_signed(args.out, ecdsa=args.ecdsa)
+    print(f"wrote {cert} and {key}")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .certs import generate_session_key
+
+    out = args.out or str(cfg.resolve(cfg.tls.session_key_file))
+    generate_session_key(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    print(json.dumps(cfg.as_dict(), indent=2, default=str))
+    return 0
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except DurationError as e:
+        raise CommandError(str(e)) from None
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace, config_mod.Config], int]] = {
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "reload": cmd_reload,
+    "status": cmd_status,
+    "ban": cmd_ban,
+    "permit": cmd_permit,
+    "bans": cmd_bans,
+    "user": cmd_user,
+    "cert": cmd_cert,
+    "key": cmd_key,
+    "config": cmd_config,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+        return HANDLERS[args.command](args, cfg)
+    except (CommandError, config_mod.ConfigError) as e:
+        print(f"ftpcluster: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Path confinement: every client path maps to a real path inside the user's home.
+
+Clients see a virtual tree rooted at "/". A path is normalised on the virtual
+side first (so ``a/../b`` works), anything that would climb above "/" is
+refused, then the real path is resolved with symlinks followed and must still
+be inside the home's real path: a symlink pointing outside is refused too.
+Refusals are `PathError`, which the session answers with 550."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+# Names we create for atomic uploads; hidden from listings and not addressable.
+TEMP_PREFIX = ".ftpcluster-upload."
+
+
+class PathError(Exception):
+    """The path is refused; the message is safe to show to the client."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    virtual: str  # normalised, absolute, as the client should see it
+    real: str  # absolute real path inside the home
+
+
+class Home:
+    """A user's home: the only part of the disk a session can touch."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+
+    def normalize(self, cwd: str, arg: str) -> str:
+        """Virtual absolute path for `arg` relative to `cwd`; refuses escapes and odd bytes."""
+        if "\x00" in arg:
+            raise PathError("NUL bytes are not allowed in path names")
+        if "\\" in arg:
+            raise PathError("backslashes are not allowed in path names")
+        if any(ord(c) < 32 for c in arg):
+            raise PathError("control characters are not allowed in path names")
+        joined = arg if arg.startswith("/") else posixpath.join(cwd, arg)
+        parts: list[str] = []
+        for part in joined.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not parts:
+                    raise PathError("path leads outside the home directory")
+                parts.pop()
+                continue
+            if part.startswith(TEMP_PREFIX):
+                raise PathError("no such file or directory")
+            parts.append(part)
+        return "/" + "/".join(parts)
+
+    def real_of(self, virtual: str) -> str:
+        return os.path.join(self.root, virtual.lstrip("/")) if virtual != "/" else self.root
+
+    def inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root + os.sep)
+
+    def resolve(self, cwd: str, arg: str, must_exist: bool = False) -> Resolved:
+        """Confine `arg`. When the target does not exist (STOR, MKD), its parent must
+        resolve inside the home, and the final component must not be a dangling link."""
+        virtual = self.normalize(cwd, arg)
+        lexical = self.real_of(virtual)
+        real = os.path.realpath(lexical)
+        if not self.inside(real):
+            raise PathError("path leads outside the home directory")
+        if must_exist and not os.path.lexists(real):
+            raise PathError("no such file or directory")
+        return Resolved(virtual, real)
+
+    def to_virtual(self, real: str) -> str:
+        if real == self.root:
+            return "/"
+        return "/" + os.path.relpath(real, self.root)

@@ -1,0 +1,119 @@
+"""What crosses the boundary of the sans-IO core: replies, actions and events.
+
+The core (`session.Session`) never touches a socket. It returns a list of these
+objects; the asyncio layer writes replies, performs actions and reports their
+outcome back through the session's ``*_done`` / ``*_ready`` methods. Events are
+what the ban engine, metrics and logs subscribe to (ProFTPD's event model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str | tuple[str, ...]
+
+    def encode(self) -> bytes:
+        """Single or multi-line reply, RFC 959 section 4.2; CR/LF in text cannot split it."""
+        if isinstance(self.text, str):
+            return f"{self.code} {_clean(self.text)}\r\n".encode("utf-8", "surrogateescape")
+        lines = list(self.text)
+        if len(lines) == 1:
+            return Reply(self.code, lines[0]).encode()
+        out = [f"{self.code}-{_clean(lines[0])}"]
+        # Middle lines start with a space so a line can never look like "NNN ".
+        out += [" " + _clean(line) for line in lines[1:-1]]
+        out.append(f"{self.code} {_clean(lines[-1])}")
+        return ("\r\n".join(out) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+# ------------------------------------------------------------------ actions
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Upgrade the control connection now (after the 234 reply is flushed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyPassword:
+    """Check a password off the event loop; answer with Session.auth_done()."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPassive:
+    """Listen on a port from this node's passive range; answer with passive_ready/passive_failed."""
+
+    extended: bool  # EPSV (port only) vs PASV (address and port)
+
+
+@dataclass(frozen=True, slots=True)
+class SetActive:
+    """Connect to (host, port) when the next transfer starts (PORT/EPRT)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePassive:
+    """Drop a passive listener nobody will use (REIN, a second PASV)."""
+
+
+TransferKind = Literal["send_file", "send_lines", "receive_file"]
+
+
+@dataclass(slots=True)
+class Transfer:
+    """Move data over the data connection; answer with Session.transfer_done()."""
+
+    kind: TransferKind
+    path: str = ""  # real path to read (send_file) or write (receive_file)
+    offset: int = 0  # REST position
+    ascii: bool = False
+    lines: Iterator[bytes] | None = None  # send_lines: already-encoded chunks
+    # receive_file: write to temp_path then rename onto path; or append/overwrite path in place
+    temp_path: str = ""
+    append: bool = False
+    virtual: str = ""  # for logs and xferlog
+    command: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AbortTransfer:
+    """Stop the running transfer at once (ABOR); answer with transfer_done(aborted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Flush the replies so far, then close the control connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something happened that other parts may count (bans, metrics, logs)."""
+
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Action = StartTLS | VerifyPassword | OpenPassive | SetActive | ClosePassive | Transfer | AbortTransfer | Close
+Output = Reply | Action | Event
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """What the I/O layer reports after a Transfer."""
+
+    status: Literal["ok", "aborted", "no_connection", "failed", "refused"]
+    bytes: int = 0
+    message: str = ""
+    code: int = 0  # overrides the default failure code (e.g. 452 disk full, 522 TLS)
