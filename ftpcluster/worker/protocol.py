@@ -83,6 +83,8 @@ class Transfer:
     # receive_file: write to temp_path then rename onto path; or append/overwrite path in place
     temp_path: str = ""
     append: bool = False
+    exclusive: bool = False  # STOU: never overwrite
+    protected: bool = False  # PROT P: the data connection is TLS
     virtual: str = ""  # for logs and xferlog
     command: str = ""
 
@@ -117,3 +119,4 @@ class TransferResult:
     bytes: int = 0
     message: str = ""
     code: int = 0  # overrides the default failure code (e.g. 452 disk full, 522 TLS)
+    seconds: float = 0.0

@@ -1,0 +1,226 @@
+"""The thin asyncio layer around one `Session`: bytes to the core, replies to the
+socket, actions performed and their results reported back.
+
+One asyncio.Protocol per control connection (no StreamReader, no per-session
+timers: the node sweeps timeouts once a second), which keeps an idle logged-in
+session small."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from .datachannel import DataChannel, run_transfer
+from .passive import NoPassivePort
+from .protocol import (
+    AbortTransfer,
+    Close,
+    ClosePassive,
+    Event,
+    OpenPassive,
+    Output,
+    Reply,
+    SetActive,
+    StartTLS,
+    Transfer,
+    TransferResult,
+    VerifyPassword,
+)
+from .session import Session, User
+
+if TYPE_CHECKING:
+    from .node import NodeServer
+
+
+class ControlConnection(asyncio.Protocol):
+    def __init__(self, node: NodeServer, client: tuple[str, int], implicit_tls: bool = False, info: dict[str, Any] | None = None) -> None:
+        self.node = node
+        self.client_ip, self.client_port = client[0], client[1]
+        self.implicit_tls = implicit_tls
+        self.info = info or {}  # e.g. PROXY protocol details
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.data: DataChannel | None = None
+        self.transfer_task: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
+        self.started = self.last_activity
+        self.closing = False
+        self.tls_object: Any = None  # ssl.SSLObject of the control connection once TLS is on
+
+    # ------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        node = self.node
+        self.session = Session(node.session_settings(self.implicit_tls), self.client_ip, node.new_session_id())
+        if self.implicit_tls:
+            self.tls_object = transport.get_extra_info("ssl_object")
+        node.session_opened(self)
+        self.perform(self.session.greeting())
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.session is not None and not self.closing:
+            self.perform(self.session.receive_data(data))
+
+    def eof_received(self) -> bool | None:
+        self.abort("client closed the control connection")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.abort("control connection lost")
+        self.node.session_closed(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read our replies: stop reading its commands too.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------ outputs
+    def perform(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Reply):
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(out.encode())
+            elif isinstance(out, Event):
+                self.node.publish(out, self)
+            else:
+                self._act(out)
+
+    def _act(self, action: Any) -> None:
+        s = self.session
+        assert s is not None
+        if isinstance(action, VerifyPassword):
+            self._spawn(self._verify(action))
+        elif isinstance(action, OpenPassive):
+            self._open_passive(action.extended)
+        elif isinstance(action, SetActive):
+            self._channel().set_active(action.host, action.port)
+        elif isinstance(action, ClosePassive):
+            if self.data is not None:
+                self.data.close()
+        elif isinstance(action, Transfer):
+            self.transfer_task = self._spawn(self._transfer(action))
+        elif isinstance(action, AbortTransfer):
+            if self.transfer_task is not None:
+                self.transfer_task.cancel()
+        elif isinstance(action, StartTLS):
+            self._spawn(self._start_tls())
+        elif isinstance(action, Close):
+            self.closing = True
+            if self.transfer_task is not None:
+                self.transfer_task.cancel()
+            if self.transport is not None:
+                self.transport.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.node.track(task)
+        return task
+
+    def _report(self, outputs: list[Output]) -> None:
+        if not self.closing:
+            self.perform(outputs)
+
+    def _channel(self) -> DataChannel:
+        if self.data is None:
+            self.data = DataChannel(asyncio.get_running_loop(), self.node.data_timeout)
+        return self.data
+
+    # ------------------------------------------------------------ actions
+    async def _verify(self, action: VerifyPassword) -> None:
+        rec = await self.node.verify_password(action.user, action.password, self)
+        user = User(rec.name, rec.home, rec.read_only) if rec is not None else None
+        if self.session is not None:
+            self._report(self.session.auth_done(user))
+
+    def _open_passive(self, extended: bool) -> None:
+        s = self.session
+        assert s is not None and self.transport is not None
+        local = self.transport.get_extra_info("sockname")[0]
+        channel = self._channel()
+        channel.allowed_peers = self.node.data_peers(self)
+        try:
+            port = channel.open_passive(self.node.passive_ports, local)
+        except NoPassivePort as e:
+            self.node.publish(Event("passive_exhausted", {}), self)
+            self.perform(s.passive_failed(f"Can't open passive connection: {e}"))
+            return
+        except OSError as e:
+            self.perform(s.passive_failed(f"Can't open passive connection: {e.strerror}"))
+            return
+        host = self.node.masquerade or local
+        if host.startswith("::ffff:"):
+            host = host[7:]
+        self.perform(s.passive_ready(host, port, extended))
+
+    async def _transfer(self, t: Transfer) -> None:
+        channel = self._channel()
+        tls_wrap = self.node.tls.data_wrapper(self) if (t.protected and self.node.tls is not None) else None
+        try:
+            result = await run_transfer(channel, t, tls_wrap)
+        except asyncio.CancelledError:
+            result = TransferResult("aborted")
+        finally:
+            self.transfer_task = None
+        if self.session is not None:
+            self._report(self.session.transfer_done(result))
+        self.node.after_transfer(self)
+
+    async def _start_tls(self) -> None:
+        tls = self.node.tls
+        assert tls is not None and self.transport is not None and self.session is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(
+                self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=tls.handshake_timeout
+            )
+        except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            self.node.publish(Event("tls_failed", {"error": str(e) or type(e).__name__}), self)
+            self.closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if new is None:
+            return
+        self.transport = new  # type: ignore[assignment]
+        self.tls_object = new.get_extra_info("ssl_object")
+        self.node.publish(Event("tls_established", {"resumed": bool(self.tls_object and self.tls_object.session_reused)}), self)
+        self._report(self.session.tls_done())
+
+    # ------------------------------------------------------------ lifecycle
+    def abort(self, why: str) -> None:
+        """Stop everything this session does (control connection gone or ban)."""
+        self.closing = True
+        if self.transfer_task is not None:
+            self.transfer_task.cancel()
+        if self.data is not None:
+            self.data.close()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def kick(self, code: int, text: str) -> None:
+        """End the session from the server side (ban, shutdown), telling the client why."""
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(Reply(code, text).encode())
+        self.abort(text)
+
+    def check_timeouts(self, now: float, login_timeout: float, idle_timeout: float) -> None:
+        s = self.session
+        if s is None or self.closing:
+            return
+        if s.user is None and now - self.started > login_timeout:
+            self.perform(s.timed_out("login"))
+        elif self.transfer_task is None and idle_timeout and now - self.last_activity > idle_timeout:
+            self.perform(s.timed_out("idle"))
+
+    @property
+    def user_name(self) -> str | None:
+        s = self.session
+        return s.user.name if s is not None and s.user is not None else None

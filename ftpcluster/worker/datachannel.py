@@ -1,0 +1,261 @@
+"""A session's data connection: passive listener or active target, then one transfer.
+
+The transfer functions stream: RETR uses sendfile for plain binary, STOR writes
+each received chunk straight to disk. Uploads go to a hidden temporary name and
+are renamed on success (atomic), so a failed or aborted upload leaves nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import time
+from typing import Awaitable, Callable
+
+from .datastream import DataStream, PlainStream
+from .passive import PassivePorts
+from .protocol import Transfer, TransferResult
+
+CHUNK = 256 * 1024
+MAX_FOREIGN = 16  # connections from other addresses dropped before giving up
+
+TLSWrap = Callable[[socket.socket], Awaitable[DataStream]]
+
+
+class DataRefused(Exception):
+    """The data connection may not be used (e.g. TLS without session reuse)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def same_host(a: str, b: str) -> bool:
+    try:
+        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return False
+    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped:
+        x = x.ipv4_mapped
+    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped:
+        y = y.ipv4_mapped
+    return x == y
+
+
+class DataChannel:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.listener: socket.socket | None = None
+        self.active: tuple[str, int] | None = None
+        self.foreign_rejected = 0
+        # Who may connect to the passive port: the control client, or (no PROXY on data) the balancer.
+        self.allowed_peers: tuple[str, ...] = ()
+
+    def open_passive(self, ports: PassivePorts, bind_host: str) -> int:
+        self.close()
+        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+        self.listener = ports.open(bind_host, family)
+        return self.listener.getsockname()[1]
+
+    def set_active(self, host: str, port: int) -> None:
+        self.close()
+        self.active = (host, port)
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        self.active = None
+
+    async def connect(self) -> socket.socket:
+        """The data socket, from the passive listener or by connecting out."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.listener is not None:
+                    return await self._accept()
+                if self.active is not None:
+                    host, port = self.active
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    try:
+                        await self.loop.sock_connect(sock, (host, port))
+                    except BaseException:
+                        sock.close()
+                        raise
+                    return sock
+        finally:
+            self.close()
+        raise ConnectionError("no data connection was set up")
+
+    async def _accept(self) -> socket.socket:
+        assert self.listener is not None
+        while True:
+            sock, addr = await self.loop.sock_accept(self.listener)
+            if not self.allowed_peers or any(same_host(addr[0], p) for p in self.allowed_peers):
+                sock.setblocking(False)
+                return sock
+            # Data-connection theft attempt: someone else raced to the port.
+            self.foreign_rejected += 1
+            sock.close()
+            if self.foreign_rejected >= MAX_FOREIGN:
+                raise ConnectionError("too many foreign data connections")
+
+
+# ------------------------------------------------------------------ transfers
+def _to_crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+async def _send_file(stream: DataStream, t: Transfer) -> int:
+    with open(t.path, "rb") as f:
+        if not t.ascii and isinstance(stream, PlainStream):
+            return await stream.send_file(f.fileno(), t.offset, CHUNK)
+        f.seek(t.offset)
+        total = 0
+        pending_cr = False
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                return total
+            if t.ascii:
+                if pending_cr:
+                    data = b"\r" + data
+                pending_cr = data.endswith(b"\r")
+                if pending_cr:
+                    data = data[:-1]
+                data = _to_crlf(data)
+            await stream.send_all(data)
+            total += len(data)
+
+
+async def _send_lines(stream: DataStream, t: Transfer) -> int:
+    total = 0
+    assert t.lines is not None
+    for chunk in t.lines:
+        await stream.send_all(chunk)
+        total += len(chunk)
+    return total
+
+
+def _open_for_upload(t: Transfer) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    if t.temp_path:
+        return os.open(t.temp_path, flags | os.O_EXCL, 0o644)
+    if t.exclusive:
+        return os.open(t.path, flags | os.O_EXCL, 0o644)
+    if t.append:
+        return os.open(t.path, flags | os.O_APPEND, 0o644)
+    fd = os.open(t.path, flags, 0o644)
+    os.ftruncate(fd, t.offset)  # REST n STOR: keep the first n bytes, replace the rest
+    os.lseek(fd, t.offset, os.SEEK_SET)
+    return fd
+
+
+async def _receive_file(stream: DataStream, t: Transfer) -> int:
+    fd = _open_for_upload(t)
+    done = False
+    total = 0
+    try:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        pending_cr = False
+        while True:
+            n = await stream.recv_into(view)
+            if n == 0:
+                if pending_cr:
+                    os.write(fd, b"\r")
+                break
+            total += n
+            if t.ascii:
+                data = bytes(view[:n])
+                if pending_cr:
+                    data = b"\r" + data
+                pending_cr = data.endswith(b"\r")
+                if pending_cr:
+                    data = data[:-1]
+                _write_all(fd, data.replace(b"\r\n", b"\n"))
+            else:
+                _write_all(fd, view[:n])
+        done = True
+    finally:
+        os.close(fd)
+        if t.temp_path:
+            if done:
+                os.replace(t.temp_path, t.path)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(t.temp_path)
+    return total
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+_RUNNERS = {"send_file": _send_file, "send_lines": _send_lines, "receive_file": _receive_file}
+
+
+async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | None) -> TransferResult:
+    """Connect, move the data, close. Never raises except CancelledError (ABOR)."""
+    started = time.monotonic()
+    try:
+        sock = await channel.connect()
+    except (OSError, TimeoutError, ConnectionError) as e:
+        return TransferResult("no_connection", message=f"Can't open data connection: {e or 'timeout'}")
+    stream: DataStream | None = None
+    try:
+        if t.protected:
+            if tls_wrap is None:
+                return TransferResult("refused", code=534, message="TLS is not available for data connections")
+            stream = await tls_wrap(sock)
+        else:
+            stream = PlainStream(sock, channel.loop)
+        moved = await _watch(_RUNNERS[t.kind](stream, t), stream, channel.timeout)
+        await stream.close(clean=True)
+        stream = None
+        return TransferResult("ok", bytes=moved, seconds=time.monotonic() - started)
+    except DataRefused as e:
+        return TransferResult("refused", code=e.code, message=str(e))
+    except asyncio.CancelledError:
+        raise
+    except TimeoutError:
+        return TransferResult("failed", code=426, message="Data connection timed out; transfer aborted")
+    except OSError as e:
+        from .session import os_error_reply
+
+        if isinstance(e, (ConnectionError, BrokenPipeError)) or e.errno is None:
+            return TransferResult("failed", code=426, message="Data connection closed; transfer aborted")
+        code, text = os_error_reply(e)
+        return TransferResult("failed", code=code, message=text)
+    finally:
+        if stream is not None:
+            await stream.close(clean=False)
+        elif not sock._closed:  # type: ignore[attr-defined]
+            sock.close()
+
+
+async def _watch(work: Awaitable[int], stream: DataStream, timeout: float) -> int:
+    """Run `work`, failing with TimeoutError when no byte moves for `timeout` seconds."""
+    async with asyncio.timeout(timeout) as cm:
+        task = asyncio.ensure_future(work)
+        last = -1
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(timeout, 1.0))
+                if done:
+                    return task.result()
+                if stream.moved != last:
+                    last = stream.moved
+                    cm.reschedule(asyncio.get_running_loop().time() + timeout)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task

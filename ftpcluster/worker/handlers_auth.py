@@ -1,0 +1,101 @@
+"""Login and session lifetime: USER PASS ACCT REIN QUIT."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .commands import Arg, command
+from .fs import Home
+from .protocol import ClosePassive, VerifyPassword
+
+if TYPE_CHECKING:
+    from .session import Session, User
+
+ANONYMOUS_NAMES = frozenset({"anonymous", "ftp"})
+
+
+def _control_tls_missing(s: Session) -> bool:
+    return s.settings.tls_required in ("control", "both") and not s.tls_control
+
+
+@command("USER", arg=Arg.REQUIRED, auth=False, help="USER <name>: start a login")
+def user(s: Session, arg: str) -> None:
+    if _control_tls_missing(s):
+        s.reply(530, "TLS required on the control channel: use AUTH TLS first")
+        return
+    if s.user is not None:
+        # RFC 959 allows a new USER to start over; keep it simple and clear.
+        s.reset_login()
+    s.pending_user = arg
+    s.emit("user", user=arg)
+    if arg.lower() in ANONYMOUS_NAMES and s.settings.anonymous_root:
+        s.reply(331, "Anonymous login ok, send your e-mail address as password")
+    else:
+        s.reply(331, f"Password required for {arg}")
+
+
+@command("PASS", arg=Arg.OPTIONAL, auth=False, help="PASS <password>: finish a login")
+def password(s: Session, arg: str) -> None:
+    if _control_tls_missing(s):
+        s.reply(530, "TLS required on the control channel: use AUTH TLS first")
+        return
+    if s.user is not None:
+        s.reply(503, "Already logged in")
+        return
+    if s.pending_user is None:
+        s.reply(503, "Login with USER first")
+        return
+    name = s.pending_user
+    if name.lower() in ANONYMOUS_NAMES and s.settings.anonymous_root:
+        from .session import User
+
+        finish_login(s, User("anonymous", s.settings.anonymous_root, read_only=True, anonymous=True))
+        return
+    if not arg:
+        s.emit("EmptyPassword", user=name)
+    if name == "root":
+        s.emit("RootLogin", user=name)
+    s.begin_wait("auth")
+    s.act(VerifyPassword(name, arg))
+
+
+def finish_login(s: Session, user: User | None) -> None:
+    name = s.pending_user or ""
+    if user is None:
+        s.login_failures += 1
+        s.pending_user = None
+        s.emit("login_failed", user=name, attempt=s.login_failures)
+        if s.login_failures >= s.settings.max_login_attempts:
+            s.emit("MaxLoginAttempts", user=name)
+            s.emit("MaxLoginAttemptsFromUser", user=name)
+            s.close(530, "Login incorrect; too many attempts, closing connection")
+        else:
+            s.reply(530, "Login incorrect")
+        return
+    s.user = user
+    s.home = Home(user.home)
+    s.cwd = "/"
+    s.pending_user = None
+    s.emit("login", user=user.name, anonymous=user.anonymous)
+    s.reply(230, f"User {user.name} logged in" + (", read-only access" if user.read_only else ""))
+
+
+@command("ACCT", arg=Arg.REQUIRED, auth=False, help="ACCT: not needed here")
+def acct(s: Session, arg: str) -> None:
+    s.reply(202, "ACCT not needed")
+
+
+@command("REIN", auth=False, help="REIN: log out and start over")
+def rein(s: Session, arg: str) -> None:
+    s.reset_login()
+    s.data_ready = False
+    s.act(ClosePassive())
+    s.reply(220, "Service ready for new user")
+
+
+@command("QUIT", auth=False, urgent=True, help="QUIT: end the session")
+def quit_(s: Session, arg: str) -> None:
+    if s.waiting == "transfer":
+        # RFC 959: QUIT during a transfer waits for it; we end it to free the worker.
+        s.abort_requested = True
+    s.close(221, "Goodbye")

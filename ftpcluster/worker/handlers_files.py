@@ -1,0 +1,143 @@
+"""File management over the control channel: MKD RMD DELE RNFR RNTO SIZE MDTM
+MFMT MLST SITE (CHMOD, HELP)."""
+
+from __future__ import annotations
+
+import calendar
+import os
+import stat
+import time
+from typing import TYPE_CHECKING
+
+from .commands import Arg, command
+from .fs import PathError
+from .handlers_nav import quote_path
+from .listing import mlsx_line
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+@command("MKD", arg=Arg.REQUIRED, help="MKD <dir>: make a directory", write=True, aliases=("XMKD",))
+def mkd(s: Session, arg: str) -> None:
+    r = s.resolve(arg)
+    os.mkdir(r.real, 0o755)
+    s.reply(257, f"{quote_path(r.virtual)} created")
+
+
+@command("RMD", arg=Arg.REQUIRED, help="RMD <dir>: remove an empty directory", write=True, aliases=("XRMD",))
+def rmd(s: Session, arg: str) -> None:
+    r = s.resolve(arg, must_exist=True)
+    if r.virtual == "/":
+        raise PathError("Cannot remove the home directory")
+    os.rmdir(r.real)
+    s.reply(250, "Directory removed")
+
+
+@command("DELE", arg=Arg.REQUIRED, help="DELE <file>: delete a file", write=True)
+def dele(s: Session, arg: str) -> None:
+    r = s.resolve(arg, must_exist=True)
+    if os.path.isdir(r.real):
+        raise PathError("Is a directory: use RMD")
+    os.unlink(r.real)
+    s.emit("delete", path=r.virtual)
+    s.reply(250, "File deleted")
+
+
+@command("RNFR", arg=Arg.REQUIRED, help="RNFR <path>: rename from", write=True)
+def rnfr(s: Session, arg: str) -> None:
+    r = s.resolve(arg, must_exist=True)
+    if r.virtual == "/":
+        raise PathError("Cannot rename the home directory")
+    s.rename_from = r
+    s.reply(350, "Ready for RNTO")
+
+
+@command("RNTO", arg=Arg.REQUIRED, help="RNTO <path>: rename to", write=True)
+def rnto(s: Session, arg: str) -> None:
+    src, s.rename_from = s.rename_from, None
+    if src is None:
+        s.reply(503, "RNFR required first")
+        return
+    dst = s.resolve(arg)
+    if dst.virtual == "/":
+        raise PathError("Invalid target")
+    os.rename(src.real, dst.real)
+    s.emit("rename", source=src.virtual, target=dst.virtual)
+    s.reply(250, "Rename successful")
+
+
+@command("SIZE", arg=Arg.REQUIRED, help="SIZE <file>: size in bytes")
+def size(s: Session, arg: str) -> None:
+    # In ASCII mode the on-the-wire size may differ; like vsftpd we still give the file's size.
+    r = s.resolve(arg, must_exist=True)
+    st = os.stat(r.real)
+    if not stat.S_ISREG(st.st_mode):
+        raise PathError("Not a regular file")
+    s.reply(213, str(st.st_size))
+
+
+@command("MDTM", arg=Arg.REQUIRED, help="MDTM <file>: modification time (UTC)")
+def mdtm(s: Session, arg: str) -> None:
+    r = s.resolve(arg, must_exist=True)
+    st = os.stat(r.real)
+    if not stat.S_ISREG(st.st_mode):
+        raise PathError("Not a regular file")
+    s.reply(213, time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime)))
+
+
+def parse_mfmt_time(text: str) -> float | None:
+    """YYYYMMDDHHMMSS[.sss] in UTC (RFC 3659 time-val)."""
+    main, _, frac = text.partition(".")
+    if len(main) != 14 or not main.isdigit() or (frac and not frac.isdigit()):
+        return None
+    try:
+        t = time.strptime(main, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return calendar.timegm(t) + (float("0." + frac) if frac else 0.0)
+
+
+@command("MFMT", arg=Arg.REQUIRED, help="MFMT <time> <file>: set modification time", write=True)
+def mfmt(s: Session, arg: str) -> None:
+    stamp, _, path = arg.partition(" ")
+    when = parse_mfmt_time(stamp)
+    if when is None or not path:
+        s.reply(501, "Syntax: MFMT YYYYMMDDHHMMSS path")
+        return
+    r = s.resolve(path, must_exist=True)
+    os.utime(r.real, (when, when))
+    s.reply(213, f"Modify={stamp}; {r.virtual}")
+
+
+@command("MLST", arg=Arg.OPTIONAL, help="MLST [path]: facts about one file")
+def mlst(s: Session, arg: str) -> None:
+    r = s.resolve(arg or ".", must_exist=True)
+    st = os.stat(r.real)
+    line = mlsx_line(r.virtual, st, s.mlst_facts, writable=not (s.user and s.user.read_only)).decode("utf-8", "surrogateescape")
+    s.reply(250, ["Listing " + r.virtual, " " + line.rstrip("\r\n").strip(), "End"])
+
+
+@command("SITE", arg=Arg.REQUIRED, help="SITE CHMOD <mode> <path> | SITE HELP")
+def site(s: Session, arg: str) -> None:
+    sub, _, rest = arg.partition(" ")
+    sub = sub.upper()
+    if sub == "HELP":
+        s.reply(214, ["Site commands:", "CHMOD <octal mode> <path>", "HELP", "End"])
+    elif sub == "CHMOD":
+        if s.user is not None and s.user.read_only:
+            s.reply(550, "Permission denied: read-only account")
+            return
+        mode_s, _, path = rest.strip().partition(" ")
+        try:
+            mode = int(mode_s, 8)
+        except ValueError:
+            mode = -1
+        if not path or not 0 <= mode <= 0o777:
+            s.reply(501, "Syntax: SITE CHMOD <octal mode 0-777> <path>")
+            return
+        r = s.resolve(path, must_exist=True)
+        os.chmod(r.real, mode)
+        s.reply(200, "SITE CHMOD command successful")
+    else:
+        s.reply(504, f"SITE {sub} not implemented")

@@ -1,0 +1,339 @@
+"""Data transfers and their set-up: TYPE MODE STRU PASV EPSV PORT EPRT REST ALLO
+RETR STOR STOU APPE LIST NLST MLSD ABOR."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import stat
+from typing import TYPE_CHECKING
+
+from .commands import Arg, command
+from .fs import TEMP_PREFIX, PathError
+from .listing import list_lines, mlsd_lines, nlst_lines
+from .protocol import AbortTransfer, ClosePassive, OpenPassive, SetActive, Transfer, TransferResult
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+# ------------------------------------------------------------------ parameters
+@command("TYPE", arg=Arg.REQUIRED, help="TYPE A|I: ASCII or binary")
+def type_(s: Session, arg: str) -> None:
+    t = arg.upper().split()
+    if t in (["I"], ["L", "8"]):
+        s.binary = True
+        s.reply(200, "Type set to I")
+    elif t in (["A"], ["A", "N"]):
+        s.binary = False
+        s.reply(200, "Type set to A")
+    else:
+        s.reply(504, f"TYPE {arg} not supported")
+
+
+@command("MODE", arg=Arg.REQUIRED, auth=False, help="MODE S: stream mode only")
+def mode(s: Session, arg: str) -> None:
+    if arg.upper() == "S":
+        s.reply(200, "Mode set to S")
+    else:
+        s.reply(504, "Only MODE S is supported")
+
+
+@command("STRU", arg=Arg.REQUIRED, auth=False, help="STRU F: file structure only")
+def stru(s: Session, arg: str) -> None:
+    if arg.upper() == "F":
+        s.reply(200, "Structure set to F")
+    else:
+        s.reply(504, "Only STRU F is supported")
+
+
+@command("REST", arg=Arg.REQUIRED, help="REST <offset>: resume the next RETR or STOR there")
+def rest(s: Session, arg: str) -> None:
+    if not arg.isdigit() or len(arg) > 19:
+        s.reply(501, "REST needs a non-negative byte offset")
+        return
+    s.rest = int(arg)
+    s.reply(350, f"Restarting at {s.rest}; send RETR or STOR")
+
+
+@command("ALLO", arg=Arg.OPTIONAL, help="ALLO: no space needs reserving")
+def allo(s: Session, arg: str) -> None:
+    s.reply(202, "ALLO not needed")
+
+
+# ------------------------------------------------------------------ data connection set-up
+def _new_data_channel(s: Session) -> None:
+    if s.data_ready:
+        s.act(ClosePassive())
+        s.data_ready = False
+
+
+@command("PASV", help="PASV: passive mode (IPv4)")
+def pasv(s: Session, arg: str) -> None:
+    if s.epsv_all:
+        s.reply(503, "Only EPSV is allowed after EPSV ALL")
+        return
+    if ":" in s.client_ip and not s.client_ip.startswith("::ffff:"):
+        s.reply(425, "PASV is for IPv4; use EPSV")
+        return
+    _new_data_channel(s)
+    s.begin_wait("passive")
+    s.act(OpenPassive(extended=False))
+
+
+@command("EPSV", arg=Arg.OPTIONAL, help="EPSV [ALL|1|2]: extended passive mode")
+def epsv(s: Session, arg: str) -> None:
+    a = arg.upper()
+    if a == "ALL":
+        s.epsv_all = True
+        s.reply(200, "EPSV ALL accepted")
+        return
+    if a not in ("", "1", "2"):
+        s.reply(522, "Network protocol not supported, use (1,2)")
+        return
+    _new_data_channel(s)
+    s.begin_wait("passive")
+    s.act(OpenPassive(extended=True))
+
+
+def _check_active_target(s: Session, host: str, port: int) -> bool:
+    """No FTP bounce: only the control connection's own address, and not a privileged port."""
+    if s.epsv_all:
+        s.reply(503, "Only EPSV is allowed after EPSV ALL")
+        return False
+    try:
+        target = ipaddress.ip_address(host)
+        client = ipaddress.ip_address(s.client_ip)
+    except ValueError:
+        s.reply(501, "Bad address")
+        return False
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
+        client = client.ipv4_mapped
+    if target != client:
+        s.reply(504, "Active mode only to your own address (no FTP bounce)")
+        return False
+    if port < 1024:
+        s.reply(504, "Active mode only to ports 1024 and above")
+        return False
+    return True
+
+
+@command("PORT", arg=Arg.REQUIRED, help="PORT h1,h2,h3,h4,p1,p2: active mode")
+def port(s: Session, arg: str) -> None:
+    parts = arg.split(",")
+    if len(parts) != 6 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+        s.reply(501, "Syntax: PORT h1,h2,h3,h4,p1,p2")
+        return
+    nums = [int(p) for p in parts]
+    host = ".".join(str(n) for n in nums[:4])
+    port_no = nums[4] * 256 + nums[5]
+    if _check_active_target(s, host, port_no):
+        _new_data_channel(s)
+        s.act(SetActive(host, port_no))
+        s.data_ready = True
+        s.reply(200, "PORT command successful")
+
+
+@command("EPRT", arg=Arg.REQUIRED, help="EPRT |proto|address|port|: extended active mode")
+def eprt(s: Session, arg: str) -> None:
+    if len(arg) < 7 or arg[0] in "0123456789":
+        s.reply(501, "Syntax: EPRT |proto|address|port|")
+        return
+    d = arg[0]
+    fields = arg.split(d)
+    if len(fields) != 5 or fields[0] or fields[4] or fields[1] not in ("1", "2") or not fields[3].isdigit():
+        s.reply(501, "Syntax: EPRT |proto|address|port|")
+        return
+    port_no = int(fields[3]) if len(fields[3]) <= 5 else 70000
+    if not 0 < port_no <= 65535:
+        s.reply(501, "Bad port")
+        return
+    if _check_active_target(s, fields[2], port_no):
+        _new_data_channel(s)
+        s.act(SetActive(fields[2], port_no))
+        s.data_ready = True
+        s.reply(200, "EPRT command successful")
+
+
+# ------------------------------------------------------------------ transfers
+def _start(s: Session, transfer: Transfer, what: str) -> None:
+    """Common checks, then 150 and the Transfer action."""
+    if s.settings.tls_required in ("data", "both") and not s.prot_private:
+        s.reply(521, "Data connections must be protected: use PBSZ 0 and PROT P")
+        return
+    if not s.data_ready:
+        s.reply(425, "Use PASV, EPSV, PORT or EPRT first")
+        return
+    transfer.protected = s.prot_private
+    s.transfer = transfer
+    s.begin_wait("transfer")
+    s.abort_requested = False
+    s.reply(150, what)
+    s.act(transfer)
+
+
+def _type_name(s: Session) -> str:
+    return "BINARY" if s.binary else "ASCII"
+
+
+@command("RETR", arg=Arg.REQUIRED, help="RETR <file>: download")
+def retr(s: Session, arg: str) -> None:
+    offset, s.rest = s.rest, 0
+    r = s.resolve(arg, must_exist=True)
+    st = os.stat(r.real)
+    if not stat.S_ISREG(st.st_mode):
+        raise PathError("Not a regular file")
+    if not os.access(r.real, os.R_OK):
+        raise PathError("Permission denied")
+    if offset and not s.binary:
+        s.reply(550, "Resuming in ASCII mode is not supported; use TYPE I")
+        return
+    if offset > st.st_size:
+        s.reply(554, "REST offset beyond the end of the file")
+        return
+    t = Transfer("send_file", path=r.real, offset=offset, ascii=not s.binary, virtual=r.virtual, command="RETR")
+    _start(s, t, f"Opening {_type_name(s)} mode data connection for {r.virtual} ({st.st_size} bytes)")
+
+
+def _store(s: Session, arg: str, append: bool, unique: bool) -> None:
+    offset, s.rest = s.rest, 0
+    if offset and not s.binary:
+        s.reply(550, "Resuming in ASCII mode is not supported; use TYPE I")
+        return
+    if unique:
+        base = s.resolve(arg or "ftp.upload")
+        name = base.real
+        for i in range(1, 1000):
+            if not os.path.lexists(name):
+                break
+            name = f"{base.real}.{i}"
+        else:
+            s.reply(553, "Could not find a unique name")
+            return
+        r = s.resolve(s.home.to_virtual(name))  # type: ignore[union-attr]
+    else:
+        r = s.resolve(arg)
+    if r.virtual == "/" or os.path.isdir(r.real):
+        raise PathError("Is a directory")
+    parent = os.path.dirname(r.real)
+    if not os.path.isdir(parent):
+        s.reply(553, "No such directory")
+        return
+    in_place = append or offset > 0 or unique or not s.settings.atomic_uploads
+    if offset and os.path.exists(r.real) and offset > os.path.getsize(r.real):
+        s.reply(554, "REST offset beyond the end of the file")
+        return
+    temp = "" if in_place else os.path.join(parent, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+    cmd = "APPE" if append else "STOU" if unique else "STOR"
+    t = Transfer(
+        "receive_file",
+        path=r.real,
+        offset=offset,
+        ascii=not s.binary,
+        temp_path=temp,
+        append=append,
+        exclusive=unique,
+        virtual=r.virtual,
+        command=cmd,
+    )
+    text = f"FILE: {os.path.basename(r.virtual)}" if unique else f"Opening {_type_name(s)} mode data connection for {r.virtual}"
+    _start(s, t, text)
+
+
+@command("STOR", arg=Arg.REQUIRED, help="STOR <file>: upload", write=True)
+def stor(s: Session, arg: str) -> None:
+    _store(s, arg, append=False, unique=False)
+
+
+@command("APPE", arg=Arg.REQUIRED, help="APPE <file>: append", write=True)
+def appe(s: Session, arg: str) -> None:
+    _store(s, arg, append=True, unique=False)
+
+
+@command("STOU", arg=Arg.OPTIONAL, help="STOU: upload under a unique name", write=True)
+def stou(s: Session, arg: str) -> None:
+    _store(s, arg, append=False, unique=True)
+
+
+def split_list_arg(arg: str) -> str:
+    """Drop ls-style options ('-la', '-l dir') that many clients send with LIST."""
+    words = arg.split(" ")
+    while words and words[0].startswith("-"):
+        words.pop(0)
+    return " ".join(words)
+
+
+def _listing(s: Session, arg: str, kind: str) -> None:
+    r = s.resolve(split_list_arg(arg) or ".", must_exist=True)
+    name = os.path.basename(r.virtual) or "/"
+    writable = not (s.user and s.user.read_only)
+    if kind == "MLSD":
+        if not os.path.isdir(r.real):
+            s.reply(501, "MLSD needs a directory")
+            return
+        lines = mlsd_lines(r.real, s.mlst_facts, writable)
+    elif kind == "NLST":
+        lines = nlst_lines(r.real, name)
+    else:
+        if os.path.isdir(r.real) and not os.access(r.real, os.R_OK | os.X_OK):
+            raise PathError("Permission denied")
+        lines = list_lines(r.real, name)
+    t = Transfer("send_lines", lines=lines, ascii=True, virtual=r.virtual, command=kind)
+    _start(s, t, f"Here comes the listing of {r.virtual}")
+
+
+@command("LIST", arg=Arg.OPTIONAL, help="LIST [path]: long listing")
+def list_(s: Session, arg: str) -> None:
+    _listing(s, arg, "LIST")
+
+
+@command("NLST", arg=Arg.OPTIONAL, help="NLST [path]: names only")
+def nlst(s: Session, arg: str) -> None:
+    _listing(s, arg, "NLST")
+
+
+@command("MLSD", arg=Arg.OPTIONAL, help="MLSD [dir]: machine-readable listing")
+def mlsd(s: Session, arg: str) -> None:
+    _listing(s, arg, "MLSD")
+
+
+@command("ABOR", auth=False, urgent=True, help="ABOR: stop the running transfer")
+def abor(s: Session, arg: str) -> None:
+    if s.waiting == "transfer":
+        s.abort_requested = True
+        s.act(AbortTransfer())
+        return  # replies come with transfer_done(aborted)
+    if s.data_ready:
+        s.act(ClosePassive())
+        s.data_ready = False
+    s.reply(225, "No transfer to abort")
+
+
+def finish_transfer(s: Session, result: TransferResult) -> None:
+    t, s.transfer = s.transfer, None
+    s.data_ready = False
+    if t is not None:
+        s.emit(
+            "transfer",
+            command=t.command,
+            path=t.virtual,
+            bytes=result.bytes,
+            status=result.status,
+            seconds=result.seconds,
+            ascii=t.ascii,
+            direction="i" if t.kind == "receive_file" else "o",
+        )
+    if result.status == "ok":
+        s.reply(226, "Transfer complete")
+    elif result.status == "aborted":
+        s.reply(426, "Connection closed; transfer aborted")
+        if s.abort_requested:
+            s.reply(226, "ABOR command successful")
+    elif result.status == "no_connection":
+        s.reply(425, result.message or "Can't open data connection")
+    elif result.status == "refused":
+        s.reply(result.code or 522, result.message or "Data connection refused")
+    else:
+        s.reply(result.code or 451, result.message or "Transfer failed")
+    s.abort_requested = False

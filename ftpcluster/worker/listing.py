@@ -1,0 +1,104 @@
+"""Directory listings: LIST (ls -l style), NLST (names), MLSD/MLST (RFC 3659 facts).
+
+Listings are generators of encoded chunks so a large directory streams over
+the data connection instead of being built whole in memory."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from typing import Iterator
+
+from .fs import TEMP_PREFIX
+
+_SIX_MONTHS = 180 * 86400
+CHUNK = 64 * 1024
+
+
+def _entries(real_dir: str) -> Iterator[tuple[str, os.stat_result]]:
+    with os.scandir(real_dir) as it:
+        for entry in it:
+            if entry.name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                yield entry.name, entry.stat(follow_symlinks=True)
+            except OSError:
+                try:
+                    yield entry.name, entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+
+
+def _chunks(lines: Iterator[bytes]) -> Iterator[bytes]:
+    buf: list[bytes] = []
+    size = 0
+    for line in lines:
+        buf.append(line)
+        size += len(line)
+        if size >= CHUNK:
+            yield b"".join(buf)
+            buf, size = [], 0
+    if buf:
+        yield b"".join(buf)
+
+
+def _enc(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def ls_line(name: str, st: os.stat_result, now: float | None = None) -> bytes:
+    now = time.time() if now is None else now
+    mode = stat.filemode(st.st_mode)
+    t = time.localtime(st.st_mtime)
+    when = time.strftime("%b %d %H:%M", t) if abs(now - st.st_mtime) < _SIX_MONTHS else time.strftime("%b %d  %Y", t)
+    return b"%s %3d %-8s %-8s %8d %s %s\r\n" % (
+        mode.encode(),
+        st.st_nlink,
+        b"ftp",
+        b"ftp",
+        st.st_size,
+        when.encode(),
+        _enc(name),
+    )
+
+
+def list_lines(real: str, name_if_file: str) -> Iterator[bytes]:
+    """LIST of a directory, or of one file when `real` is a file."""
+    now = time.time()
+    if not os.path.isdir(real):
+        yield ls_line(name_if_file, os.stat(real), now)
+        return
+    yield from _chunks(ls_line(n, st, now) for n, st in sorted(_entries(real)))
+
+
+def nlst_lines(real: str, name_if_file: str) -> Iterator[bytes]:
+    if not os.path.isdir(real):
+        yield _enc(name_if_file) + b"\r\n"
+        return
+    yield from _chunks(_enc(n) + b"\r\n" for n, _ in sorted(_entries(real)))
+
+
+def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, kind: str | None = None) -> bytes:
+    is_dir = stat.S_ISDIR(st.st_mode)
+    parts = []
+    if "type" in facts:
+        parts.append(f"type={kind or ('dir' if is_dir else 'file')}")
+    if "size" in facts:
+        parts.append(f"size={st.st_size}")
+    if "modify" in facts:
+        parts.append("modify=" + time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime)))
+    if "perm" in facts:
+        if is_dir:
+            perm = "elcmfp" if writable else "el"
+        else:
+            perm = "radfw" if writable else "r"
+        parts.append(f"perm={perm}")
+    if "unix.mode" in facts:
+        parts.append(f"unix.mode=0{stat.S_IMODE(st.st_mode):o}")
+    return _enc(";".join(parts) + "; " + name) + b"\r\n"
+
+
+def mlsd_lines(real: str, facts: list[str], writable: bool) -> Iterator[bytes]:
+    yield mlsx_line(".", os.stat(real), facts, writable, kind="cdir")
+    yield from _chunks(mlsx_line(n, st, facts, writable) for n, st in sorted(_entries(real)))

@@ -1,0 +1,331 @@
+"""A worker node: one process, one event loop, many sessions on inherited listeners.
+
+The supervisor binds the listeners and forks; `run_node` is what the child runs.
+It accepts in batches straight from the listening sockets (add_reader + accept
+until EAGAIN), so a banned client can be refused before any protocol object,
+TLS or log line exists, and a PROXY header can be read from the raw socket
+before TLS starts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from ..config import Config
+from ..users import Authenticator, UserRecord, load_users
+from .control import ControlConnection
+from .passive import PassivePorts
+from .protocol import Event
+from .session import SessionSettings
+
+log = structlog.get_logger("ftpcluster.worker")
+
+ACCEPT_BATCH = 64
+Subscriber = Callable[[Event, ControlConnection], None]
+Admission = Callable[[str], str | None]  # client ip -> refusal message, or None to admit
+
+
+@dataclass
+class NodeContext:
+    """What the supervisor hands a node at fork time."""
+
+    node_id: int
+    config: Config
+    control_sock: socket.socket
+    implicit_tls_sock: socket.socket | None = None
+    passive_range: tuple[int, int] | None = None  # this node's slice; None = the whole range
+    heartbeat: Callable[[dict[str, Any]], None] | None = None  # called about once a second
+    parent_fd: int | None = None  # read end of a pipe; EOF = the supervisor died
+    hooks: list[Callable[["NodeServer"], None]] = field(default_factory=list)  # attach bans, metrics, ...
+
+
+class NodeServer:
+    def __init__(self, ctx: NodeContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.ctx = ctx
+        self.cfg = cfg = ctx.config
+        self.loop = loop
+        self.node_id = ctx.node_id
+        self.sessions: set[ControlConnection] = set()
+        self.subscribers: list[Subscriber] = []
+        self.admission: list[Admission] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
+        low, high = ctx.passive_range or cfg.passive_range
+        self.passive_ports = PassivePorts(low, high)
+        self.masquerade = cfg.server.masquerade_address
+        self.data_timeout = cfg.server.data_timeout
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self.sessions_total = 0
+        self.rejected_total = 0
+        self._ids = itertools.count(1)
+        self._listeners: list[tuple[socket.socket, bool]] = []
+        self.tls: Any = None
+        self.auth = Authenticator({})
+        self.reload_users()
+        self._build_tls()
+        self._settings = {False: self._make_settings(False), True: self._make_settings(True)}
+
+    # ------------------------------------------------------------ set-up
+    def reload_users(self) -> None:
+        self.auth = Authenticator(load_users(self.cfg.resolve(self.cfg.server.users_file)))
+
+    def _build_tls(self) -> None:
+        if not self.cfg.tls.enabled:
+            return
+        from .tls import TLSService
+
+        self.tls = TLSService(self.cfg)
+
+    def _make_settings(self, implicit: bool) -> SessionSettings:
+        s = self.cfg.server
+        return SessionSettings(
+            banner=s.banner,
+            max_login_attempts=s.max_login_attempts,
+            max_line=s.max_line_length,
+            anonymous_root=str(self.cfg.resolve(s.anonymous_root)) if s.anonymous_root else "",
+            atomic_uploads=s.atomic_uploads,
+            tls_available=self.tls is not None,
+            tls_required=self.cfg.tls.required if self.tls is not None else "off",
+            implicit_tls=implicit,
+        )
+
+    def session_settings(self, implicit_tls: bool) -> SessionSettings:
+        return self._settings[implicit_tls]
+
+    def new_session_id(self) -> str:
+        return f"{self.node_id}-{os.getpid()}-{next(self._ids)}"
+
+    # ------------------------------------------------------------ accepting
+    def start_accepting(self) -> None:
+        self._listeners = [(self.ctx.control_sock, False)]
+        if self.ctx.implicit_tls_sock is not None and self.tls is not None:
+            self._listeners.append((self.ctx.implicit_tls_sock, True))
+        for sock, implicit in self._listeners:
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._on_acceptable, sock, implicit)
+
+    def stop_accepting(self) -> None:
+        for sock, _ in self._listeners:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(sock.fileno())
+        self._listeners = []
+
+    def _on_acceptable(self, listener: socket.socket, implicit: bool) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: keep serving the ones we have
+                log.warning("accept failed", error=e.strerror)
+                return
+            self._admit(sock, addr, implicit)
+
+    def refusal_for(self, ip: str) -> str | None:
+        for check in self.admission:
+            msg = check(ip)
+            if msg is not None:
+                return msg
+        return None
+
+    def _admit(self, sock: socket.socket, addr: tuple[Any, ...], implicit: bool) -> None:
+        ip = addr[0]
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+        msg = self.refusal_for(ip)
+        if msg is None and len(self.sessions) >= self.cfg.server.max_sessions_per_node:
+            msg = "421 Too many connections on this node, try again later"
+        if msg is not None:
+            # Cheap path: no protocol object, no TLS, no log line; counted instead.
+            self.rejected_total += 1
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(msg.encode("utf-8", "replace") + b"\r\n")
+            sock.close()
+            return
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.track(self.loop.create_task(self._connect(sock, (ip, addr[1]), implicit)))
+
+    async def _connect(self, sock: socket.socket, client: tuple[str, int], implicit: bool) -> None:
+        info: dict[str, Any] = {}
+        hook = getattr(self, "proxy_hook", None)
+        if hook is not None:
+            got = await hook(sock, client)
+            if got is None:
+                sock.close()
+                return
+            client, info = got
+        try:
+            if implicit:
+                await self.loop.connect_accepted_socket(
+                    lambda: ControlConnection(self, client, True, info),
+                    sock,
+                    ssl=self.tls.context,
+                    ssl_handshake_timeout=self.tls.handshake_timeout,
+                )
+            else:
+                await self.loop.connect_accepted_socket(lambda: ControlConnection(self, client, False, info), sock)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            self.publish_raw("tls_failed" if implicit else "connect_failed", client[0], error=str(e) or type(e).__name__)
+            sock.close()
+
+    # ------------------------------------------------------------ session bookkeeping
+    def session_opened(self, conn: ControlConnection) -> None:
+        self.sessions.add(conn)
+        self.sessions_total += 1
+        self.publish(Event("connect", {}), conn)
+
+    def session_closed(self, conn: ControlConnection) -> None:
+        if conn in self.sessions:
+            self.sessions.discard(conn)
+            self.publish(Event("disconnect", {}), conn)
+        if self.stopping and not self.sessions:
+            self.stopped.set()
+
+    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def publish(self, event: Event, conn: ControlConnection) -> None:
+        for sub in self.subscribers:
+            try:
+                sub(event, conn)
+            except Exception:  # a listener must never take a session down
+                log.exception("event subscriber failed", event_name=event.name)
+
+    def publish_raw(self, name: str, ip: str, **fields: Any) -> None:
+        """An event outside any session (e.g. a TLS handshake that failed at accept)."""
+        fields["ip"] = ip
+        for sub in self.subscribers:
+            with contextlib.suppress(Exception):
+                sub(Event(name, fields), None)  # type: ignore[arg-type]
+
+    def data_peers(self, conn: ControlConnection) -> tuple[str, ...]:
+        """Who may open this session's passive data connection."""
+        peers = [conn.client_ip]
+        proxy_peer = conn.info.get("proxy_peer")
+        if proxy_peer and not self.cfg.proxy_protocol.passive:
+            peers.append(proxy_peer)
+        return tuple(peers)
+
+    async def verify_password(self, user: str, password: str, conn: ControlConnection) -> UserRecord | None:
+        return await self.loop.run_in_executor(self.executor, self.auth.verify, user, password)
+
+    # ------------------------------------------------------------ timers and shutdown
+    async def housekeeping(self) -> None:
+        s = self.cfg.server
+        while not self.stopped.is_set():
+            now = time.monotonic()
+            for conn in list(self.sessions):
+                conn.check_timeouts(now, s.login_timeout, s.idle_timeout)
+            if self.ctx.heartbeat is not None:
+                with contextlib.suppress(Exception):
+                    self.ctx.heartbeat(self.stats())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopped.wait(), 1.0)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.sessions),
+            "sessions_total": self.sessions_total,
+            "rejected_total": self.rejected_total,
+            "stopping": self.stopping,
+        }
+
+    def graceful_stop(self) -> None:
+        """Stop accepting; idle sessions are told and closed, transfers may finish."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_accepting()
+        for conn in list(self.sessions):
+            if conn.transfer_task is None:
+                conn.kick(421, "Server shutting down")
+        if not self.sessions:
+            self.stopped.set()
+
+    def fast_stop(self) -> None:
+        self.stopping = True
+        self.stop_accepting()
+        for conn in list(self.sessions):
+            conn.kick(421, "Server shutting down")
+        self.stopped.set()
+
+    def after_transfer(self, conn: ControlConnection) -> None:
+        if self.stopping:
+            conn.kick(421, "Server shutting down")
+
+
+def _watch_parent(loop: asyncio.AbstractEventLoop, fd: int, server: NodeServer) -> None:
+    """The supervisor holds the write end; EOF means it died: leave at once, no orphans."""
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            server.fast_stop()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, on_readable)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Linux prctl(PR_SET_PDEATHSIG): the kernel signals us when the supervisor dies."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, sig, 0, 0, 0)
+
+
+async def serve(ctx: NodeContext) -> int:
+    loop = asyncio.get_running_loop()
+    server = NodeServer(ctx, loop)
+    for hook in ctx.hooks:
+        hook(server)
+    loop.add_signal_handler(signal.SIGTERM, server.graceful_stop)
+    loop.add_signal_handler(signal.SIGINT, server.fast_stop)
+    loop.add_signal_handler(signal.SIGQUIT, server.fast_stop)
+    if ctx.parent_fd is not None:
+        _watch_parent(loop, ctx.parent_fd, server)
+    server.start_accepting()
+    log.debug("node accepting", node=ctx.node_id, pid=os.getpid())
+    await server.housekeeping()
+    for conn in list(server.sessions):
+        conn.abort("node stopping")
+    for task in list(server.tasks):
+        task.cancel()
+    await asyncio.sleep(0)
+    server.executor.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+def run_node(ctx: NodeContext, use_uvloop: bool | None = None) -> int:
+    """Run a node until it is told to stop; returns the exit status."""
+    from .loops import new_event_loop
+
+    loop = new_event_loop(use_uvloop)
+    try:
+        return loop.run_until_complete(serve(ctx))
+    finally:
+        with contextlib.suppress(Exception):
+            loop.close()

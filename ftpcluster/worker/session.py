@@ -1,0 +1,296 @@
+"""The sans-IO FTP session: command lines in, replies/actions/events out.
+
+Everything about the protocol lives here and in the `handlers_*` modules:
+login, the current directory, TYPE, REST, RNFR/RNTO order, PROT, and which
+commands may run during a transfer. The asyncio layer (`control.py`) feeds
+bytes and performs the actions; tests drive this class with plain strings.
+
+While an asynchronous action is outstanding (a password check, a passive
+listener, a transfer) further commands are queued in order, except the
+"urgent" ones (ABOR, STAT, NOOP, QUIT) which RFC 959 allows during a transfer."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any
+
+from .commands import Arg, CommandSpec, load_handlers
+from .fs import Home, PathError, Resolved
+from .lines import TOO_LONG, LineBuffer
+from .protocol import Action, Close, Event, Output, Reply, Transfer, TransferResult
+
+MAX_QUEUED_LINES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    home: str
+    read_only: bool = False
+    anonymous: bool = False
+
+
+@dataclass
+class SessionSettings:
+    """What a session needs from config, decoupled from the config module."""
+
+    banner: str = "ftpcluster ready"
+    max_login_attempts: int = 3
+    max_line: int = 4096
+    anonymous_root: str = ""
+    atomic_uploads: bool = True
+    tls_available: bool = False
+    tls_required: str = "off"  # off | control | data | both
+    implicit_tls: bool = False
+
+
+class Session:
+    def __init__(self, settings: SessionSettings, client_ip: str = "", session_id: str = "") -> None:
+        self.settings = settings
+        self.client_ip = client_ip
+        self.session_id = session_id
+        self.commands = load_handlers()
+        self._lines = LineBuffer(settings.max_line)
+        self._out: list[Output] = []
+        self._queue: collections.deque[bytes | object] = collections.deque()
+        self.closed = False
+        # protocol state
+        self.user: User | None = None
+        self.pending_user: str | None = None
+        self.login_failures = 0
+        self.home: Home | None = None
+        self.cwd = "/"
+        self.binary = True
+        self.rest = 0
+        self.rename_from: Resolved | None = None
+        self.data_ready = False  # PASV/EPSV opened or PORT/EPRT set
+        self.epsv_all = False
+        self.utf8 = True
+        self.mlst_facts = ["type", "size", "modify", "perm", "unix.mode"]
+        self.tls_control = settings.implicit_tls
+        self.pbsz = settings.implicit_tls
+        self.prot_private = settings.implicit_tls
+        # asynchronous work in flight
+        self.waiting: str | None = None  # "auth" | "passive" | "transfer"
+        self.transfer: Transfer | None = None
+        self.abort_requested = False
+        self._tls_pending = False
+
+    # ------------------------------------------------------------ output API
+    def reply(self, code: int, text: str | tuple[str, ...] | list[str]) -> None:
+        self._out.append(Reply(code, tuple(text) if isinstance(text, list) else text))
+
+    def act(self, action: Action) -> None:
+        self._out.append(action)
+
+    def emit(self, name: str, **fields: Any) -> None:
+        self._out.append(Event(name, fields))
+
+    def _take(self) -> list[Output]:
+        out, self._out = self._out, []
+        return out
+
+    def close(self, code: int, text: str) -> None:
+        self.reply(code, text)
+        self.act(Close())
+        self.closed = True
+
+    # ------------------------------------------------------------ inputs
+    def greeting(self) -> list[Output]:
+        self.reply(220, self.settings.banner)
+        return self._take()
+
+    def receive_data(self, data: bytes) -> list[Output]:
+        """Bytes from the control connection; returns what to send and do."""
+        for line in self._lines.feed(data):
+            if self.closed or self._tls_pending:
+                # After AUTH TLS nothing sent in the clear may be taken as a command
+                # (STARTTLS command injection, CVE-2011-0411).
+                break
+            if self.waiting is not None:
+                if line is not TOO_LONG and self._is_urgent(line):
+                    self._dispatch(line)
+                elif len(self._queue) >= MAX_QUEUED_LINES:
+                    self.close(421, "Too many commands queued; closing control connection")
+                else:
+                    self._queue.append(line)
+            else:
+                self._dispatch(line)
+        return self._take()
+
+    def _is_urgent(self, line: bytes | object) -> bool:
+        verb = _verb_of(line)  # type: ignore[arg-type]
+        spec = self.commands.get(verb)
+        return spec is not None and spec.urgent
+
+    def _resume(self) -> None:
+        """An async step finished: run queued commands until one blocks again."""
+        while self._queue and self.waiting is None and not self.closed:
+            self._dispatch(self._queue.popleft())
+
+    def _dispatch(self, line: bytes | object) -> None:
+        if line is TOO_LONG:
+            self.reply(500, "Command line too long")
+            self.emit("BadProtocol", reason="line too long")
+            return
+        assert isinstance(line, bytes)
+        verb, arg = parse_line(line)
+        if verb is None:
+            self.reply(500, "Syntax error: command unrecognized")
+            self.emit("UnhandledCommand", command="")
+            return
+        if verb in _FOREIGN_PROTOCOL:
+            self.emit("BadProtocol", command=verb)
+            self.close(500, "This is an FTP server")
+            return
+        spec = self.commands.get(verb)
+        if spec is None:
+            self.reply(500, f"{verb} not understood")
+            self.emit("UnhandledCommand", command=verb)
+            return
+        if not self._allowed(spec, arg):
+            return
+        self.emit("command", verb=verb)
+        try:
+            spec.handler(self, arg)
+        except PathError as e:
+            self.reply(550, str(e))
+        except OSError as e:
+            self.reply(*os_error_reply(e))
+
+    def _allowed(self, spec: CommandSpec, arg: str) -> bool:
+        if spec.arg is Arg.REQUIRED and not arg:
+            self.reply(501, f"Syntax error: {spec.verb} needs an argument")
+            return False
+        if spec.arg is Arg.NONE and arg:
+            self.reply(501, f"Syntax error: {spec.verb} takes no argument")
+            return False
+        if spec.auth and self.user is None:
+            self.reply(530, "Please log in with USER and PASS first")
+            return False
+        if spec.write and self.user is not None and self.user.read_only:
+            self.reply(550, "Permission denied: read-only account")
+            return False
+        if self.waiting == "transfer" and not spec.urgent:
+            self.reply(450, "A transfer is in progress")
+            return False
+        return True
+
+    # ------------------------------------------------------------ async results
+    def auth_done(self, user: User | None) -> list[Output]:
+        from .handlers_auth import finish_login
+
+        self.waiting = None
+        finish_login(self, user)
+        self._resume()
+        return self._take()
+
+    def passive_ready(self, host: str, port: int, extended: bool) -> list[Output]:
+        self.waiting = None
+        self.data_ready = True
+        if extended:
+            self.reply(229, f"Entering Extended Passive Mode (|||{port}|)")
+        else:
+            h = host.replace(".", ",")
+            self.reply(227, f"Entering Passive Mode ({h},{port >> 8},{port & 0xFF}).")
+        self._resume()
+        return self._take()
+
+    def passive_failed(self, message: str) -> list[Output]:
+        self.waiting = None
+        self.data_ready = False
+        self.reply(425, message)
+        self._resume()
+        return self._take()
+
+    def transfer_done(self, result: TransferResult) -> list[Output]:
+        from .handlers_transfer import finish_transfer
+
+        self.waiting = None
+        finish_transfer(self, result)
+        self._resume()
+        return self._take()
+
+    def tls_done(self) -> list[Output]:
+        """The control connection is now TLS (after AUTH TLS)."""
+        self.tls_control = True
+        self._tls_pending = False
+        self._lines = LineBuffer(self.settings.max_line)
+        return self._take()
+
+    def timed_out(self, what: str) -> list[Output]:
+        """Idle or login timeout: tell the client why, then close."""
+        self.emit("TimeoutLogin" if what == "login" else "TimeoutIdle")
+        self.close(421, f"{what.capitalize()} timeout: closing control connection")
+        return self._take()
+
+    # ------------------------------------------------------------ helpers for handlers
+    def resolve(self, arg: str, must_exist: bool = False) -> Resolved:
+        assert self.home is not None
+        return self.home.resolve(self.cwd, arg, must_exist)
+
+    def begin_wait(self, what: str) -> None:
+        self.waiting = what
+
+    def reset_login(self) -> None:
+        self.user = None
+        self.pending_user = None
+        self.home = None
+        self.cwd = "/"
+        self.rest = 0
+        self.rename_from = None
+        self.binary = True
+
+
+# Lines that show a client speaking another protocol on the FTP port (ProFTPD's BadProtocol).
+_FOREIGN_PROTOCOL = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "EHLO", "HELO", "SSH-2.0-OPENSSH"})
+
+
+def _verb_of(line: bytes) -> str:
+    verb, _ = parse_line(line)
+    return verb or ""
+
+
+def parse_line(line: bytes) -> tuple[str | None, str]:
+    """Split 'VERB arg' into (VERB upper-case, arg). None for a line with no verb.
+
+    Telnet IAC sequences (IP, DM, sent before ABOR) and other non-letters before the
+    verb are skipped. Arguments are UTF-8 (RFC 2640); undecodable bytes are kept as
+    surrogates so a name round-trips to the filesystem."""
+    i = 0
+    n = len(line)
+    while i < n and not (65 <= line[i] <= 90 or 97 <= line[i] <= 122):
+        if line[i] < 0x80 and line[i] not in (0x20, 0x09):
+            break  # a printable non-letter first: not a verb
+        i += 1
+    j = i
+    while j < n and j - i < 16 and (65 <= line[j] <= 90 or 97 <= line[j] <= 122 or 48 <= line[j] <= 57):
+        j += 1
+    if j == i or (j < n and line[j] != 0x20):
+        return None, ""
+    verb = line[i:j].decode("ascii").upper()
+    arg = line[j + 1 :].decode("utf-8", "surrogateescape") if j < n else ""
+    return verb, arg
+
+
+def os_error_reply(e: OSError) -> tuple[int, str]:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 452, "Insufficient storage space"
+    if e.errno == errno.ENOENT:
+        return 550, "No such file or directory"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return 550, "Permission denied"
+    if e.errno == errno.EEXIST:
+        return 550, "File exists"
+    if e.errno == errno.ENOTEMPTY:
+        return 550, "Directory not empty"
+    if e.errno == errno.ENOTDIR:
+        return 550, "Not a directory"
+    if e.errno == errno.EISDIR:
+        return 550, "Is a directory"
+    if e.errno == errno.ENAMETOOLONG:
+        return 550, "File name too long"
+    return 451, "Local error in processing"
