@@ -1,0 +1,33 @@
+"""Shared fixtures: real servers started as processes (see support_server.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from .support_server import Server, make_server
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """make(nodes=1, **config_sections) -> a started Server; all stopped at teardown."""
+    started: list[Server] = []
+
+    def make(nodes: int = 1, name: str = "a", start: bool = True, **kw) -> Server:
+        srv = make_server(tmp_path / name, **kw)
+        started.append(srv)
+        if start:
+            srv.start(nodes=nodes)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., Server]) -> Server:
+    """One plain FTP server with user alice."""
+    return server_factory()

@@ -1,0 +1,200 @@
+"""Start real ftpcluster servers for tests: a config in a temp dir, random loopback
+ports, a user, and a process that is always stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+FTPCLUSTER = [sys.executable, "-m", "ftpcluster.cli"]
+PASSWORD = "s3cret-pw"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+_used_ranges: set[int] = set()
+
+
+def passive_range(size: int = 64) -> tuple[int, int]:
+    """A passive range unlikely to collide with other tests of this run."""
+    for _ in range(1000):
+        base = random.randrange(20000, 60000 - size, size)
+        if base not in _used_ranges:
+            _used_ranges.add(base)
+            return base, base + size - 1
+    raise RuntimeError("no passive range left")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def cli(*args: str, config: Path | None = None, input: str | None = None, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [*FTPCLUSTER, *args]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, cwd=str(REPO), env=env)
+
+
+@dataclass
+class Server:
+    dir: Path
+    config: Path
+    host: str
+    port: int
+    passive: tuple[int, int]
+    home: Path
+    user: str = "alice"
+    password: str = PASSWORD
+    implicit_port: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    extra_users: dict[str, Path] = field(default_factory=dict)
+
+    def start(self, nodes: int = 1, wait: bool = True, args: tuple[str, ...] = ()) -> "Server":
+        assert self.log is not None
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [*FTPCLUSTER, "start", "--config", str(self.config), "--nodes", str(nodes), *args],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+            start_new_session=True,
+        )
+        logf.close()
+        if wait:
+            wait_port(self.host, self.port, proc=self.proc, log=self.log)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with _suppress():
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with _suppress():
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        # Nodes are in the same process group; make sure none is left behind.
+        with _suppress():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def ftp(self, login: bool = True, timeout: float = 10):  # -> ftplib.FTP
+        import ftplib
+
+        f = ftplib.FTP(timeout=timeout)
+        f.connect(self.host, self.port)
+        if login:
+            f.login(self.user, self.password)
+        return f
+
+    def url(self, path: str = "/", scheme: str = "ftp") -> str:
+        port = self.implicit_port if scheme == "ftps" else self.port
+        return f"{scheme}://{self.user}:{self.password}@{self.host}:{port}{path}"
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError, OSError))
+
+
+def wait_port(host: str, port: int, timeout: float = 20, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            with socket.create_connection((host, port), timeout=1) as s:
+                s.settimeout(2)
+                if s.recv(3) in (b"220", b"421", b"530"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} did not answer within {timeout}s")
+
+
+def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool = False, implicit: bool = False, **sections: dict[str, Any]) -> Server:
+    """Write a config for a server under `tmp` (not started). Keyword sections merge
+    into the generated ones, e.g. server={"max_login_attempts": 2}."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port(host)
+    lo, hi = passive_range()
+    server: dict[str, Any] = {
+        "listen": f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
+        "passive_ports": f"{lo}-{hi}",
+        "state_dir": "state",
+        "root": "ftproot",
+        "users_file": "users.toml",
+        "idle_timeout": "60s",
+    }
+    implicit_port = None
+    if implicit:
+        implicit_port = free_port(host)
+        server["implicit_tls_listen"] = f"{host}:{implicit_port}"
+    cfg: dict[str, dict[str, Any]] = {
+        "server": server,
+        "tls": {"enabled": tls or implicit, "session_cache": "local", "session_tickets": "local"},
+        "log": {"level": "info", "format": "json"},
+    }
+    if tls or implicit:
+        cert_dir = tmp / "certs"
+        if not (cert_dir / "cert.pem").exists():
+            r = cli("cert", "generate", "--out", str(cert_dir))
+            assert r.returncode == 0, r.stderr
+        cfg["tls"].update({"certificate": "certs/cert.pem", "private_key": "certs/key.pem"})
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    config = tmp / "ftpcluster.toml"
+    write_config(config, cfg)
+    home = tmp / "homes" / "alice"
+    r = cli("user", "add", "alice", "--home", str(home), "--password-stdin", config=config, input=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    return Server(tmp, config, host, port, (lo, hi), home, implicit_port=implicit_port, log=tmp / "server.log")
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
