@@ -1,0 +1,70 @@
+"""Session events to structured log lines, each carrying the session id, node id,
+the client's real address (behind a proxy too) and the user once known.
+
+Auth failures and bans carry both the address and the user name, so fail2ban
+style tools and humans can see who tried what from where."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..logs import enabled, get_logger
+from .protocol import Event
+
+if TYPE_CHECKING:
+    from .control import ControlConnection
+
+# event name -> (level, message); anything not listed is only traced on the "session" channel
+_LEVELS: dict[str, tuple[str, str]] = {
+    "connect": ("info", "connect"),
+    "disconnect": ("info", "disconnect"),
+    "login": ("info", "login ok"),
+    "login_failed": ("warning", "login failed"),
+    "MaxLoginAttempts": ("warning", "too many failed logins"),
+    "transfer": ("info", "transfer"),
+    "delete": ("info", "delete"),
+    "rename": ("info", "rename"),
+    "tls_failed": ("info", "TLS handshake failed"),
+    "TimeoutIdle": ("info", "idle timeout"),
+    "TimeoutLogin": ("info", "login timeout"),
+    "BadProtocol": ("warning", "bad protocol"),
+    "EmptyPassword": ("warning", "empty password"),
+    "RootLogin": ("warning", "root login attempt"),
+    "banned": ("warning", "session ended by ban"),
+    "passive_exhausted": ("warning", "passive port range exhausted"),
+}
+
+
+class SessionLogger:
+    def __init__(self, node_id: int) -> None:
+        self.log = get_logger("session", node=node_id)
+        self.cmdlog = get_logger("command", node=node_id)
+
+    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
+        if event.name == "command":
+            if enabled("command"):
+                self.cmdlog.debug("command", **self.context(conn), verb=event.fields.get("verb"))
+            return
+        spec = _LEVELS.get(event.name)
+        fields = dict(event.fields)
+        if conn is not None:
+            fields.update(self.context(conn))
+        if spec is None:
+            if enabled("session"):
+                self.log.debug(event.name, **fields)
+            return
+        level, message = spec
+        getattr(self.log, level)(message, **fields)
+
+    @staticmethod
+    def context(conn: ControlConnection | None) -> dict[str, Any]:
+        if conn is None:
+            return {}
+        s = conn.session
+        ctx: dict[str, Any] = {"session": s.session_id if s else None, "client": conn.client_ip}
+        if s is not None:
+            if s.user is not None:
+                ctx["user"] = s.user.name
+            elif s.pending_user is not None:
+                ctx["user"] = s.pending_user
+        return ctx
