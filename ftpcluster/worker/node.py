@@ -47,6 +47,7 @@ class NodeContext:
     heartbeat: Callable[[dict[str, Any]], None] | None = None  # called about once a second
     parent_fd: int | None = None  # read end of a pipe; EOF = the supervisor died
     hooks: list[Callable[["NodeServer"], None]] = field(default_factory=list)  # attach bans, metrics, ...
+    slot: int = 0  # this node's row in the host's shared tables (node table, metrics)
 
 
 class NodeServer:
