@@ -81,6 +81,7 @@ class ServerConfig:
     banner: str = "ftpcluster ready"
     user: str = ""  # drop privileges to this account after binding (when started as root)
     heartbeat_timeout: float = 30.0
+    graceful_timeout: float = 30.0  # TERM/reload: how long transfers may finish before nodes are killed
     max_connections_per_host: int = 0  # 0 = unlimited
     max_clients_per_host: int = 0
     max_clients_per_user: int = 0
@@ -169,6 +170,7 @@ _DURATIONS = {
     ("server", "login_timeout"),
     ("server", "data_timeout"),
     ("server", "heartbeat_timeout"),
+    ("server", "graceful_timeout"),
     ("tls", "handshake_timeout"),
     ("tls", "session_lifetime"),
     ("memcache", "timeout"),
