@@ -1,21 +1,460 @@
-"""Placeholder until the supervisor lands: binds and runs one node in-process."""
+"""The supervisor's loop, after gunicorn's arbiter: signal handlers only queue the
+signal and wake the loop; one loop does all the work.
+
+Every tick: run queued signals and control requests, reap children, kill nodes
+whose shared-memory heartbeat is stale, then converge: as many nodes of the
+current generation as the target, none of older generations (they drain).
+Reload = bump the generation. The listeners are bound once, before the first
+fork, and never close, so a connection arriving during a reload waits in the
+backlog instead of being refused."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import selectors
+import signal
+import socket
 import sys
+import time
+from typing import Any, Callable
 
-from ..bootstrap import prepare
-from ..config import Config
-from ..worker.node import NodeContext, run_node
-from .listeners import BindError, bind_all
+import structlog
+
+from .. import config as config_mod
+from ..config import Config, format_hostport
+from . import systemd
+from .control_server import ControlServer, Pending
+from .node_process import BOOT_ERROR, NodeHandle, spawn
+from .node_table import ACCEPTING, FREE, STATE_NAMES, NodeTable, passive_slices
+from .preflight import StartupError, check
+
+log = structlog.get_logger("ftpcluster.supervisor")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+                   signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1)  # fmt: skip
+MAX_BOOT_FAILURES = 5
+BOOT_TIMEOUT = 30.0
+FAST_STOP_GRACE = 5.0
+MAX_NODES = 64
+
+
+class Arbiter:
+    def __init__(self, cfg: Config, listeners: dict[str, socket.socket], ready_fd: int | None = None) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.ready_fd = ready_fd  # --daemon: the waiting parent reads "ok" or an error from here
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.target = cfg.server.nodes
+        self.generation = 1
+        self.nodes: dict[int, NodeHandle] = {}
+        self.table = NodeTable()
+        self.selector = selectors.DefaultSelector()
+        self.signals: list[int] = []
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Liveness pipe: nodes keep the read end; EOF there means the supervisor is gone.
+        self.alive_r, self.alive_w = os.pipe()
+        os.set_inheritable(self.alive_r, True)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self._drain_wake)
+        self.stopping: str | None = None  # None | "graceful" | "fast"
+        self.stop_waiters: list[Pending] = []
+        self.reload_waiters: list[Pending] = []
+        self.boot_failures = 0
+        self.next_spawn_at = 0.0
+        self.exit_code = 0
+        self.halt_reason = ""
+        self.ready_sent = False
+        self.restarts = 0
+        self.watchdog = systemd.watchdog_interval()
+        self.last_watchdog = 0.0
+        self.node_hooks: list[Callable[[Any], None]] = []
+        self.extra_status: list[Callable[[], dict[str, Any]]] = []  # cluster parts add their fields
+        self.handlers: dict[str, Callable[[dict[str, Any], Pending], dict[str, Any] | None]] = {
+            "status": lambda req, p: {"ok": True, "status": self.status()},
+            "stop": self._cmd_stop,
+            "reload": self._cmd_reload,
+            "ping": lambda req, p: {"ok": True},
+        }
+        self.control: ControlServer | None = None
+
+    # ------------------------------------------------------------ signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b".")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.wake_r, 4096):
+                pass
+
+    def install_signals(self) -> None:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def handle_signal(self, sig: int) -> None:
+        if sig == signal.SIGCHLD:
+            return  # reaping happens every tick
+        if sig == signal.SIGTERM:
+            self.begin_stop("graceful", self.cfg.server.graceful_timeout)
+        elif sig in (signal.SIGINT, signal.SIGQUIT):
+            self.begin_stop("fast", FAST_STOP_GRACE)
+        elif sig == signal.SIGHUP:
+            self.reload()
+        elif sig == signal.SIGTTIN:
+            self.target = min(MAX_NODES, self.target + 1)
+            log.info("node count raised", target=self.target)
+        elif sig == signal.SIGTTOU:
+            self.target = max(1, self.target - 1)
+            log.info("node count lowered", target=self.target)
+        elif sig == signal.SIGUSR1:
+            from ..logs import reopen
+
+            reopen()
+            self.signal_nodes(signal.SIGUSR1)
+
+    # ------------------------------------------------------------ control requests
+    def _cmd_stop(self, req: dict[str, Any], p: Pending) -> None:
+        timeout = req.get("timeout")
+        if not isinstance(timeout, (int, float)) or timeout < 0:
+            timeout = self.cfg.server.graceful_timeout
+        self.stop_waiters.append(p)
+        self.begin_stop("fast" if req.get("fast") else "graceful", float(timeout))
+        return None
+
+    def _cmd_reload(self, req: dict[str, Any], p: Pending) -> dict[str, Any] | None:
+        error = self.reload()
+        if error:
+            return {"ok": False, "error": error}
+        self.reload_waiters.append(p)  # answered once the new generation accepts
+        return None
+
+    # ------------------------------------------------------------ lifecycle
+    def begin_stop(self, how: str, timeout: float) -> None:
+        if self.stopping == "fast" or (self.stopping == "graceful" and how == "graceful"):
+            return
+        self.stopping = how
+        systemd.notify("STOPPING=1")
+        log.info("stopping", how=how, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        sig = signal.SIGTERM if how == "graceful" else signal.SIGQUIT
+        for node in self.nodes.values():
+            self._ask_stop(node, sig, deadline)
+
+    def _ask_stop(self, node: NodeHandle, sig: int, deadline: float) -> None:
+        if node.stop_deadline is None or deadline < node.stop_deadline:
+            node.stop_deadline = deadline
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(node.pid, sig)
+
+    def reload(self) -> str | None:
+        """Re-read the config, users and certificates; new nodes, old ones drain. Returns an error text."""
+        if self.stopping:
+            return "stopping"
+        try:
+            new = config_mod.load(str(self.cfg.path) if self.cfg.path else None)
+            check(new)
+        except (config_mod.ConfigError, StartupError) as e:
+            log.error("reload refused, keeping the running config", error=str(e))
+            return f"reload refused: {e}"
+        if new.listen_address != self.cfg.listen_address or new.implicit_tls_address != self.cfg.implicit_tls_address:
+            log.warning("listen addresses changed: they take effect at the next restart")
+            new.server.listen, new.server.implicit_tls_listen = self.cfg.server.listen, self.cfg.server.implicit_tls_listen
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        self.cfg = new
+        self.generation += 1
+        self.ready_sent = False
+        self.boot_failures = 0
+        log.info("reloading", generation=self.generation)
+        return None
+
+    def signal_nodes(self, sig: int) -> None:
+        for node in self.nodes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.pid, sig)
+
+    # ------------------------------------------------------------ the loop
+    def run(self) -> int:
+        self.install_signals()
+        self.control = ControlServer(self.cfg.state_dir / "control.sock", self.selector, self.handlers)
+        self.write_pidfile()
+        log.info("supervisor started", pid=self.pid, nodes=self.target,
+                 listen=[format_hostport(*s.getsockname()[:2]) for s in self.listeners.values()])  # fmt: skip
+        try:
+            while True:
+                self.tick()
+                if self.stopping and not self.nodes:
+                    break
+                for key, _ in self.selector.select(self._wait_time()):
+                    key.data()
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def _wait_time(self) -> float:
+        if self.stopping or self.signals:
+            return 0.1 if not self.signals else 0
+        wait = 1.0
+        if self.next_spawn_at > time.monotonic():
+            wait = min(wait, self.next_spawn_at - time.monotonic())
+        if any(self.table.read(n.slot).state != ACCEPTING for n in self.nodes.values()):
+            wait = min(wait, 0.05)  # watch booting nodes closely for readiness
+        if self.watchdog:
+            wait = min(wait, self.watchdog)
+        return max(wait, 0.0)
+
+    def tick(self) -> None:
+        while self.signals:
+            self.handle_signal(self.signals.pop(0))
+        self.reap()
+        now = time.monotonic()
+        if self.stopping:
+            self.enforce_deadlines(now)
+        else:
+            self.kill_stale(now)
+            self.converge(now)
+            self.check_ready()
+        if self.watchdog and now - self.last_watchdog >= self.watchdog:
+            systemd.notify("WATCHDOG=1")
+            self.last_watchdog = now
+
+    def reap(self) -> None:
+        for _ in range(1024):
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            node = self.nodes.pop(pid, None)
+            if node is None:
+                continue
+            self.table.reset(node.slot, 0, FREE)
+            code = os.waitstatus_to_exitcode(status)
+            expected = node.stop_deadline is not None or self.stopping
+            if code == BOOT_ERROR and not expected:
+                self.boot_failures += 1
+                delay = min(0.1 * 2**self.boot_failures, 5.0)
+                self.next_spawn_at = time.monotonic() + delay
+                log.error("node failed to boot", node=node.node_id, pid=pid, failures=self.boot_failures, retry_in=delay)
+                if self.boot_failures >= MAX_BOOT_FAILURES:
+                    self.halt(f"nodes keep failing at boot ({self.boot_failures} times in a row); see the log above")
+            elif not expected:
+                self.restarts += 1
+                log.warning("node died, replacing it", node=node.node_id, pid=pid, exit=code)
+            else:
+                log.info("node ended", node=node.node_id, pid=pid, exit=code)
+
+    def halt(self, reason: str) -> None:
+        self.halt_reason = reason
+        self.exit_code = 1
+        log.error("halting", reason=reason)
+        self.report_ready(f"error: {reason}")
+        self.begin_stop("fast", FAST_STOP_GRACE)
+
+    def enforce_deadlines(self, now: float) -> None:
+        for node in self.nodes.values():
+            if node.stop_deadline is not None and now >= node.stop_deadline and not node.killed:
+                node.killed = True
+                log.warning("node did not stop in time, killing it", node=node.node_id, pid=node.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.pid, signal.SIGKILL)
+
+    def kill_stale(self, now: float) -> None:
+        timeout = self.cfg.server.heartbeat_timeout
+        for node in list(self.nodes.values()):
+            if node.killed:
+                continue
+            view = self.table.read(node.slot)
+            booting = view.state != ACCEPTING and node.stop_deadline is None
+            limit = BOOT_TIMEOUT if booting and view.pid == 0 else timeout
+            last = view.heartbeat if view.pid else node.started
+            if now - last > limit:
+                log.error("node heartbeat stale, killing it", node=node.node_id, pid=node.pid, silent_for=round(now - last, 1))
+                node.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.pid, signal.SIGKILL)
+        self.enforce_deadlines(now)
+
+    def current(self) -> list[NodeHandle]:
+        return [n for n in self.nodes.values() if n.generation == self.generation and n.stop_deadline is None]
+
+    def converge(self, now: float) -> None:
+        drain_deadline = now + self.cfg.server.graceful_timeout
+        for node in list(self.nodes.values()):
+            if node.stop_deadline is None and (node.generation != self.generation or node.node_id > self.target):
+                log.info("retiring node", node=node.node_id, pid=node.pid, generation=node.generation)
+                self._ask_stop(node, signal.SIGTERM, drain_deadline)
+        if now < self.next_spawn_at:
+            return
+        have = {n.node_id for n in self.current()}
+        slices = passive_slices(*self.cfg.passive_range, self.target)
+        for node_id in range(1, self.target + 1):
+            if node_id not in have:
+                self.spawn(node_id, slices[node_id - 1])
+
+    def spawn(self, node_id: int, passive: tuple[int, int]) -> None:
+        used = {n.slot for n in self.nodes.values()}
+        slot = self.table.claim(used)
+        close = [self.wake_r, self.wake_w, self.alive_w]
+        if self.control is not None:
+            close.append(self.control.sock.fileno())
+        if self.ready_fd is not None:
+            close.append(self.ready_fd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = spawn(node_id, slot, self.cfg, self.listeners, self.table, passive, self.alive_r, close, self.node_hooks)
+        self.nodes[pid] = NodeHandle(node_id, pid, slot, self.generation, passive)
+        log.debug("node started", node=node_id, pid=pid, slot=slot, passive=f"{passive[0]}-{passive[1]}")
+
+    def check_ready(self) -> None:
+        if self.ready_sent:
+            return
+        cur = self.current()
+        if len(cur) < self.target or any(self.table.read(n.slot).state != ACCEPTING for n in cur):
+            return
+        self.ready_sent = True
+        self.boot_failures = 0
+        systemd.notify(f"READY=1\nSTATUS=serving with {self.target} nodes\nMAINPID={self.pid}")
+        self.report_ready("ok")
+        for p in self.reload_waiters:
+            p.answer({"ok": True, "generation": self.generation})
+        self.reload_waiters.clear()
+        log.info("all nodes accepting", nodes=self.target, generation=self.generation)
+
+    def report_ready(self, message: str) -> None:
+        if self.ready_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.ready_fd, message.encode()[:4000] + b"\n")
+            os.close(self.ready_fd)
+        self.ready_fd = None
+
+    # ------------------------------------------------------------ status and files
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        nodes = []
+        for n in sorted(self.nodes.values(), key=lambda n: (n.generation, n.node_id)):
+            v = self.table.read(n.slot)
+            nodes.append({
+                "id": n.node_id, "pid": n.pid, "sessions": v.sessions, "sessions_total": v.sessions_total,
+                "rejected": v.rejected, "state": "draining" if n.stop_deadline else STATE_NAMES.get(v.state, "?"),
+                "uptime": round(now - n.started, 1), "passive": f"{n.passive[0]}-{n.passive[1]}",
+                "generation": n.generation, "slot": n.slot,
+            })  # fmt: skip
+        status: dict[str, Any] = {
+            "supervisor_pid": self.pid,
+            "uptime": round(now - self.started, 1),
+            "started_at": self.started_wall,
+            "generation": self.generation,
+            "target_nodes": self.target,
+            "restarts": self.restarts,
+            "stopping": self.stopping,
+            "nodes": nodes,
+            "listen": [format_hostport(*self.listeners["control"].getsockname()[:2])],
+            "implicit_tls_listen": [format_hostport(*s.getsockname()[:2]) for k, s in self.listeners.items() if k == "implicit_tls"],
+            "passive_ports": self.cfg.server.passive_ports,
+            "memcache": {"enabled": self.cfg.memcache.enabled, "servers": []},
+        }
+        for extra in self.extra_status:
+            with contextlib.suppress(Exception):
+                status.update(extra())
+        return status
+
+    def pidfile(self) -> str:
+        return str(self.cfg.state_dir / "ftpcluster.pid")
+
+    def write_pidfile(self) -> None:
+        tmp = self.pidfile() + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{self.pid}\n")
+        os.replace(tmp, self.pidfile())
+
+    def shutdown(self) -> None:
+        for p in self.stop_waiters:
+            p.answer({"ok": self.exit_code == 0, "error": self.halt_reason} if self.halt_reason else {"ok": True})
+        for p in self.reload_waiters:
+            p.answer({"ok": False, "error": "stopping"})
+        if self.control is not None:
+            self.control.close()
+        with contextlib.suppress(FileNotFoundError):
+            if open(self.pidfile()).read().strip() == str(self.pid):
+                os.unlink(self.pidfile())
+        if self.exit_code and self.ready_fd is not None:
+            self.report_ready(f"error: {self.halt_reason}")
+        log.info("supervisor stopped", exit=self.exit_code)
+
+
+def _wait_ready(fd: int, timeout: float) -> tuple[bool, str]:
+    """--daemon parent: wait for the detached supervisor to say "ok" or why it failed."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    while b"\n" not in buf and time.monotonic() < deadline:
+        if not sel.select(max(0.0, deadline - time.monotonic())):
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    text = buf.decode(errors="replace").strip()
+    if text == "ok":
+        return True, ""
+    if text.startswith("error: "):
+        return False, text[7:]
+    return False, text or "the supervisor exited before every node accepted"
+
+
+def _daemonize() -> tuple[int | None, int]:
+    """Fork once, detach, redirect stdio. Returns (parent's read fd, 0) in the parent and
+    (None, write fd) in the daemon."""
+    r, w = os.pipe()
+    if os.fork():
+        os.close(w)
+        return r, -1
+    os.close(r)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return None, w
 
 
 def start(cfg: Config, daemon: bool = False) -> int:
+    from ..bootstrap import prepare
+    from ..logs import configure
+    from .listeners import BindError, bind_all
+    from .privileges import PrivilegeError, drop_privileges
+
+    configure(cfg.log, cfg.base_dir, role="supervisor")
     prepare(cfg)
     try:
-        socks = bind_all(cfg)
-    except BindError as e:
+        check(cfg)
+        listeners = bind_all(cfg)
+        drop_privileges(cfg)
+    except (StartupError, BindError, PrivilegeError) as e:
         print(f"ftpcluster: {e}", file=sys.stderr)
         return 1
-    ctx = NodeContext(node_id=1, config=cfg, control_sock=socks["control"], implicit_tls_sock=socks.get("implicit_tls"))
-    return run_node(ctx)
+    ready_fd = None
+    if daemon:
+        parent_r, ready_fd = _daemonize()
+        if parent_r is not None:
+            ok, why = _wait_ready(parent_r, BOOT_TIMEOUT + 30)
+            if not ok:
+                print(f"ftpcluster: start failed: {why}", file=sys.stderr)
+                return 1
+            return 0
+        configure(cfg.log, cfg.base_dir, role="supervisor")  # stderr is /dev/null now
+    try:
+        return Arbiter(cfg, listeners, ready_fd).run()
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(f"ftpcluster: control socket: {e.strerror}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,123 @@
+"""Forking one worker node and what the child does before it serves.
+
+The child resets the supervisor's signal handlers, asks the kernel for a
+signal when the supervisor dies (and double-checks it is not already gone),
+keeps the read end of the supervisor's liveness pipe, and runs the node. A
+node that fails before it ever accepted exits with BOOT_ERROR so the arbiter
+can tell a broken config from a crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..config import Config
+from .node_table import ACCEPTING, BOOTING, STOPPING, NodeTable
+
+BOOT_ERROR = 3
+RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+                 signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE)  # fmt: skip
+
+
+@dataclass
+class NodeHandle:
+    """The supervisor's view of one node process."""
+
+    node_id: int
+    pid: int
+    slot: int
+    generation: int
+    passive: tuple[int, int]
+    started: float = field(default_factory=time.monotonic)
+    stop_deadline: float | None = None  # set once asked to stop
+    killed: bool = False
+
+
+def spawn(
+    node_id: int,
+    slot: int,
+    cfg: Config,
+    listeners: dict[str, socket.socket],
+    table: NodeTable,
+    passive: tuple[int, int],
+    parent_fd: int,
+    close_fds: list[int],
+    hooks: list[Callable[[Any], None]],
+) -> int:
+    """Fork a node; returns the child's pid in the parent and never returns in the child."""
+    supervisor_pid = os.getpid()
+    table.reset(slot, 0, BOOTING)
+    pid = os.fork()
+    if pid:
+        return pid
+    code = BOOT_ERROR
+    try:
+        code = _child(node_id, slot, cfg, listeners, table, passive, parent_fd, close_fds, hooks, supervisor_pid)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1 if table.read(slot).state in (ACCEPTING, STOPPING) else BOOT_ERROR
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    raise AssertionError("unreachable")
+
+
+def _child(
+    node_id: int,
+    slot: int,
+    cfg: Config,
+    listeners: dict[str, socket.socket],
+    table: NodeTable,
+    passive: tuple[int, int],
+    parent_fd: int,
+    close_fds: list[int],
+    hooks: list[Callable[[Any], None]],
+    supervisor_pid: int,
+) -> int:
+    for sig in RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hang-up is the supervisor's business
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    from ..logs import configure
+    from ..worker.node import NodeContext, run_node, set_parent_death_signal
+
+    configure(cfg.log, cfg.base_dir, role="node", node=node_id)
+
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != supervisor_pid:  # died between fork and prctl
+        return 1
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    pid = os.getpid()
+    started = time.monotonic()
+
+    def heartbeat(stats: dict[str, Any]) -> None:
+        state = STOPPING if stats.get("stopping") else ACCEPTING
+        table.beat(slot, pid, state, started, stats.get("sessions", 0), stats.get("sessions_total", 0), stats.get("rejected_total", 0))
+
+    ctx = NodeContext(
+        node_id=node_id,
+        config=cfg,
+        control_sock=listeners["control"],
+        implicit_tls_sock=listeners.get("implicit_tls"),
+        passive_range=passive,
+        heartbeat=heartbeat,
+        parent_fd=parent_fd,
+        hooks=list(hooks),
+        slot=slot,
+    )
+    return run_node(ctx)
