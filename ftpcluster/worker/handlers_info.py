@@ -70,7 +70,7 @@ def help_(s: Session, arg: str) -> None:
 @command("STAT", arg=Arg.OPTIONAL, auth=False, urgent=True, help="STAT [path]: status or a listing")
 def stat_(s: Session, arg: str) -> None:
     if not arg:
-        lines = ["ftpcluster status:", f"Connected from {s.client_ip}"]
+        lines = ["ftpcluster status:", f"Connected from {s.client_ip}", f"Session {s.session_id} (node-pid-serial)"]
         lines.append(f"Logged in as {s.user.name}" if s.user else "Not logged in")
         lines.append(f"TYPE: {'BINARY' if s.binary else 'ASCII'}; STRUcture: File; MODE: Stream")
         lines.append(f"Control channel: {'TLS' if s.tls_control else 'plain'}; data: {'private' if s.prot_private else 'clear'}")
