@@ -284,11 +284,13 @@ class Arbiter:
         return [n for n in self.nodes.values() if n.generation == self.generation and n.stop_deadline is None]
 
     def converge(self, now: float) -> None:
-        drain_deadline = now + self.cfg.server.graceful_timeout
+        # Retired nodes drain (SIGUSR2): their sessions go on; after graceful_timeout the node
+        # stops the rest itself; the kill below is only for a node that hangs.
+        drain_deadline = now + 2 * self.cfg.server.graceful_timeout + 5
         for node in list(self.nodes.values()):
             if node.stop_deadline is None and (node.generation != self.generation or node.node_id > self.target):
                 log.info("retiring node", node=node.node_id, pid=node.pid, generation=node.generation)
-                self._ask_stop(node, signal.SIGTERM, drain_deadline)
+                self._ask_stop(node, signal.SIGUSR2, drain_deadline)
         if now < self.next_spawn_at:
             return
         have = {n.node_id for n in self.current()}

@@ -66,6 +66,7 @@ class NodeServer:
         self.masquerade = cfg.server.masquerade_address
         self.data_timeout = cfg.server.data_timeout
         self.stopping = False
+        self.draining = False  # reload/scale-down: no new sessions, current ones may go on
         self.stopped = asyncio.Event()
         self.sessions_total = 0
         self.rejected_total = 0
@@ -259,6 +260,34 @@ class NodeServer:
         if not self.sessions:
             self.stopped.set()
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): reopen the log file and every subscriber that writes one."""
+        from ..logs import reopen
+
+        reopen()
+        for sub in self.subscribers:
+            again = getattr(sub, "reopen", None)
+            if callable(again):
+                with contextlib.suppress(Exception):
+                    again()
+
+    def drain(self) -> None:
+        """Reload or scale-down (SIGUSR2): accept nothing new, let every session end on its
+        own, and after `graceful_timeout` stop the stragglers as a graceful stop would."""
+        if self.stopping:
+            return
+        self.stopping = self.draining = True
+        self.stop_accepting()
+        if not self.sessions:
+            self.stopped.set()
+            return
+        self.loop.call_later(self.cfg.server.graceful_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self.draining = False
+        self.stopping = False
+        self.graceful_stop()
+
     def fast_stop(self) -> None:
         self.stopping = True
         self.stop_accepting()
@@ -267,7 +296,7 @@ class NodeServer:
         self.stopped.set()
 
     def after_transfer(self, conn: ControlConnection) -> None:
-        if self.stopping:
+        if self.stopping and not self.draining:
             conn.kick(421, "Server shutting down")
 
 
@@ -306,6 +335,8 @@ async def serve(ctx: NodeContext) -> int:
     loop.add_signal_handler(signal.SIGTERM, server.graceful_stop)
     loop.add_signal_handler(signal.SIGINT, server.fast_stop)
     loop.add_signal_handler(signal.SIGQUIT, server.fast_stop)
+    loop.add_signal_handler(signal.SIGUSR2, server.drain)
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
     if ctx.parent_fd is not None:
         _watch_parent(loop, ctx.parent_fd, server)
     server.start_accepting()
