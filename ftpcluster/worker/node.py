@@ -250,9 +250,9 @@ class NodeServer:
 
     def graceful_stop(self) -> None:
         """Stop accepting; idle sessions are told and closed, transfers may finish."""
-        if self.stopping:
+        if self.stopping and not self.draining:
             return
-        self.stopping = True
+        self.stopping, self.draining = True, False
         self.stop_accepting()
         for conn in list(self.sessions):
             if conn.transfer_task is None:
@@ -284,9 +284,8 @@ class NodeServer:
         self.loop.call_later(self.cfg.server.graceful_timeout, self._drain_expired)
 
     def _drain_expired(self) -> None:
-        self.draining = False
-        self.stopping = False
-        self.graceful_stop()
+        if self.draining:
+            self.graceful_stop()
 
     def fast_stop(self) -> None:
         self.stopping = True
