@@ -102,6 +102,8 @@ def _child(
             os.close(fd)
         except OSError:
             pass
+    if os.environ.get("FTPCLUSTER_FAULT") == "node-boot":  # fault injection for the back-off test
+        raise RuntimeError("injected boot failure (FTPCLUSTER_FAULT=node-boot)")
     pid = os.getpid()
     started = time.monotonic()
 
