@@ -11,7 +11,6 @@ backlog instead of being refused."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import selectors
 import signal
@@ -70,7 +69,7 @@ class Arbiter:
         self.restarts = 0
         self.watchdog = systemd.watchdog_interval()
         self.last_watchdog = 0.0
-        self.node_hooks: list[Callable[[Any], None]] = []
+        self.node_hooks: list[Callable[[Any], None]] = default_node_hooks()
         self.extra_status: list[Callable[[], dict[str, Any]]] = []  # cluster parts add their fields
         self.handlers: dict[str, Callable[[dict[str, Any], Pending], dict[str, Any] | None]] = {
             "status": lambda req, p: {"ok": True, "status": self.status()},
@@ -79,6 +78,47 @@ class Arbiter:
             "ping": lambda req, p: {"ok": True},
         }
         self.control: ControlServer | None = None
+        self.metrics_http: Any = None
+        self.metrics = self._metrics_store()
+
+    # ------------------------------------------------------------ metrics
+    def _metrics_store(self) -> Any:
+        from ..cluster import metrics_layout
+
+        store = metrics_layout.create(self.cfg)
+        self.metrics_writer = store.writer(metrics_layout.SUPERVISOR_SLOT)
+        return store
+
+    def render_metrics(self) -> str:
+        return self.metrics.render()
+
+    def _start_metrics_http(self) -> None:
+        if self.cfg.metrics.listen and self.metrics_http is None:
+            from .metrics_http import MetricsHTTP
+
+            try:
+                self.metrics_http = MetricsHTTP(self.cfg.metrics.listen, self.selector, self.render_metrics)
+            except OSError as e:
+                raise StartupError(f"cannot listen on metrics.listen {self.cfg.metrics.listen}: {e.strerror}") from None
+
+    def headline(self) -> dict[str, int]:
+        """The numbers people want first, for `status`."""
+        totals = self.metrics.totals()
+        index = self.metrics.registry.index
+
+        def get(name: str, *labels: str) -> int:
+            i = index.get((name, labels))
+            return totals[i] if i is not None else 0
+
+        return {
+            "sessions_total": get("ftpcluster_sessions_total"),
+            "logins_ok": get("ftpcluster_logins_total", "ok"),
+            "logins_failed": get("ftpcluster_logins_total", "failed"),
+            "bytes_in": get("ftpcluster_bytes_total", "in"),
+            "bytes_out": get("ftpcluster_bytes_total", "out"),
+            "transfers": sum(get("ftpcluster_transfers_total", d, st) for d in ("in", "out") for st in ("ok", "aborted", "failed")),
+            "ban_rejects": get("ftpcluster_ban_rejects_total"),
+        }
 
     # ------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -165,6 +205,11 @@ class Arbiter:
             log.warning("listen addresses changed: they take effect at the next restart")
             new.server.listen, new.server.implicit_tls_listen = self.cfg.server.listen, self.cfg.server.implicit_tls_listen
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        from ..cluster import metrics_layout
+
+        if metrics_layout.store_path(new) != metrics_layout.store_path(self.cfg):
+            self.metrics = metrics_layout.create(new)
+            self.metrics_writer = self.metrics.writer(metrics_layout.SUPERVISOR_SLOT)
         self.cfg = new
         self.generation += 1
         self.ready_sent = False
@@ -180,7 +225,16 @@ class Arbiter:
     # ------------------------------------------------------------ the loop
     def run(self) -> int:
         self.install_signals()
-        self.control = ControlServer(self.cfg.state_dir / "control.sock", self.selector, self.handlers)
+        try:
+            self.control = ControlServer(self.cfg.state_dir / "control.sock", self.selector, self.handlers)
+            self._start_metrics_http()
+        except (StartupError, OSError) as e:
+            reason = str(e) if isinstance(e, StartupError) else f"control socket: {e.strerror}"
+            print(f"ftpcluster: {reason}", file=sys.stderr)
+            self.report_ready(f"error: {reason}")
+            if self.control is not None:
+                self.control.close()
+            return 1
         self.write_pidfile()
         log.info("supervisor started", pid=self.pid, nodes=self.target,
                  listen=[format_hostport(*s.getsockname()[:2]) for s in self.listeners.values()])  # fmt: skip
@@ -218,6 +272,8 @@ class Arbiter:
             self.kill_stale(now)
             self.converge(now)
             self.check_ready()
+        if self.metrics_http is not None:
+            self.metrics_http.expire(now)
         if self.watchdog and now - self.last_watchdog >= self.watchdog:
             systemd.notify("WATCHDOG=1")
             self.last_watchdog = now
@@ -234,6 +290,8 @@ class Arbiter:
             if node is None:
                 continue
             self.table.reset(node.slot, 0, FREE)
+            with contextlib.suppress(Exception):
+                self.metrics.zero_gauges(node.slot)
             code = os.waitstatus_to_exitcode(status)
             expected = node.stop_deadline is not None or self.stopping
             if code == BOOT_ERROR and not expected:
@@ -245,6 +303,7 @@ class Arbiter:
                     self.halt(f"nodes keep failing at boot ({self.boot_failures} times in a row); see the log above")
             elif not expected:
                 self.restarts += 1
+                self.metrics_writer.inc("ftpcluster_node_restarts_total")
                 log.warning("node died, replacing it", node=node.node_id, pid=pid, exit=code)
             else:
                 log.info("node ended", node=node.node_id, pid=pid, exit=code)
@@ -361,6 +420,7 @@ class Arbiter:
             "implicit_tls_listen": [format_hostport(*s.getsockname()[:2]) for k, s in self.listeners.items() if k == "implicit_tls"],
             "passive_ports": self.cfg.server.passive_ports,
             "memcache": {"enabled": self.cfg.memcache.enabled, "servers": []},
+            "totals": self.headline(),
         }
         for extra in self.extra_status:
             with contextlib.suppress(Exception):
@@ -383,12 +443,21 @@ class Arbiter:
             p.answer({"ok": False, "error": "stopping"})
         if self.control is not None:
             self.control.close()
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         with contextlib.suppress(FileNotFoundError):
             if open(self.pidfile()).read().strip() == str(self.pid):
                 os.unlink(self.pidfile())
         if self.exit_code and self.ready_fd is not None:
             self.report_ready(f"error: {self.halt_reason}")
         log.info("supervisor stopped", exit=self.exit_code)
+
+
+def default_node_hooks() -> list[Callable[[Any], None]]:
+    """What every node attaches at start: logs, xferlog, metrics (and, as they land, bans, PROXY)."""
+    from ..worker.observe import attach_observability
+
+    return [attach_observability]
 
 
 def _wait_ready(fd: int, timeout: float) -> tuple[bool, str]:
@@ -453,10 +522,4 @@ def start(cfg: Config, daemon: bool = False) -> int:
                 return 1
             return 0
         configure(cfg.log, cfg.base_dir, role="supervisor")  # stderr is /dev/null now
-    try:
-        return Arbiter(cfg, listeners, ready_fd).run()
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            print(f"ftpcluster: control socket: {e.strerror}", file=sys.stderr)
-            return 1
-        raise
+    return Arbiter(cfg, listeners, ready_fd).run()

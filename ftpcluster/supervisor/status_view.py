@@ -37,7 +37,12 @@ def render_status(st: dict[str, Any]) -> str:
         for s in mc.get("servers", []):
             state = "up" if s.get("up") else "DOWN"
             lines.append(f"memcached   {s['address']:24} {state:5} errors {s.get('errors', 0)}")
-    for key in ("bans", "metrics"):
+    t = st.get("totals")
+    if t:
+        lines.append("")
+        lines.append(f"totals      {t['sessions_total']} sessions, logins {t['logins_ok']} ok / {t['logins_failed']} failed, "
+                     f"{t['transfers']} transfers, {t['bytes_in']} B in, {t['bytes_out']} B out, {t['ban_rejects']} ban rejects")  # fmt: skip
+    for key in ("bans",):
         if key in st and isinstance(st[key], dict):
             lines.append(f"{key:11} " + ", ".join(f"{k} {v}" for k, v in st[key].items()))
     return "\n".join(lines)
