@@ -329,3 +329,46 @@ def test_systemd_unit_verifies():
     problems = [l for l in (r.stdout + r.stderr).splitlines() if l.strip() and "is not executable" not in l
                 and "No such file or directory" not in l and "Command " not in l]  # fmt: skip
     assert not problems, r.stdout + r.stderr
+
+
+def test_stalled_node_is_killed_and_replaced(server_factory):
+    srv = server_factory(nodes=2, server={"heartbeat_timeout": "2s"})
+    pids = node_pids(srv)
+    os.kill(pids[1], signal.SIGSTOP)  # alive but silent: no heartbeat
+    try:
+        wait_for(lambda: node_pids(srv).get(1) not in (None, pids[1]), timeout=20, what="stalled node replaced")
+        assert not alive(pids[1])
+        assert node_pids(srv)[2] == pids[2]
+    finally:
+        if alive(pids[1]):
+            os.kill(pids[1], signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_root_start_drops_to_server_user(tmp_path):
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="ftpc-drop-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        srv = make_server(base / "s", server={"user": "nobody"})
+        srv.home.mkdir(parents=True, exist_ok=True)
+        for root, dirs, files in os.walk(base):
+            for n in [root, *(os.path.join(root, x) for x in dirs + files)]:
+                os.chown(n, nobody.pw_uid, nobody.pw_gid)
+        srv.start(nodes=2)
+        try:
+            pids = list(node_pids(srv).values())
+            for pid in [srv.proc.pid, *pids]:
+                assert os.stat(f"/proc/{pid}").st_uid == nobody.pw_uid
+            f = srv.ftp()
+            f.storbinary("STOR owned.txt", io.BytesIO(b"x"))
+            f.quit()
+            assert (srv.home / "owned.txt").stat().st_uid == nobody.pw_uid
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

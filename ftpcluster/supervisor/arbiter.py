@@ -503,12 +503,16 @@ def start(cfg: Config, daemon: bool = False) -> int:
     from .listeners import BindError, bind_all
     from .privileges import PrivilegeError, drop_privileges
 
+    from .preload import preload
+
     configure(cfg.log, cfg.base_dir, role="supervisor")
     prepare(cfg)
+    preload()
     try:
         check(cfg)
         listeners = bind_all(cfg)
-        drop_privileges(cfg)
+        if drop_privileges(cfg):
+            check(cfg)  # again as the service account: the nodes read these files as it
     except (StartupError, BindError, PrivilegeError) as e:
         print(f"ftpcluster: {e}", file=sys.stderr)
         return 1

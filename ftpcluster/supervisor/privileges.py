@@ -15,10 +15,11 @@ class PrivilegeError(Exception):
     """The configured account cannot be switched to."""
 
 
-def drop_privileges(cfg: Config) -> None:
+def drop_privileges(cfg: Config) -> bool:
+    """Switch to `[server] user` when root; True when it switched."""
     name = cfg.server.user
     if not name or os.geteuid() != 0:
-        return
+        return False
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
@@ -34,3 +35,4 @@ def drop_privileges(cfg: Config) -> None:
     if os.getuid() == 0 or os.geteuid() == 0:
         raise PrivilegeError("could not drop root privileges")
     os.environ["HOME"] = pw.pw_dir
+    return True
