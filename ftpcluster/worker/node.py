@@ -171,7 +171,15 @@ class NodeServer:
             if got is None:
                 sock.close()
                 return
-            client, info = got
+            real_ip, (client, info) = client[0], got
+            if client[0] != real_ip:  # bans were checked on the balancer's address; now on the client's
+                msg = self.refusal_for(client[0])
+                if msg is not None:
+                    self.rejected_total += 1
+                    with contextlib.suppress(OSError):
+                        sock.send(msg.encode("utf-8", "replace") + b"\r\n")
+                    sock.close()
+                    return
         try:
             if implicit:
                 await self.loop.connect_accepted_socket(
