@@ -12,7 +12,7 @@ import ipaddress
 import os
 import socket
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, ClassVar
 
 from .datastream import DataStream, PlainStream
 from .passive import PassivePorts
@@ -45,6 +45,10 @@ def same_host(a: str, b: str) -> bool:
 
 
 class DataChannel:
+    # Set per process by proxy_accept.install_proxy when passive listeners expect PROXY
+    # headers (`[proxy_protocol] passive`): (sock, addr) -> the real client ip, None = drop.
+    proxy_reader: ClassVar[Callable[[socket.socket, Any], Awaitable[str | None]] | None] = None
+
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
         self.timeout = timeout
@@ -95,7 +99,15 @@ class DataChannel:
         assert self.listener is not None
         while True:
             sock, addr = await self.loop.sock_accept(self.listener)
-            if not self.allowed_peers or any(same_host(addr[0], p) for p in self.allowed_peers):
+            peer: str | None = addr[0]
+            if self.proxy_reader is not None:
+                sock.setblocking(False)
+                try:
+                    peer = await self.proxy_reader(sock, addr)
+                except BaseException:  # timeout or ABOR while the header was awaited
+                    sock.close()
+                    raise
+            if peer is not None and (not self.allowed_peers or any(same_host(peer, p) for p in self.allowed_peers)):
                 sock.setblocking(False)
                 return sock
             # Data-connection theft attempt: someone else raced to the port.
