@@ -23,23 +23,31 @@ from .support_server import REPO, Server
 
 # `ftpcluster start` with install_proxy among the node hooks, whether or not the
 # supervisor's default_node_hooks() lists it yet (install_proxy is idempotent).
+# FTPCLUSTER_TEST_REFUSE (comma-separated IPs) adds an admission check standing in for
+# a ban, to show refusals apply to the header's address.
 _LAUNCH = """
-import sys
+import os, sys
 import ftpcluster.supervisor.arbiter as arbiter
 from ftpcluster.worker.proxy_accept import install_proxy
 _default = arbiter.default_node_hooks
+_refused = {ip for ip in os.environ.get("FTPCLUSTER_TEST_REFUSE", "").split(",") if ip}
+def _refuse(server):
+    server.admission.append(lambda ip: "530 Refused (test ban)" if ip in _refused else None)
 def _hooks():
     hooks = _default()
-    return hooks if install_proxy in hooks else hooks + [install_proxy]
+    hooks = hooks if install_proxy in hooks else hooks + [install_proxy]
+    return hooks + [_refuse] if _refused else hooks
 arbiter.default_node_hooks = _hooks
 from ftpcluster.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def start_with_proxy(srv: Server, nodes: int = 1, timeout: float = 20) -> Server:
-    """Start `srv` (PROXY enabled in its config) and wait until it greets a LOCAL header."""
+def start_with_proxy(srv: Server, nodes: int = 1, timeout: float = 20, refuse: tuple[str, ...] = ()) -> Server:
+    """Start `srv` (PROXY enabled in its config) and wait until it greets a LOCAL header.
+    `refuse`: client addresses every node refuses at admission, as a ban would."""
     assert srv.log is not None
+    env = dict(os.environ, FTPCLUSTER_TEST_REFUSE=",".join(refuse))
     with open(srv.log, "ab") as logf:
         srv.proc = subprocess.Popen(
             [sys.executable, "-c", _LAUNCH, "start", "--config", str(srv.config), "--nodes", str(nodes)],
@@ -47,6 +55,7 @@ def start_with_proxy(srv: Server, nodes: int = 1, timeout: float = 20) -> Server
             stderr=subprocess.STDOUT,
             cwd=str(REPO),
             start_new_session=True,
+            env=env,
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

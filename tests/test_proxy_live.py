@@ -9,6 +9,8 @@ import io
 import socket
 import ssl
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -46,11 +48,17 @@ def _proxy_server(tmp: Path, passive: bool = False, implicit: bool = False, **se
     return srv
 
 
+REFUSED = "198.51.100.66"
+
+
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = _proxy_server(tmp_path_factory.mktemp("proxied"), implicit=True)
+    srv.metrics_port = free_port()  # type: ignore[attr-defined]
+    with open(srv.config, "a") as f:
+        f.write(f'\n[metrics]\nlisten = "127.0.0.1:{srv.metrics_port}"\n')  # type: ignore[attr-defined]
     try:
-        yield start_with_proxy(srv)
+        yield start_with_proxy(srv, refuse=(REFUSED,))
     finally:
         srv.stop()
 
@@ -239,3 +247,34 @@ def test_through_a_real_haproxy(tmp_path: Path, passive_proxy: bool) -> None:
     finally:
         ha.stop()
         srv.stop()
+
+
+def test_refusal_applies_to_the_header_address(proxied: Server) -> None:
+    """Admission (bans) is checked again on the address the header names."""
+    sock = connect_with_header(proxied.host, proxied.port, build_v2((REFUSED, 1), DEST4))
+    with sock:
+        sock.settimeout(10)
+        data = b""
+        while chunk := sock.recv(1024):
+            data += chunk
+        assert data.startswith(b"530 Refused")
+    f = ftp_over(connect_with_header(proxied.host, proxied.port, build_v2(("198.51.100.67", 1), DEST4)))
+    f.login(proxied.user, PASSWORD)
+    f.close()
+
+
+def test_headers_are_counted_in_metrics(proxied: Server) -> None:
+    ftp_over(connect_with_header(proxied.host, proxied.port, build_v1(FAKE4, DEST4))).close()
+    with connect_with_header(proxied.host, proxied.port, b"PROXY BOGUS\r\n") as bad:
+        assert closed_without_banner(bad)
+    url = f"http://127.0.0.1:{proxied.metrics_port}/metrics"  # type: ignore[attr-defined]
+    counts: dict[str, float] = {}
+    for _ in range(50):  # shared-memory metrics: visible at once, but bound the wait anyway
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("ftpcluster_proxy_headers_total{"):
+                counts[line.split('result="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        if counts.get("ok", 0) >= 1 and counts.get("rejected", 0) >= 1:
+            break
+        time.sleep(0.1)
+    assert counts.get("ok", 0) >= 1 and counts.get("rejected", 0) >= 1, counts
