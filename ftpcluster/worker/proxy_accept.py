@@ -15,7 +15,7 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import ProxyProtocolConfig
-from ..logs import get_logger
+from ..logs import enabled, get_logger
 from .proxy_protocol import MAX_V2_LENGTH, NeedMore, ProxyError, ProxyHeader, ProxyParser
 
 if TYPE_CHECKING:
@@ -166,6 +166,8 @@ class ProxyReceiver:
         self._count(True)
         info = header.info()
         info["proxy_peer"] = peer[0]
+        if enabled("proxy"):
+            log.debug("PROXY header", peer=peer[0], listener=where, source=header.source, **header.info())
         if header.source is None:
             self.headers_local += 1
             return peer, info
