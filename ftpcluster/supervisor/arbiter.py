@@ -456,8 +456,9 @@ class Arbiter:
 def default_node_hooks() -> list[Callable[[Any], None]]:
     """What every node attaches at start: logs, xferlog, metrics (and, as they land, bans, PROXY)."""
     from ..worker.observe import attach_observability
+    from ..worker.proxy_accept import install_proxy
 
-    return [attach_observability]
+    return [attach_observability, install_proxy]
 
 
 def _wait_ready(fd: int, timeout: float) -> tuple[bool, str]:

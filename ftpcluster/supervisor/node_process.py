@@ -88,6 +88,7 @@ def _child(
     for sig in RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hang-up is the supervisor's business
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a client gone mid-write is an EPIPE, not a dead node
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     from ..logs import configure
     from ..worker.node import NodeContext, run_node, set_parent_death_signal
