@@ -1,0 +1,131 @@
+"""A small key -> bytes cache in a shared-memory file, shared by every process of a host.
+
+Used as the L1 of the TLS session store: the OpenSSL callbacks run inside a
+handshake and must answer in microseconds, without a lock a dead process
+could leave held.
+
+Layout: a header, then `sets` x `ways` slots of `slot_size` bytes (set
+associative: a key hashes to one set and may live in any of its ways; a
+full set evicts the entry closest to expiry). Each slot starts with a
+sequence number: a writer takes an fcntl lock on that slot's byte range (the
+kernel drops it if the writer dies), makes the number odd, writes, makes it
+even again. A reader copies the slot and accepts it only if the number was
+even and unchanged, so it never sees half an entry; a writer killed mid-write
+leaves an odd number, which reads as a miss until the slot is written again."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+MAGIC = b"FTPCSHM1"
+HEADER = struct.Struct("<8sIII")  # magic, sets, ways, slot size
+SLOT_HEAD = struct.Struct("<QdH32sH")  # seq, expires_at (wall clock), key length, key digest, value length
+READ_TRIES = 4
+
+
+class ShmCache:
+    def __init__(self, path: Path, sets: int = 4096, ways: int = 4, slot_size: int = 2048, create: bool = False) -> None:
+        self.path = Path(path)
+        self.sets, self.ways, self.slot_size = sets, ways, slot_size
+        self.max_value = slot_size - SLOT_HEAD.size
+        size = HEADER.size + sets * ways * slot_size
+        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size != size:
+                raise ValueError(f"{self.path}: size differs from the configured layout")
+            self.mm = mmap.mmap(fd, size)
+            self.fd = os.dup(fd)
+        finally:
+            os.close(fd)
+        if create:
+            HEADER.pack_into(self.mm, 0, MAGIC, sets, ways, slot_size)
+        magic, s, w, ss = HEADER.unpack_from(self.mm, 0)
+        if (magic, s, w, ss) != (MAGIC, sets, ways, slot_size):
+            raise ValueError(f"{self.path}: not a cache with this layout")
+
+    # ------------------------------------------------------------ helpers
+    @staticmethod
+    def digest(key: bytes) -> bytes:
+        return hashlib.blake2b(key, digest_size=32).digest()
+
+    def _slots(self, digest: bytes) -> range:
+        s = int.from_bytes(digest[:8], "little") % self.sets
+        first = HEADER.size + s * self.ways * self.slot_size
+        return range(first, first + self.ways * self.slot_size, self.slot_size)
+
+    def _read_slot(self, off: int) -> tuple[int, float, bytes, bytes] | None:
+        """(seq, expires_at, key digest, value) of a stable slot, else None."""
+        mm = self.mm
+        for _ in range(READ_TRIES):
+            seq, expires, _klen, kd, vlen = SLOT_HEAD.unpack_from(mm, off)
+            if seq & 1:
+                continue
+            if vlen > self.max_value:
+                return None
+            value = mm[off + SLOT_HEAD.size : off + SLOT_HEAD.size + vlen]
+            if struct.unpack_from("<Q", mm, off)[0] == seq:
+                return seq, expires, kd, value
+        return None
+
+    # ------------------------------------------------------------ API
+    def get(self, key: bytes, now: float | None = None) -> bytes | None:
+        d = self.digest(key)
+        now = time.time() if now is None else now
+        for off in self._slots(d):
+            got = self._read_slot(off)
+            if got is not None and got[2] == d and got[1] > now and got[0]:
+                return got[3]
+        return None
+
+    def put(self, key: bytes, value: bytes, ttl: float) -> bool:
+        """Store; False when the value is too large for a slot."""
+        if len(value) > self.max_value or ttl <= 0:
+            return False
+        d = self.digest(key)
+        now = time.time()
+        victim, victim_exp = None, float("inf")
+        for off in self._slots(d):
+            got = self._read_slot(off)
+            if got is None or got[0] == 0 or got[1] <= now or got[2] == d:
+                victim = off
+                break
+            if got[1] < victim_exp:
+                victim, victim_exp = off, got[1]
+        assert victim is not None
+        self._write(victim, d, value, now + ttl)
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        d = self.digest(key)
+        for off in self._slots(d):
+            got = self._read_slot(off)
+            if got is not None and got[2] == d:
+                self._write(off, b"\0" * 32, b"", 0.0)
+                return True
+        return False
+
+    def _write(self, off: int, digest: bytes, value: bytes, expires: float) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, self.slot_size, off, os.SEEK_SET)
+        try:
+            mm = self.mm
+            seq = struct.unpack_from("<Q", mm, off)[0]
+            seq = seq + 1 if seq & 1 == 0 else seq  # odd: being written (a dead writer left it odd: stay odd)
+            struct.pack_into("<Q", mm, off, seq)
+            SLOT_HEAD.pack_into(mm, off, seq, expires, 32, digest, len(value))
+            mm[off + SLOT_HEAD.size : off + SLOT_HEAD.size + len(value)] = value
+            struct.pack_into("<Q", mm, off, seq + 1)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, self.slot_size, off, os.SEEK_SET)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)

@@ -1,0 +1,175 @@
+"""Native OpenSSL hooks on a standard `ssl.SSLContext`: an external session cache and
+shared ticket keys (see ../shared/notes/tls.md for the measured facts).
+
+The stdlib exposes neither `SSL_CTX_sess_set_new_cb/get_cb` nor ticket-key
+control, but `_ssl` is linked against the shared libssl, so we open that very
+library through `_ssl`'s own file and call them on the SSL_CTX the SSLContext
+owns. The pointer is verified (options read through it must match, and must
+follow a change made from Python) before anything is installed; if that fails
+the caller falls back to per-process caching and says so once."""
+
+from __future__ import annotations
+
+import ctypes
+import ssl
+from typing import Callable, Protocol
+
+SSL_CTRL_SET_SESS_CACHE_MODE = 44
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+SSL_SESS_CACHE_SERVER = 0x2
+SSL_SESS_CACHE_NO_INTERNAL = 0x300
+MAX_DER = 16 * 1024
+
+NEW_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+GET_CB = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_int,
+                          ctypes.POINTER(ctypes.c_int))  # fmt: skip
+REMOVE_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class NativeUnavailable(Exception):
+    """The hooks cannot be installed on this Python/OpenSSL; the reason says why."""
+
+
+class SessionBackend(Protocol):
+    def lookup(self, session_id: bytes) -> bytes | None: ...
+    def store(self, session_id: bytes, der: bytes, ttl: float) -> None: ...
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def libssl() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        import _ssl
+
+        if "OpenSSL 3." not in ssl.OPENSSL_VERSION:
+            raise NativeUnavailable(f"needs OpenSSL 3, this Python runs {ssl.OPENSSL_VERSION}")
+        try:
+            lib = ctypes.CDLL(_ssl.__file__)
+            lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+            lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        except (OSError, AttributeError) as e:
+            raise NativeUnavailable(f"libssl symbols not reachable through _ssl ({e}); statically linked OpenSSL?") from None
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        lib.SSL_CTX_sess_set_new_cb.argtypes = [ctypes.c_void_p, NEW_CB]
+        lib.SSL_CTX_sess_set_get_cb.argtypes = [ctypes.c_void_p, GET_CB]
+        lib.SSL_CTX_sess_set_remove_cb.argtypes = [ctypes.c_void_p, REMOVE_CB]
+        lib.SSL_CTX_set_session_id_context.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
+        lib.SSL_CTX_set_session_id_context.restype = ctypes.c_int
+        lib.i2d_SSL_SESSION.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte))]
+        lib.i2d_SSL_SESSION.restype = ctypes.c_int
+        lib.d2i_SSL_SESSION.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte)), ctypes.c_long]
+        lib.d2i_SSL_SESSION.restype = ctypes.c_void_p
+        lib.SSL_SESSION_get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+        lib.SSL_SESSION_get_id.restype = ctypes.POINTER(ctypes.c_ubyte)
+        _lib = lib
+    return _lib
+
+
+def ctx_pointer(ctx: ssl.SSLContext) -> int:
+    """The SSL_CTX * behind `ctx`, verified through the options it reports."""
+    lib = libssl()
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr:
+        raise NativeUnavailable("no SSL_CTX pointer in the SSLContext object")
+    if lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        raise NativeUnavailable("SSL_CTX pointer check failed (options differ)")
+    flip = ssl.OP_CIPHER_SERVER_PREFERENCE
+    before = ctx.options
+    ctx.options = before ^ flip
+    try:
+        ok = lib.SSL_CTX_get_options(ptr) == int(ctx.options)
+    finally:
+        ctx.options = before
+    if not ok or lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        raise NativeUnavailable("SSL_CTX pointer check failed (a change from Python did not show)")
+    return ptr
+
+
+def session_der(sess: int) -> tuple[bytes, bytes] | None:
+    """(session id, DER) of an SSL_SESSION *."""
+    lib = libssl()
+    n = lib.i2d_SSL_SESSION(sess, None)
+    if n <= 0 or n > MAX_DER:
+        return None
+    buf = (ctypes.c_ubyte * n)()
+    p = ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte))
+    if lib.i2d_SSL_SESSION(sess, ctypes.byref(p)) != n:
+        return None
+    idlen = ctypes.c_uint(0)
+    idp = lib.SSL_SESSION_get_id(sess, ctypes.byref(idlen))
+    if not idp or idlen.value == 0:
+        return None
+    return ctypes.string_at(idp, idlen.value), bytes(buf)
+
+
+def session_from_der(der: bytes) -> int | None:
+    """A new SSL_SESSION * (one reference, which OpenSSL takes) or None."""
+    if not der or len(der) > MAX_DER:
+        return None
+    buf = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
+    p = ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte))
+    return libssl().d2i_SSL_SESSION(None, ctypes.byref(p), len(der)) or None
+
+
+class Hooks:
+    """The callbacks of one SSLContext; must live as long as the context (kept on it)."""
+
+    def __init__(self, backend: SessionBackend, ttl: float, on_error: Callable[[BaseException], None]) -> None:
+        self.backend, self.ttl, self.on_error = backend, ttl, on_error
+        self.new_cb = NEW_CB(self._new)
+        self.get_cb = GET_CB(self._get)
+        self.remove_cb = REMOVE_CB(self._remove)
+
+    def _new(self, ssl_ptr: int, sess: int) -> int:
+        try:
+            got = session_der(sess)
+            if got is not None:
+                self.backend.store(got[0], got[1], self.ttl)
+        except BaseException as e:  # never unwind into OpenSSL
+            self.on_error(e)
+        return 0  # OpenSSL keeps its reference
+
+    def _get(self, ssl_ptr: int, id_ptr: ctypes._Pointer, id_len: int, copy: ctypes._Pointer) -> int | None:
+        try:
+            copy[0] = 0
+            if id_len <= 0 or id_len > 64:
+                return None
+            der = self.backend.lookup(ctypes.string_at(id_ptr, id_len))
+            return session_from_der(der) if der else None
+        except BaseException as e:
+            self.on_error(e)
+            return None
+
+    def _remove(self, ctx_ptr: int, sess: int) -> None:
+        # OpenSSL's own evictions and context frees (a reload) land here: the shared
+        # store keeps the session for the other processes and hosts.
+        return None
+
+
+def install_session_cache(ctx: ssl.SSLContext, backend: SessionBackend, ttl: float, sid_context: bytes,
+                          on_error: Callable[[BaseException], None]) -> Hooks:  # fmt: skip
+    """Route the server session cache of `ctx` through `backend` (no internal cache)."""
+    lib = libssl()
+    ptr = ctx_pointer(ctx)
+    sid = sid_context[:32] or b"ftpcluster"
+    if lib.SSL_CTX_set_session_id_context(ptr, sid, len(sid)) != 1:
+        raise NativeUnavailable("SSL_CTX_set_session_id_context failed")
+    hooks = Hooks(backend, ttl, on_error)
+    lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_SESS_CACHE_MODE, SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_INTERNAL, None)
+    lib.SSL_CTX_sess_set_new_cb(ptr, hooks.new_cb)
+    lib.SSL_CTX_sess_set_get_cb(ptr, hooks.get_cb)
+    lib.SSL_CTX_sess_set_remove_cb(ptr, hooks.remove_cb)
+    ctx._ftpcluster_hooks = hooks  # type: ignore[attr-defined]  # keep the CFUNCTYPEs alive
+    return hooks
+
+
+def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
+    """Install one 80-byte ticket key set (16 name + 32 HMAC + 32 AES), shared by every host."""
+    if len(keys) != 80:
+        raise ValueError("ticket keys are 80 bytes")
+    buf = ctypes.create_string_buffer(keys, 80)
+    if libssl().SSL_CTX_ctrl(ctx_pointer(ctx), SSL_CTRL_SET_TLSEXT_TICKET_KEYS, 80, buf) != 1:
+        raise NativeUnavailable("SSL_CTRL_SET_TLSEXT_TICKET_KEYS failed")
