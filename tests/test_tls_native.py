@@ -1,0 +1,137 @@
+"""Native session-cache hooks on a stdlib SSLContext: a session made in one process
+resumes in another through the shared-memory cache, TLS 1.2 and 1.3, checked with
+`openssl s_client -sess_out/-sess_in` and with Python's ssl.SSLSession."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftpcluster.cluster.shm_cache import ShmCache
+from ftpcluster.worker.tls_native import NativeUnavailable, ctx_pointer, session_from_der
+
+from .support_server import REPO, cli, free_port
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("certs")
+    r = cli("cert", "generate", "--out", str(d))
+    assert r.returncode == 0, r.stderr
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+class Pair:
+    """Two server processes sharing one cache file."""
+
+    def __init__(self, tmp: Path, certs: tuple[str, str], count: int = 1) -> None:
+        self.cache = tmp / "sessions.shm"
+        self.ports = [free_port(), free_port()]
+        self.procs = []
+        for i, port in enumerate(self.ports):
+            p = subprocess.Popen([sys.executable, "-m", "tests.support_tls_native", str(port), str(self.cache),
+                                  "create" if i == 0 else "open", *certs, str(count)],
+                                 cwd=str(REPO), stdout=subprocess.PIPE, text=True)  # fmt: skip
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            self.procs.append(p)
+
+    def lines(self) -> list[str]:
+        out = []
+        for p in self.procs:
+            p.wait(20)
+            out.append(p.stdout.read())  # type: ignore[union-attr]
+        return out
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def _s_client(port: int, version: str, sess_flag: str, sess_file: Path) -> str:
+    r = subprocess.run(
+        f"(sleep 0.5; echo) | openssl s_client -{version} -connect 127.0.0.1:{port} {sess_flag} {sess_file}",
+        shell=True, capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    return r.stdout
+
+
+@pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
+def test_openssl_resumes_in_another_process(tmp_path, certs, version):
+    pair = Pair(tmp_path, certs)
+    try:
+        sess = tmp_path / "s.pem"
+        first = _s_client(pair.ports[0], version, "-sess_out", sess)
+        assert "\nNew, TLSv1." in first
+        second = _s_client(pair.ports[1], version, "-sess_in", sess)
+        assert "\nReused, TLSv1." in second, second[-2000:]
+        a, b = pair.lines()
+        assert "reused False" in a and "reused True" in b
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("maxv", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_python_client_resumes_in_another_process(tmp_path, certs, maxv):
+    pair = Pair(tmp_path, certs)
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.maximum_version = maxv
+        with socket.create_connection(("127.0.0.1", pair.ports[0]), timeout=10) as raw:
+            with ctx.wrap_socket(raw) as s:
+                s.recv(10)  # TLS 1.3 tickets arrive after the handshake
+                session = s.session
+        with socket.create_connection(("127.0.0.1", pair.ports[1]), timeout=10) as raw:
+            with ctx.wrap_socket(raw, session=session) as s:
+                s.recv(10)
+                assert s.session_reused
+        pair.lines()
+    finally:
+        pair.close()
+
+
+def test_pointer_check_refuses_a_wrong_object():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert ctx_pointer(ctx)
+
+    class Fake(ssl.SSLContext):
+        pass
+
+    # A context whose options changed behind our back still verifies (same object);
+    # garbage bytes never become a session.
+    assert ctx_pointer(Fake(ssl.PROTOCOL_TLS_SERVER))
+    assert session_from_der(os.urandom(200)) is None
+    assert session_from_der(b"") is None
+    assert issubclass(NativeUnavailable, Exception)
+
+
+def test_shm_cache_get_put_expire_and_torn_writes(tmp_path):
+    c = ShmCache(tmp_path / "c.shm", sets=4, ways=2, slot_size=256, create=True)
+    other = ShmCache(tmp_path / "c.shm", sets=4, ways=2, slot_size=256)
+    assert c.put(b"k1", b"v1", 60) and other.get(b"k1") == b"v1"
+    assert not c.put(b"big", b"x" * 1000, 60)  # larger than a slot: refused
+    assert c.put(b"short", b"v", 0.001) and other.get(b"short", now=10**10) is None
+    for i in range(100):  # eviction keeps the set bounded
+        c.put(b"k%d" % i, b"v%d" % i, 60)
+    assert other.get(b"k99") == b"v99"
+    assert c.delete(b"k99") and other.get(b"k99") is None
+    # A writer that died mid-write leaves an odd sequence number: a miss, never garbage.
+    c.put(b"torn", b"abc", 60)
+    for off in c._slots(c.digest(b"torn")):
+        got = c._read_slot(off)
+        if got and got[2] == c.digest(b"torn"):
+            import struct
+
+            struct.pack_into("<Q", c.mm, off, got[0] + 1)
+    assert other.get(b"torn") is None
+    c.put(b"torn", b"again", 60)
+    assert other.get(b"torn") == b"again"
