@@ -135,3 +135,26 @@ def test_shm_cache_get_put_expire_and_torn_writes(tmp_path):
     assert other.get(b"torn") is None
     c.put(b"torn", b"again", 60)
     assert other.get(b"torn") == b"again"
+
+
+def _ticket_server(port: int, secret: str, certs: tuple[str, str]) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-m", "tests.support_tls_tickets", str(port), secret, *certs],
+                         cwd=str(REPO), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+@pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
+@pytest.mark.parametrize("same_secret", [True, False])
+def test_shared_ticket_keys_resume_anywhere(tmp_path, certs, version, same_secret):
+    ports = [free_port(), free_port()]
+    procs = [_ticket_server(ports[0], "cluster-a", certs), _ticket_server(ports[1], "cluster-a" if same_secret else "other", certs)]
+    try:
+        sess = tmp_path / "t.pem"
+        assert "\nNew, TLSv1." in _s_client(ports[0], version, "-sess_out", sess)
+        second = _s_client(ports[1], version, "-sess_in", sess)
+        assert ("\nReused, TLSv1." in second) == same_secret, second[-1500:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(5)
