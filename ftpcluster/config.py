@@ -102,6 +102,7 @@ class TLSConfig:
     session_context: str = ""  # "" = the memcache namespace
     handshake_timeout: float = 10.0
     session_lifetime: float = 3600.0
+    session_cache_size: int = 8192  # entries in the host's shared-memory cache (1 KB each)
 
 
 @dataclass

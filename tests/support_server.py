@@ -157,9 +157,13 @@ def wait_port(host: str, port: int, timeout: float = 20, proc: subprocess.Popen[
     raise TimeoutError(f"{host}:{port} did not answer within {timeout}s")
 
 
-def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool = False, implicit: bool = False, **sections: dict[str, Any]) -> Server:
+def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] = False, implicit: bool = False, **sections: dict[str, Any]) -> Server:
     """Write a config for a server under `tmp` (not started). Keyword sections merge
-    into the generated ones, e.g. server={"max_login_attempts": 2}."""
+    into the generated ones, e.g. server={"max_login_attempts": 2}; `tls` is True or
+    the [tls] keys to set (which turns TLS on)."""
+    if isinstance(tls, dict):
+        sections = {**sections, "tls": tls}
+        tls = True
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
     lo, hi = passive_range()

@@ -80,6 +80,13 @@ class Arbiter:
         self.control: ControlServer | None = None
         self.metrics_http: Any = None
         self.metrics = self._metrics_store()
+        self.shared = self._shared_state(cfg)
+
+    def _shared_state(self, cfg: Config) -> dict[str, Any]:
+        """Host-wide shared-memory files the nodes open after the fork (kept on reload)."""
+        from ..worker import tls
+
+        return {"tls_cache": tls.create_cache(cfg)}
 
     # ------------------------------------------------------------ metrics
     def _metrics_store(self) -> Any:
@@ -210,6 +217,7 @@ class Arbiter:
         if metrics_layout.store_path(new) != metrics_layout.store_path(self.cfg):
             self.metrics = metrics_layout.create(new)
             self.metrics_writer = self.metrics.writer(metrics_layout.SUPERVISOR_SLOT)
+        self.shared = self._shared_state(new)
         self.cfg = new
         self.generation += 1
         self.ready_sent = False

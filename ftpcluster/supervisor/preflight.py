@@ -37,3 +37,10 @@ def check(cfg: Config) -> None:
             raise StartupError(f"TLS certificate or key unreadable: {e.filename}") from None
         except (ssl.SSLError, OSError) as e:
             raise StartupError(f"TLS certificate {cert} / key {key}: {e}") from None
+        if cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache":
+            from ..cluster.session_seal import SealError, load_sealer
+
+            try:
+                load_sealer(cfg.resolve(cfg.tls.session_key_file))
+            except SealError as e:
+                raise StartupError(f"{e} (create it with: ftpcluster key generate)") from None

@@ -87,7 +87,12 @@ class NodeServer:
             return
         from .tls import TLSService
 
-        self.tls = TLSService(self.cfg)
+        self.tls = TLSService(self.cfg, count=self._count)
+
+    def _count(self, name: str, labels: tuple[str, ...]) -> None:
+        metrics = getattr(self, "metrics", None)  # set by the observability hook
+        if metrics is not None:
+            metrics.inc(name, labels)
 
     def _make_settings(self, implicit: bool) -> SessionSettings:
         s = self.cfg.server

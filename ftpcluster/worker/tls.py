@@ -1,31 +1,179 @@
-"""TLS for the control and data channels (the standard ssl module; see README).
+"""TLS for the control and data channels, on the standard `ssl` module (see README).
 
-`TLSService` owns the server SSLContext; `data_wrapper` returns the coroutine
-that turns an accepted data socket into a TLS stream for one session."""
+`TLSService` owns the server SSLContext of a node: certificate, protocol floor,
+the session cache (host shared memory, later memcached behind it) and ticket
+keys (per process, or derived from the cluster key so every host agrees).
+`reload()` builds a new context; connections already up keep the old one.
+`data_wrapper` gives the coroutine that turns a data socket into a TLS stream
+that must resume the control connection's session."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
+
+import structlog
 
 from ..config import Config
+from .datatls import TLSStream, wrap_data
 
 if TYPE_CHECKING:
     from .control import ControlConnection
+
+log = structlog.get_logger("ftpcluster.tls")
+trace = structlog.get_logger("ftpcluster.trace.tls")
+
+# TLS 1.2 suites: forward secret AEAD only (TLS 1.3 suites are all fine).
+CIPHERS_12 = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+TICKET_PERIOD = 3600.0
+# Drawn once in the supervisor (which imports this module before it forks), so
+# every node of a host seals tickets alike under `session_tickets = "local"`.
+HOST_TICKET_SECRET = os.urandom(32)
+Counter = Callable[[str, tuple[str, ...]], None]
+
+
+def cache_path(cfg: Config) -> Any:
+    """Named by its layout: a reload that resizes it gets a new file, never a
+    truncated one under old nodes' mappings (SIGBUS)."""
+    lay = _layout(cfg)
+    return cfg.state_dir / f"tls-sessions-{lay['sets']}x{lay['ways']}.shm"
+
+
+def create_cache(cfg: Config) -> Any:
+    """The host's L1 session cache file; the supervisor creates it before forking."""
+    from ..cluster.shm_cache import ShmCache
+
+    if not (cfg.tls.enabled and cfg.tls.session_cache in ("local", "memcache")):
+        return None
+    path = cache_path(cfg)
+    if path.exists():
+        try:
+            return ShmCache(path, **_layout(cfg))  # a reload: keep what the nodes share
+        except ValueError:
+            pass
+    return ShmCache(path, **_layout(cfg), create=True)
+
+
+def _layout(cfg: Config) -> dict[str, int]:
+    entries = max(64, int(cfg.tls.session_cache_size))
+    ways = 4
+    return {"sets": max(16, entries // ways), "ways": ways, "slot_size": 1024}
+
+
+class L1Backend:
+    """Sessions in the host's shared memory; counted per level for the metrics."""
+
+    def __init__(self, cache: Any, count: Counter) -> None:
+        self.cache, self.count = cache, count
+
+    def lookup(self, session_id: bytes) -> bytes | None:
+        der = self.cache.get(session_id)
+        self.count("ftpcluster_tls_session_cache_total", ("L1", "hit" if der else "miss"))
+        return der
+
+    def store(self, session_id: bytes, der: bytes, ttl: float) -> None:
+        ok = self.cache.put(session_id, der, ttl)
+        self.count("ftpcluster_tls_session_cache_total", ("L1", "store" if ok else "error"))
 
 
 def build_context(cfg: Config) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(CIPHERS_12)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cfg.resolve(cfg.tls.certificate), cfg.resolve(cfg.tls.private_key))
+    if cfg.tls.session_tickets == "off":
+        # TLS 1.3 then issues stateful tickets whose identity is a session id in the cache.
+        ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 
 class TLSService:
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.context = build_context(cfg)
+    def __init__(self, cfg: Config, count: Counter | None = None) -> None:
+        self.count: Counter = count or (lambda name, labels: None)
         self.handshake_timeout = cfg.tls.handshake_timeout
+        self.cache: Any = None
+        self.cache_mode = "internal"  # what actually serves session ids: internal | shm
+        self.ticket_mode = cfg.tls.session_tickets
+        self.warnings: list[str] = []
+        self.cfg = cfg
+        self.context, self.data_context = self._build(cfg)
 
-    def data_wrapper(self, conn: ControlConnection) -> Any:
-        return None
+    # ------------------------------------------------------------ contexts
+    def _build(self, cfg: Config) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        """(control, data) contexts alike but for tickets: the control connection
+        issues one TLS 1.3 ticket, so the session a data connection must resume is
+        unambiguous; data connections issue none (they would only be thrown away)."""
+        pair = build_context(cfg), build_context(cfg)
+        for ctx in pair:
+            if cfg.tls.session_cache in ("local", "memcache"):
+                self._install_cache(ctx, cfg)
+            if cfg.tls.session_tickets != "off":
+                self._install_tickets(ctx, cfg)
+        pair[0].num_tickets, pair[1].num_tickets = 1, 0
+        return pair
+
+    def _warn(self, what: str, reason: str) -> None:
+        msg = f"{what} unavailable, falling back to per-process state: {reason}"
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+            log.warning("tls_fallback", what=what, reason=reason)
+
+    def _on_error(self, e: BaseException) -> None:
+        self.count("ftpcluster_tls_session_cache_total", ("L1", "error"))
+        trace.debug("session_cache_error", error=repr(e))
+
+    def _install_cache(self, ctx: ssl.SSLContext, cfg: Config) -> None:
+        from ..cluster.shm_cache import ShmCache
+        from .tls_native import NativeUnavailable, install_session_cache
+
+        try:
+            if self.cache is None:
+                self.cache = ShmCache(cache_path(cfg), **_layout(cfg))
+            sid = (cfg.tls.session_context or cfg.memcache.namespace).encode()[:32]
+            install_session_cache(ctx, L1Backend(self.cache, self.count), cfg.tls.session_lifetime, sid, self._on_error)
+            self.cache_mode = "shm"
+        except (NativeUnavailable, OSError, ValueError) as e:
+            self._warn("shared TLS session cache", str(e))
+
+    def _install_tickets(self, ctx: ssl.SSLContext, cfg: Config) -> None:
+        from ..cluster.session_seal import SealError, derive, load_sealer
+        from .tls_native import NativeUnavailable
+        from .tls_tickets import install_ticket_keys
+
+        try:
+            # local: the host secret every node inherited from the supervisor
+            secret = HOST_TICKET_SECRET
+            if cfg.tls.session_tickets == "cluster" and self.ticket_mode == "cluster":
+                secret = load_sealer(cfg.resolve(cfg.tls.session_key_file)).secret
+            install_ticket_keys(ctx, lambda epoch: derive(secret, "tickets", epoch, 80), TICKET_PERIOD, self._on_error)
+        except (SealError, NativeUnavailable, OSError) as e:
+            self.ticket_mode = "local"
+            self._warn("cluster session tickets", str(e))
+
+    def reload(self, cfg: Config) -> None:
+        """New certificate/key/settings for new connections; raises (and keeps the
+        current context) when the new files do not load."""
+        ctx, data_ctx = self._build(cfg)
+        self.cfg, self.handshake_timeout = cfg, cfg.tls.handshake_timeout
+        self.context, self.data_context = ctx, data_ctx
+
+    # ------------------------------------------------------------ data channels
+    def data_wrapper(self, conn: ControlConnection) -> Callable[[socket.socket], Any]:
+        context, require = self.data_context, self.cfg.tls.require_data_session_reuse
+        timeout, loop = self.handshake_timeout, asyncio.get_running_loop()
+        control_tls = conn.tls_object
+
+        def counted(reused: bool) -> None:
+            self.count("ftpcluster_tls_handshakes_total", ("resumed" if reused else "full",))
+
+        async def wrap(sock: socket.socket) -> TLSStream:
+            return await wrap_data(sock, context, control_tls, require, timeout, loop, counted)
+
+        return wrap
+
+    def status(self) -> dict[str, Any]:
+        return {"session_cache": self.cache_mode, "session_tickets": self.ticket_mode, "warnings": list(self.warnings)}

@@ -64,8 +64,30 @@ def libssl() -> ctypes.CDLL:
         lib.d2i_SSL_SESSION.restype = ctypes.c_void_p
         lib.SSL_SESSION_get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
         lib.SSL_SESSION_get_id.restype = ctypes.POINTER(ctypes.c_ubyte)
+        lib.SSL_SESSION_get_time.argtypes = [ctypes.c_void_p]
+        lib.SSL_SESSION_get_time.restype = ctypes.c_long
+        lib.SSL_SESSION_get_master_key.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        lib.SSL_SESSION_get_master_key.restype = ctypes.c_size_t
         _lib = lib
     return _lib
+
+
+def session_secret(session: ssl.SSLSession) -> bytes | None:
+    """The master secret (TLS 1.2) or resumption PSK (TLS 1.3) behind a Python
+    SSLSession, to tell whether two connections share one session: session ids
+    cannot (empty for TLS 1.2 tickets, fresh per TLS 1.3 resumption). The
+    SSL_SESSION pointer is verified through its id and time first."""
+    lib = libssl()
+    ptr = ctypes.c_void_p.from_address(id(session) + object.__basicsize__).value
+    if not ptr:
+        return None
+    idlen = ctypes.c_uint(0)
+    idp = lib.SSL_SESSION_get_id(ptr, ctypes.byref(idlen))
+    if lib.SSL_SESSION_get_time(ptr) != session.time or ctypes.string_at(idp, idlen.value) != session.id:
+        raise NativeUnavailable("SSL_SESSION pointer check failed")
+    buf = ctypes.create_string_buffer(256)
+    n = lib.SSL_SESSION_get_master_key(ptr, buf, 256)
+    return buf.raw[:n] if n else None
 
 
 def ctx_pointer(ctx: ssl.SSLContext) -> int:

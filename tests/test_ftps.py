@@ -1,0 +1,353 @@
+"""FTPS with real clients: explicit (AUTH TLS) and implicit TLS, protected data
+channels that must resume the control connection's session, `[tls] required`,
+handshake abuse, certificate reload, ECDSA and RSA."""
+
+from __future__ import annotations
+
+import ftplib
+import hashlib
+import io
+import os
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .support_server import cli, have
+
+VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+class ReusingFTP_TLS(ftplib.FTP_TLS):
+    """ftplib does not reuse the control session on data connections; six lines fix it."""
+
+    def ntransfercmd(self, cmd, rest=None):  # type: ignore[no-untyped-def]
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+
+def client_ctx(maxv: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if maxv is not None:
+        ctx.maximum_version = maxv
+    return ctx
+
+
+def tls_login(srv, cls=ReusingFTP_TLS, maxv=None, prot_p=True, ctx=None) -> ftplib.FTP_TLS:
+    f = cls(context=ctx or client_ctx(maxv), timeout=10)
+    f.connect(srv.host, srv.port)
+    f.login(srv.user, srv.password)  # ftplib sends AUTH TLS first
+    if prot_p:
+        f.prot_p()
+    return f
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def tls_server(server_factory):
+    return server_factory(nodes=2, tls=True, implicit=True)
+
+
+@pytest.mark.parametrize("maxv", VERSIONS, ids=["tls12", "tls13"])
+def test_ftplib_reusing_subclass_transfers(tls_server, maxv):
+    f = tls_login(tls_server, maxv=maxv)
+    data = os.urandom(700_000)
+    f.storbinary("STOR a.bin", io.BytesIO(data))
+    out = io.BytesIO()
+    f.retrbinary("RETR a.bin", out.write)
+    assert out.getvalue() == data
+    assert "a.bin" in f.nlst()
+    lines: list[str] = []
+    f.retrlines("LIST", lines.append)
+    assert any("a.bin" in x for x in lines)
+    f.voidcmd("TYPE A")
+    (tls_server.home / "t.txt").write_bytes(b"one\ntwo\n")
+    got: list[str] = []
+    f.retrlines("RETR t.txt", got.append)
+    assert got == ["one", "two"]
+    f.quit()
+    assert (tls_server.home / "a.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("maxv", VERSIONS, ids=["tls12", "tls13"])
+def test_plain_ftp_tls_data_refused_without_reuse(tls_server, maxv):
+    (tls_server.home / "x").write_bytes(b"secret")
+    f = tls_login(tls_server, cls=ftplib.FTP_TLS, maxv=maxv)
+    with pytest.raises((ftplib.error_perm, ssl.SSLError, OSError)):
+        f.retrbinary("RETR x", lambda b: None)
+    # The refusal is a clear 522 on the control channel, and the session goes on.
+    f.sock.settimeout(10)
+    reply = f.getresp() if not f.lastresp.startswith("522") else f.lastresp
+    assert "522" in reply or f.lastresp.startswith("522")
+    assert f.voidcmd("NOOP").startswith("200")
+    f.close()
+
+
+def test_plain_ftp_tls_allowed_when_reuse_not_required(server_factory):
+    srv = server_factory(tls={"require_data_session_reuse": False})
+    (srv.home / "x").write_bytes(b"hello")
+    f = tls_login(srv, cls=ftplib.FTP_TLS)
+    out = io.BytesIO()
+    f.retrbinary("RETR x", out.write)
+    assert out.getvalue() == b"hello"
+    f.quit()
+
+
+@pytest.mark.parametrize("maxv", VERSIONS, ids=["tls12", "tls13"])
+def test_data_connection_with_another_clients_session_is_refused(tls_server, maxv):
+    """Resuming *a* session of this server is not enough: it must be the control
+    connection's own (an attacker has sessions of their own)."""
+    (tls_server.home / "x").write_bytes(b"private")
+    ctx = client_ctx(maxv)  # one client context, so ssl lets a session cross connections
+    victim = tls_login(tls_server, ctx=ctx)
+    attacker = tls_login(tls_server, ctx=ctx)
+    victim.voidcmd("NOOP")
+    attacker.voidcmd("NOOP")
+
+    class Thief(ReusingFTP_TLS):
+        def ntransfercmd(self, cmd, rest=None):  # type: ignore[no-untyped-def]
+            conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=attacker.sock.session)
+            return conn, size
+
+    victim.__class__ = Thief
+    with pytest.raises((ftplib.error_perm, ssl.SSLError, OSError)) as e:
+        victim.retrbinary("RETR x", lambda b: None)
+    assert "522" in str(e.value) or victim.getresp().startswith("522")
+    attacker.quit()
+
+
+def test_required_control(server_factory):
+    srv = server_factory(tls={"required": "control"})
+    f = srv.ftp(login=False)
+    with pytest.raises(ftplib.error_perm, match="530"):
+        f.login(srv.user, srv.password)
+    f.close()
+    g = tls_login(srv, prot_p=False)
+    assert g.pwd() == "/"
+    g.quit()
+
+
+def test_required_data(server_factory):
+    srv = server_factory(tls={"required": "data"})
+    (srv.home / "x").write_bytes(b"d")
+    f = tls_login(srv, prot_p=False)
+    with pytest.raises(ftplib.error_perm, match="521"):
+        f.retrbinary("RETR x", lambda b: None)
+    f.prot_p()
+    out = io.BytesIO()
+    f.retrbinary("RETR x", out.write)
+    assert out.getvalue() == b"d"
+    f.quit()
+
+
+def test_feat_and_negotiation_replies(tls_server):
+    f = tls_server.ftp(login=False)
+    feat = f.sendcmd("FEAT")
+    for word in ("AUTH TLS", "PBSZ", "PROT"):
+        assert word in feat
+    with pytest.raises(ftplib.error_perm, match="503"):
+        f.sendcmd("PBSZ 0")
+    f.close()
+    g = tls_login(tls_server)
+    with pytest.raises(ftplib.error_perm, match="534"):
+        g.sendcmd("CCC")
+    with pytest.raises(ftplib.error_perm, match="536"):
+        g.sendcmd("PROT S")
+    g.quit()
+
+
+@pytest.mark.skipif(not have("curl"), reason="curl missing")
+@pytest.mark.parametrize("tlsflags", [["--tlsv1.2", "--tls-max", "1.2"], ["--tlsv1.3"]], ids=["tls12", "tls13"])
+def test_curl_explicit_and_implicit(tls_server, tmp_path, tlsflags):
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(1_500_000))
+    (tls_server.home / "down.bin").write_bytes(os.urandom(900_000))
+    base = ["curl", "-sS", "-k", "--max-time", "30", *tlsflags]
+    runs = [
+        [*base, "--ssl-reqd", "-T", str(src), tls_server.url("/up-explicit.bin")],
+        [*base, "--ssl-reqd", "-o", str(tmp_path / "d1"), tls_server.url("/down.bin")],
+        [*base, "-T", str(src), tls_server.url("/up-implicit.bin", "ftps")],
+        [*base, "-o", str(tmp_path / "d2"), tls_server.url("/down.bin", "ftps")],
+        [*base, "--ssl-reqd", "-o", str(tmp_path / "list"), tls_server.url("/")],
+    ]
+    for cmd in runs:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=40)
+        assert r.returncode == 0, (cmd, r.stderr)
+    for name in ("up-explicit.bin", "up-implicit.bin"):
+        assert sha(tls_server.home / name) == sha(src)
+    for name in ("d1", "d2"):
+        assert sha(tmp_path / name) == sha(tls_server.home / "down.bin")
+    assert "down.bin" in (tmp_path / "list").read_text()
+
+
+@pytest.mark.skipif(not have("lftp"), reason="lftp missing")
+def test_lftp_ssl_force_and_protect_data(tls_server, tmp_path):
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(400_000))
+    (tls_server.home / "f.bin").write_bytes(os.urandom(300_000))
+    script = (
+        "set ssl:verify-certificate no; set ftp:ssl-force true; set ftp:ssl-protect-data true; "
+        "set ftp:ssl-protect-list true; set net:max-retries 1; set net:timeout 10; "
+        f"open -u {tls_server.user},{tls_server.password} -p {tls_server.port} {tls_server.host}; "
+        f"ls; get f.bin -o {tmp_path}/f.bin; put {src} -o up.bin"
+    )
+    r = subprocess.run(["lftp", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "f.bin" in r.stdout
+    assert sha(tmp_path / "f.bin") == sha(tls_server.home / "f.bin")
+    assert sha(tls_server.home / "up.bin") == sha(src)
+
+
+def _s_client(srv, version: str, extra: str) -> str:
+    r = subprocess.run(
+        f"(sleep 1; printf 'QUIT\\r\\n') | openssl s_client -{version} -starttls ftp -ign_eof "
+        f"-connect {srv.host}:{srv.port} {extra}",
+        shell=True, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
+def test_openssl_starttls_ftp_resumes_across_nodes(tls_server, tmp_path, version):
+    sess = tmp_path / "s.pem"
+    first = _s_client(tls_server, version, f"-sess_out {sess}")
+    assert "\nNew, TLSv1." in first, first[-1500:]
+    assert "221" in first  # QUIT answered over TLS
+    # Four more connections: over 2 nodes, some land on the other node; all resume.
+    for _ in range(4):
+        again = _s_client(tls_server, version, f"-sess_in {sess}")
+        assert "\nReused, TLSv1." in again, again[-1500:]
+
+
+@pytest.mark.parametrize("maxv", VERSIONS, ids=["tls12", "tls13"])
+def test_implicit_python_resumes_on_every_node(tls_server, maxv):
+    ctx = client_ctx(maxv)
+    session = None
+    reused = []
+    pids = set()
+    for _ in range(8):
+        with socket.create_connection((tls_server.host, tls_server.implicit_port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, session=session) as s:
+                f = s.makefile("rwb")
+                assert f.readline().startswith(b"220")
+                f.write(b"STAT\r\n")
+                f.flush()
+                stat = b""
+                while not stat.startswith(b"211 "):
+                    stat = f.readline()
+                    if b"Session" in stat:
+                        pids.add(stat.split(b"Session ")[1].split(b"-")[1])
+                f.write(b"QUIT\r\n")
+                f.flush()
+                f.readline()
+                if session is not None:
+                    reused.append(s.session_reused)
+                session = s.session
+    assert reused and all(reused), reused
+
+
+def _raw_auth_tls(srv) -> socket.socket:
+    s = socket.create_connection((srv.host, srv.port), timeout=10)
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"220")
+    s.sendall(b"AUTH TLS\r\n")
+    assert f.readline().startswith(b"234")
+    return s
+
+
+def _closed_within(s: socket.socket, limit: float) -> bool:
+    s.settimeout(limit)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except (socket.timeout, TimeoutError):
+        return False
+    except OSError:
+        return True
+
+
+def test_handshake_garbage_and_stall_are_dropped(server_factory):
+    srv = server_factory(implicit=True, tls={"handshake_timeout": "1s"})
+    garbage = _raw_auth_tls(srv)
+    garbage.sendall(b"\x16\x03\x01\x00\x05hello" + os.urandom(3000))
+    assert _closed_within(garbage, 15)
+    stalled = _raw_auth_tls(srv)
+    stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
+    implicit_stall = socket.create_connection((srv.host, srv.implicit_port), timeout=10)
+    implicit_junk = socket.create_connection((srv.host, srv.implicit_port), timeout=10)
+    implicit_junk.sendall(b"USER alice\r\n" * 10)
+    # Meanwhile other sessions of the same worker are served.
+    f = tls_login(srv)
+    assert f.pwd() == "/"
+    f.quit()
+    for s in (stalled, implicit_stall, implicit_junk):
+        assert _closed_within(s, 15)
+        s.close()
+    garbage.close()
+    g = tls_login(srv)
+    g.quit()
+
+
+def _served_cert(srv) -> str:
+    return ssl.get_server_certificate((srv.host, srv.implicit_port), timeout=10)
+
+
+def _pem_cert(path: Path) -> str:
+    return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(path.read_text()))
+
+
+def test_reload_picks_up_new_ecdsa_certificate(server_factory, tmp_path):
+    srv = server_factory(tls=True, implicit=True)
+    certs = srv.dir / "certs"
+    assert _served_cert(srv) == _pem_cert(certs / "cert.pem")
+    r = cli("cert", "generate", "--out", str(tmp_path / "ec"), "--ecdsa")
+    assert r.returncode == 0, r.stderr
+    for name in ("cert.pem", "key.pem"):
+        os.replace(tmp_path / "ec" / name, certs / name)
+    r = cli("reload", config=srv.config)
+    assert r.returncode == 0, r.stderr
+    want = _pem_cert(certs / "cert.pem")
+    deadline = time.monotonic() + 20
+    seen = ""
+    while time.monotonic() < deadline and seen != want:
+        seen = _served_cert(srv)
+        time.sleep(0.2)
+    assert seen == want
+    f = tls_login(srv)  # an ECDSA control and data channel
+    out = io.BytesIO()
+    (srv.home / "e").write_bytes(b"ec")
+    f.retrbinary("RETR e", out.write)
+    assert out.getvalue() == b"ec"
+    assert "ECDSA" in f.sock.cipher()[0] or f.sock.version() == "TLSv1.3"
+    f.quit()
+
+
+def test_tls_service_reload_keeps_context_on_bad_files(tmp_path):
+    from ftpcluster import config as config_mod
+    from ftpcluster.worker.tls import TLSService
+
+    assert cli("cert", "generate", "--out", str(tmp_path)).returncode == 0
+    (tmp_path / "ftpcluster.toml").write_text(
+        '[server]\nstate_dir = "state"\n[tls]\ncertificate = "cert.pem"\nprivate_key = "key.pem"\n'
+        'session_cache = "off"\nsession_tickets = "local"\n'
+    )
+    (tmp_path / "state").mkdir()
+    cfg = config_mod.load(str(tmp_path / "ftpcluster.toml"))
+    svc = TLSService(cfg)
+    before = svc.context
+    (tmp_path / "key.pem").write_text("not a key")
+    with pytest.raises((ssl.SSLError, OSError)):
+        svc.reload(config_mod.load(str(tmp_path / "ftpcluster.toml")))
+    assert svc.context is before
