@@ -288,6 +288,10 @@ def test_handshake_garbage_and_stall_are_dropped(server_factory):
     implicit_stall = socket.create_connection((srv.host, srv.implicit_port), timeout=10)
     implicit_junk = socket.create_connection((srv.host, srv.implicit_port), timeout=10)
     implicit_junk.sendall(b"USER alice\r\n" * 10)
+    vanished = _raw_auth_tls(srv)
+    vanished.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(40))
+    vanished.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    vanished.close()  # RST mid-handshake
     # Meanwhile other sessions of the same worker are served.
     f = tls_login(srv)
     assert f.pwd() == "/"
