@@ -316,9 +316,13 @@ def validate(cfg: Config) -> None:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"ban.classes.{name}: not a network: {net!r}") from None
+    from .cluster.metrics_store import BAN_EVENTS
+
     for i, rule in enumerate(cfg.ban.rules):
         if not isinstance(rule, dict) or "event" not in rule:
             raise ConfigError(f"ban.rules[{i}]: needs at least 'event'")
+        if rule["event"] not in BAN_EVENTS:
+            raise ConfigError(f"ban.rules[{i}].event: unknown event {rule['event']!r} (known: {', '.join(BAN_EVENTS)})")
         for k in ("window", "duration"):
             if k in rule:
                 try:

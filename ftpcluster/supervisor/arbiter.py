@@ -81,6 +81,21 @@ class Arbiter:
         self.metrics_http: Any = None
         self.metrics = self._metrics_store()
         self.shared = self._shared_state(cfg)
+        self.bans: Any = None
+        self._open_bans(cfg)
+
+    def _open_bans(self, cfg: Config) -> None:
+        from .ban_admin import BanAdmin
+
+        if self.bans is not None:
+            self.bans.close()
+            self.bans = None
+        if cfg.ban.enabled:
+            self.bans = BanAdmin(cfg, self.metrics_writer)
+            self.bans.register(self.handlers)
+        else:
+            off = lambda req, p: {"ok": False, "error": "bans are disabled ([ban] enabled = false)"}  # noqa: E731
+            self.handlers.update({"ban": off, "permit": off, "bans": off})
 
     def _shared_state(self, cfg: Config) -> dict[str, Any]:
         """Host-wide shared-memory files the nodes open after the fork (kept on reload)."""
@@ -218,6 +233,7 @@ class Arbiter:
             self.metrics = metrics_layout.create(new)
             self.metrics_writer = self.metrics.writer(metrics_layout.SUPERVISOR_SLOT)
         self.shared = self._shared_state(new)
+        self._open_bans(new)
         self.cfg = new
         self.generation += 1
         self.ready_sent = False
@@ -282,6 +298,8 @@ class Arbiter:
             self.check_ready()
         if self.metrics_http is not None:
             self.metrics_http.expire(now)
+        if self.bans is not None:
+            self.bans.tick(now)
         if self.watchdog and now - self.last_watchdog >= self.watchdog:
             systemd.notify("WATCHDOG=1")
             self.last_watchdog = now
@@ -453,6 +471,8 @@ class Arbiter:
             self.control.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
+        if self.bans is not None:
+            self.bans.close()
         with contextlib.suppress(FileNotFoundError):
             if open(self.pidfile()).read().strip() == str(self.pid):
                 os.unlink(self.pidfile())
@@ -462,11 +482,12 @@ class Arbiter:
 
 
 def default_node_hooks() -> list[Callable[[Any], None]]:
-    """What every node attaches at start: logs, xferlog, metrics (and, as they land, bans, PROXY)."""
+    """What every node attaches at start: logs, xferlog, metrics, bans, PROXY."""
+    from ..worker.ban_hook import install_bans
     from ..worker.observe import attach_observability
     from ..worker.proxy_accept import install_proxy
 
-    return [attach_observability, install_proxy]
+    return [attach_observability, install_bans, install_proxy]
 
 
 def _wait_ready(fd: int, timeout: float) -> tuple[bool, str]:

@@ -46,6 +46,13 @@ def password(s: Session, arg: str) -> None:
         s.reply(503, "Login with USER first")
         return
     name = s.pending_user
+    gate = s.settings.user_gate
+    refusal = gate(name, s.client_ip) if gate is not None else None
+    if refusal is not None:
+        s.pending_user = None
+        s.emit("login_refused", user=name, reason=refusal)
+        s.reply(530, refusal)
+        return
     if name.lower() in ANONYMOUS_NAMES and s.settings.anonymous_root:
         from .session import User
 

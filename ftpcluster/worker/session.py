@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .commands import Arg, CommandSpec, load_handlers
 from .fs import Home, PathError, Resolved
@@ -43,6 +43,8 @@ class SessionSettings:
     tls_available: bool = False
     tls_required: str = "off"  # off | control | data | both
     implicit_tls: bool = False
+    # (user, client ip) -> a refusal text when a ban covers that login; set by the ban hook
+    user_gate: Callable[[str, str], str | None] | None = None
 
 
 class Session:

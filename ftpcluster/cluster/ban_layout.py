@@ -1,0 +1,38 @@
+"""Where a host's ban state lives: the shared-memory table and event counters
+under `state_dir` (named by size, so a reload that resizes them starts new files
+instead of truncating ones that old nodes still map), and the JSON snapshot that
+carries bans over a restart or a resize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from .ban_counters import EventCounters
+from .ban_table import BanTable
+
+COUNTER_SLOTS = 16384
+
+
+def table_path(cfg: Config) -> Path:
+    return cfg.state_dir / f"bans-{cfg.ban.table_size}.shm"
+
+
+def counters_path(cfg: Config) -> Path:
+    return cfg.state_dir / f"ban-counters-{COUNTER_SLOTS}.shm"
+
+
+def snapshot_path(cfg: Config) -> Path:
+    return cfg.state_dir / "bans.json"
+
+
+def create_tables(cfg: Config) -> tuple[BanTable, EventCounters]:
+    """The supervisor's call: reuse compatible files (bans survive a restart), else new ones."""
+    return (
+        BanTable(table_path(cfg), cfg.ban.table_size, create=True),
+        EventCounters(counters_path(cfg), COUNTER_SLOTS, create=True),
+    )
+
+
+def open_tables(cfg: Config) -> tuple[BanTable, EventCounters]:
+    return BanTable(table_path(cfg), cfg.ban.table_size), EventCounters(counters_path(cfg), COUNTER_SLOTS)

@@ -1,0 +1,140 @@
+"""The supervisor's share of bans: it creates the host's tables before the nodes
+fork, answers `ftpcluster ban|permit|bans`, frees expired records, keeps the
+`bans.json` snapshot that carries bans over a restart, and publishes the
+active-ban gauges. Runs in the supervisor's loop: every call here is short."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import structlog
+
+from ..cluster import ban_layout
+from ..cluster.ban_engine import BanEngine
+from ..cluster.ban_names import BanNameError, validate_ban_name
+from ..cluster.ban_table import KINDS, Ban
+from ..config import Config
+
+log = structlog.get_logger("ftpcluster.ban")
+PURGE_EVERY = 10.0
+SNAPSHOT_MAX = 200_000
+
+
+class BanAdmin:
+    def __init__(self, cfg: Config, metrics: Any = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        fresh = not ban_layout.table_path(cfg).exists()
+        table, counters = ban_layout.create_tables(cfg)
+        self.engine = BanEngine(cfg, table, counters, origin_host=socket.gethostname())
+        self.saved_gen = -1
+        self.next_purge = 0.0
+        self.extra_bans: list[Callable[[], list[dict[str, Any]]]] = []  # cluster-only bans (memcached)
+        if fresh:
+            self.load_snapshot()
+        self.engine.table.purge()
+
+    # ------------------------------------------------------------ persistence
+    def load_snapshot(self) -> int:
+        path = ban_layout.snapshot_path(self.cfg)
+        try:
+            raw = path.read_bytes()[:SNAPSHOT_MAX * 512]
+            items = json.loads(raw)
+        except (OSError, ValueError):
+            return 0
+        now, n = time.time(), 0
+        for it in items if isinstance(items, list) else []:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                ban = Ban(
+                    str(it["store_kind"]), str(it["name"]), float(it["expires_at"]) if it["expires_at"] else None,
+                    str(it.get("reason", "")), str(it.get("origin", "local")), float(it.get("created", 0)),
+                    bool(it.get("manual")), str(it.get("origin_host", "")),
+                )  # fmt: skip
+                if ban.kind in KINDS and ban.active(now) and self.engine.table.add(ban):
+                    n += 1
+        if n:
+            log.info("bans restored", count=n, file=str(path))
+        return n
+
+    def save_snapshot(self) -> None:
+        gen = self.engine.table.generation()
+        if gen == self.saved_gen:
+            return
+        bans = self.engine.active()
+        path = ban_layout.snapshot_path(self.cfg)
+        tmp = path.with_name(path.name + ".tmp")
+        data = [{**b.to_json(), "store_kind": b.kind} for b in bans]
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self.saved_gen = gen
+        except OSError as e:
+            log.error("cannot save bans", file=str(path), error=e.strerror)
+
+    # ------------------------------------------------------------ loop work
+    def tick(self, now: float) -> None:
+        if now >= self.next_purge:
+            self.next_purge = now + PURGE_EVERY
+            self.engine.table.purge()
+        self.save_snapshot()
+        if self.metrics is not None:
+            counts = dict.fromkeys(("host", "user", "userhost", "class"), 0)
+            for b in self.engine.active():
+                counts[b.kind] = counts.get(b.kind, 0) + 1
+            for kind, n in counts.items():
+                self.metrics.set("ftpcluster_bans_active", n, (kind,))
+
+    # ------------------------------------------------------------ control commands
+    def handle_ban(self, req: dict[str, Any], _pending: Any = None) -> dict[str, Any]:
+        try:
+            kind, name = str(req.get("kind", "")), str(req.get("name", ""))
+            name = validate_ban_name(kind, name, self.cfg)
+            duration = req.get("duration")
+            if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
+                raise BanNameError("duration must be a positive number of seconds")
+        except BanNameError as e:
+            return {"ok": False, "error": str(e)}
+        if kind == "host" and "/" not in name and self.engine.never_ban(name):
+            return {"ok": False, "error": f"{name} is in [ban] never: it is never banned"}
+        reason = str(req.get("reason") or "banned by an operator")[:96]
+        ban = self.engine.ban(kind, name, float(duration) if duration else None, reason, manual=True)
+        if ban is None:
+            return {"ok": False, "error": f"ban table full ({self.cfg.ban.table_size} entries of permanent or manual bans)"}
+        if self.metrics is not None:
+            self.metrics.inc("ftpcluster_bans_added_total", ("user" if ban.kind == "userhost" else ban.kind, "local"))
+        log.warning("ban added", ban_kind=ban.kind, ban=ban.name, reason=reason, expires_at=ban.expires_at, by="operator")
+        self.save_snapshot()
+        return {"ok": True, "ban": ban.to_json()}
+
+    def handle_permit(self, req: dict[str, Any], _pending: Any = None) -> dict[str, Any]:
+        try:
+            kind = str(req.get("kind", ""))
+            name = validate_ban_name(kind, str(req.get("name", "")), self.cfg)
+        except BanNameError as e:
+            return {"ok": False, "error": str(e)}
+        found = self.engine.permit(kind, name)
+        log.warning("ban lifted", ban_kind=kind, ban=name, was_local=found, by="operator")
+        self.save_snapshot()
+        return {"ok": True, "found": found}
+
+    def handle_bans(self, req: dict[str, Any], _pending: Any = None) -> dict[str, Any]:
+        out = [b.to_json() for b in self.engine.active()]
+        seen = {(b["kind"], b["name"]) for b in out}
+        for extra in self.extra_bans:
+            with contextlib.suppress(Exception):
+                out += [b for b in extra() if (b["kind"], b["name"]) not in seen]
+        return {"ok": True, "bans": out}
+
+    def register(self, handlers: dict[str, Any]) -> None:
+        handlers.update({"ban": self.handle_ban, "permit": self.handle_permit, "bans": self.handle_bans})
+
+    def close(self) -> None:
+        self.save_snapshot()

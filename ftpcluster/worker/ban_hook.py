@@ -1,0 +1,132 @@
+"""Node hook: bans at the door, at login and on sessions already open.
+
+- Admission (before any protocol object or TLS): a banned address gets
+  `530 <message>` and a close, counted, never logged per connection.
+- Login: USER/PASS of a banned user or user@host gets 530 with the message;
+  the session stays (as in ProFTPD).
+- Events the sessions report feed the BanOnEvent rules; a rule that fires bans
+  and ends the matching sessions of this node at once. Other nodes (and bans
+  made by the supervisor) are noticed by a watcher that polls the table's
+  generation four times a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..cluster.ban_engine import EVENT_TARGET, BanEngine
+from ..cluster.ban_table import Ban
+from .protocol import Event
+
+if TYPE_CHECKING:
+    from .control import ControlConnection
+    from .node import NodeServer
+
+log = structlog.get_logger("ftpcluster.ban")
+trace = structlog.get_logger("ftpcluster.trace.ban")
+WATCH_INTERVAL = 0.25
+# Session events that are rule events under another name.
+ALIASES = {"login": "LoginRate"}
+
+
+class NodeBans:
+    def __init__(self, server: NodeServer, engine: BanEngine) -> None:
+        self.server = server
+        self.engine = engine
+        self.gen = engine.view.gen
+        self.rate_rule = "ClientConnectRate" in engine.by_event
+
+    def _count(self, name: str, labels: tuple[str, ...] = (), n: int = 1) -> None:
+        metrics = getattr(self.server, "metrics", None)
+        if metrics is not None:
+            metrics.inc(name, labels, n)
+
+    # ------------------------------------------------------------ the door
+    def admission(self, ip: str) -> str | None:
+        ban = self.engine.host_ban(ip)
+        if ban is None and self.rate_rule:
+            fired = self.engine.event("ClientConnectRate", ip)
+            if fired is not None:
+                self._added(fired[0], ip, "")
+                ban = fired[0]
+        if ban is None:
+            return None
+        self._count("ftpcluster_ban_rejects_total")
+        return "530 " + self.engine.message(ban, ip)
+
+    def user_gate(self, user: str, ip: str) -> str | None:
+        ban = self.engine.user_ban(user, ip)
+        if ban is None:
+            return None
+        self._count("ftpcluster_ban_rejects_total")
+        log.info("login refused by ban", user=user, client=ip, ban_kind=ban.kind, ban=ban.name)
+        return self.engine.message(ban, ip, user)
+
+    # ------------------------------------------------------------ events
+    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
+        name = ALIASES.get(event.name, event.name)
+        if name not in EVENT_TARGET or name not in self.engine.by_event:
+            return
+        ip = conn.client_ip if conn is not None else str(event.fields.get("ip", ""))
+        user = str(event.fields.get("user") or (conn.user_name if conn is not None else "") or "")
+        fired = self.engine.event(name, ip, user)
+        if fired is not None:
+            ban, rule = fired
+            self._added(ban, ip, user)
+            self.kick_matching(rule.message)
+
+    def _added(self, ban: Ban, ip: str, user: str) -> None:
+        self._count("ftpcluster_bans_added_total", ("user" if ban.kind == "userhost" else ban.kind, ban.origin))
+        log.warning("ban added", ban_kind=ban.kind, ban=ban.name, client=ip, user=user or None, reason=ban.reason,
+                    expires_at=ban.expires_at)  # fmt: skip
+
+    # ------------------------------------------------------------ sessions already open
+    def kick_matching(self, rule_message: str = "") -> int:
+        engine, n = self.engine, 0
+        for conn in list(self.server.sessions):
+            if conn.closing:
+                continue
+            user = conn.user_name or ""
+            ban = engine.host_ban(conn.client_ip) or (engine.user_ban(user, conn.client_ip) if user else None)
+            if ban is not None:
+                conn.kick(530, engine.message(ban, conn.client_ip, user, rule_message))
+                trace.debug("session ended by ban", client=conn.client_ip, user=user or None, ban=ban.name)
+                n += 1
+        return n
+
+    async def watch(self) -> None:
+        while not self.server.stopped.is_set():
+            with contextlib.suppress(Exception):
+                if self.engine.view.refresh():
+                    self.kick_matching()
+            await asyncio.sleep(WATCH_INTERVAL)
+
+
+def open_engine(cfg: Any) -> BanEngine:
+    from ..cluster.ban_layout import open_tables
+
+    table, counters = open_tables(cfg)
+    return BanEngine(cfg, table, counters, origin_host=socket.gethostname())
+
+
+def install_bans(server: NodeServer) -> None:
+    if not server.cfg.ban.enabled or getattr(server, "bans", None) is not None:
+        return
+    try:
+        engine = open_engine(server.cfg)
+    except (OSError, ValueError) as e:
+        log.error("ban table unavailable: bans are not enforced on this node", error=str(e))
+        return
+    bans = NodeBans(server, engine)
+    server.bans = bans  # type: ignore[attr-defined]
+    server.admission.insert(0, bans.admission)
+    server.subscribers.append(bans)
+    for key, settings in list(server._settings.items()):
+        server._settings[key] = dataclasses.replace(settings, user_gate=bans.user_gate)
+    server.track(server.loop.create_task(bans.watch()))
