@@ -25,6 +25,7 @@ import fcntl
 import ipaddress
 import mmap
 import os
+import socket
 import struct
 import time
 import zlib
@@ -218,6 +219,18 @@ class BanTable:
             os.close(self.fd)
 
 
+def _packed(ip: str) -> tuple[int, int] | None:
+    """(address width in bits, address as an int), cheaper than ipaddress."""
+    try:
+        if ":" in ip:
+            return 128, int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
+        if ip.count(".") != 3:
+            return None
+        return 32, int.from_bytes(socket.inet_aton(ip), "big")
+    except OSError:
+        return None
+
+
 class BanView:
     """A reader's parsed copy of the table, refreshed when the generation moves."""
 
@@ -229,6 +242,7 @@ class BanView:
         self.hosts: dict[str, Ban] = {}
         self.nets: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Ban]] = []
         self.users: dict[str, Ban] = {}
+        self._masks: list[tuple[int, int, int, Ban]] = []
 
     def refresh(self) -> bool:
         """Re-read after a change; True when something changed."""
@@ -251,6 +265,8 @@ class BanView:
             else:
                 users[b.name] = b
         self.gen, self.bans, self.hosts, self.nets, self.users = gen, bans, hosts, nets, users
+        # Integer masks: a containment test without building ipaddress objects (~0.1 us each).
+        self._masks = [(n.max_prefixlen, int(n.network_address), int(n.netmask), b) for n, b in nets]
         return True
 
     def host_ban(self, ip: str, now: float | None = None) -> Ban | None:
@@ -262,12 +278,11 @@ class BanView:
         if b is not None and b.active(now):
             return b
         if self.nets:
-            try:
-                addr = ipaddress.ip_address(ip)
-            except ValueError:
+            packed = _packed(ip)
+            if packed is None:
                 return None
-            for net, b in self.nets:
-                if addr.version == net.version and addr in net and b.active(now):
+            for width, network, mask, b in self._masks:
+                if width == packed[0] and packed[1] & mask == network and b.active(now):
                     return b
         return None
 
