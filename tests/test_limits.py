@@ -93,11 +93,6 @@ def test_idle_timeout_does_not_end_a_running_transfer(server_factory: Factory) -
     c.close()
 
 
-@pytest.mark.xfail(
-    reason="bug: ControlConnection.last_activity is not refreshed when a transfer ends, so a session "
-    "whose transfer outlasted idle_timeout is closed with 421 Idle timeout right after its 226",
-    strict=True,
-)
 def test_idle_clock_restarts_after_a_long_transfer(server_factory: Factory) -> None:
     """A session that just finished a transfer longer than idle_timeout is not idle."""
     srv = server_factory(server={"idle_timeout": "2s", "data_timeout": "30s"})

@@ -168,6 +168,7 @@ class ControlConnection(asyncio.Protocol):
             result = TransferResult("aborted")
         finally:
             self.transfer_task = None
+            self.last_activity = time.monotonic()  # the idle clock starts when the transfer ends
         if self.session is not None:
             self._report(self.session.transfer_done(result))
         self.node.after_transfer(self)
