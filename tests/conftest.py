@@ -31,3 +31,22 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 def server(server_factory: Callable[..., Server]) -> Server:
     """One plain FTP server with user alice."""
     return server_factory()
+
+
+@pytest.fixture
+def memcached():
+    """start(n) -> n real memcached servers on loopback, killed at teardown."""
+    from .support_memcached import have_memcached, start_memcached
+
+    if not have_memcached():
+        pytest.skip("memcached is not installed")
+    started = []
+
+    def start(n: int = 1):
+        servers = start_memcached(n)
+        started.extend(servers)
+        return servers
+
+    yield start
+    for m in started:
+        m.stop()

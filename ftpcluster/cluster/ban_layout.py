@@ -5,6 +5,9 @@ carries bans over a restart or a resize."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from pathlib import Path
 
 from ..config import Config
@@ -36,3 +39,19 @@ def create_tables(cfg: Config) -> tuple[BanTable, EventCounters]:
 
 def open_tables(cfg: Config) -> tuple[BanTable, EventCounters]:
     return BanTable(table_path(cfg), cfg.ban.table_size), EventCounters(counters_path(cfg), COUNTER_SLOTS)
+
+
+def host_id(cfg: Config) -> str:
+    """This host's name in the cluster: random, kept in state_dir (hostnames repeat,
+    e.g. network namespaces on one machine)."""
+    path = cfg.state_dir / "host-id"
+    try:
+        hid = path.read_text().strip()
+        if 4 <= len(hid) <= 32:
+            return hid
+    except OSError:
+        pass
+    hid = f"{socket.gethostname()[:16]}-{os.urandom(4).hex()}"
+    with contextlib.suppress(OSError):
+        path.write_text(hid + "\n")
+    return hid

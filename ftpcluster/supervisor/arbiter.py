@@ -283,6 +283,8 @@ class Arbiter:
             wait = min(wait, 0.05)  # watch booting nodes closely for readiness
         if self.watchdog:
             wait = min(wait, self.watchdog)
+        if self.cfg.memcache.enabled:
+            wait = min(wait, self.cfg.memcache.sync_interval)
         return max(wait, 0.0)
 
     def tick(self) -> None:
@@ -299,7 +301,10 @@ class Arbiter:
         if self.metrics_http is not None:
             self.metrics_http.expire(now)
         if self.bans is not None:
-            self.bans.tick(now)
+            try:
+                self.bans.tick(now)
+            except Exception:  # the cluster side must never take the supervisor down
+                log.exception("ban maintenance failed")
         if self.watchdog and now - self.last_watchdog >= self.watchdog:
             systemd.notify("WATCHDOG=1")
             self.last_watchdog = now
@@ -445,7 +450,8 @@ class Arbiter:
             "listen": [format_hostport(*self.listeners["control"].getsockname()[:2])],
             "implicit_tls_listen": [format_hostport(*s.getsockname()[:2]) for k, s in self.listeners.items() if k == "implicit_tls"],
             "passive_ports": self.cfg.server.passive_ports,
-            "memcache": {"enabled": self.cfg.memcache.enabled, "servers": []},
+            "memcache": {"enabled": self.cfg.memcache.enabled,
+                         "servers": self.bans.memcache_status() if self.bans is not None else []},
             "totals": self.headline(),
         }
         for extra in self.extra_status:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import structlog
 
 from ..cluster import ban_layout
+from ..cluster.ban_layout import host_id
 from ..cluster.ban_engine import BanEngine
 from ..cluster.ban_names import BanNameError, validate_ban_name
 from ..cluster.ban_table import KINDS, Ban
@@ -31,13 +32,32 @@ class BanAdmin:
         self.metrics = metrics
         fresh = not ban_layout.table_path(cfg).exists()
         table, counters = ban_layout.create_tables(cfg)
-        self.engine = BanEngine(cfg, table, counters, origin_host=socket.gethostname())
+        self.engine = BanEngine(cfg, table, counters, origin_host=host_id(cfg))
         self.saved_gen = -1
         self.next_purge = 0.0
         self.extra_bans: list[Callable[[], list[dict[str, Any]]]] = []  # cluster-only bans (memcached)
         if fresh:
             self.load_snapshot()
         self.engine.table.purge()
+        self.ring: Any = None
+        self.sync: Any = None
+        self.next_sync = 0.0
+        if cfg.memcache.enabled:
+            from ..cluster.memcache_ring import Ring
+
+            self.ring = Ring(cfg, count=self._count)
+            if cfg.ban.cache == "memcache":
+                from ..cluster.ban_sync import BanSync
+
+                self.sync = BanSync(self.engine, self.ring, host_id(cfg))
+                self.extra_bans.append(self.sync.cluster_bans)
+
+    def _count(self, name: str, labels: tuple[str, ...]) -> None:
+        if self.metrics is not None:
+            self.metrics.inc(name, labels)
+
+    def memcache_status(self) -> list[dict[str, Any]]:
+        return self.ring.status() if self.ring is not None else []
 
     # ------------------------------------------------------------ persistence
     def load_snapshot(self) -> int:
@@ -81,6 +101,15 @@ class BanAdmin:
 
     # ------------------------------------------------------------ loop work
     def tick(self, now: float) -> None:
+        if self.ring is not None and now >= self.next_sync:
+            self.next_sync = now + self.cfg.memcache.sync_interval
+            self.ring.probe(now)
+            if self.sync is not None:
+                self.sync.publish_local()
+                self.sync.sync()
+            if self.metrics is not None:
+                for st in self.ring.status():
+                    self.metrics.set("ftpcluster_memcache_up", int(st["up"]), (st["address"],))
         if now >= self.next_purge:
             self.next_purge = now + PURGE_EVERY
             self.engine.table.purge()
@@ -138,3 +167,6 @@ class BanAdmin:
 
     def close(self) -> None:
         self.save_snapshot()
+        if self.ring is not None:
+            self.ring.close()
+

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -109,10 +108,10 @@ class NodeBans:
 
 
 def open_engine(cfg: Any) -> BanEngine:
-    from ..cluster.ban_layout import open_tables
+    from ..cluster.ban_layout import host_id, open_tables
 
     table, counters = open_tables(cfg)
-    return BanEngine(cfg, table, counters, origin_host=socket.gethostname())
+    return BanEngine(cfg, table, counters, origin_host=host_id(cfg))
 
 
 def install_bans(server: NodeServer) -> None:

@@ -1,0 +1,217 @@
+"""memcached servers on a ketama ring (uhashring) with replicas, ejection and probing.
+
+- Each key lives on `replicas` distinct servers: the first ones clockwise from the
+  key's point on the ring, skipping servers that are down, so a down server's
+  keys move to the next server and come back when it does.
+- A server that fails `connect_failures` times in a row is ejected and probed
+  (a `version` call) every `probe_interval` until it answers (ProFTPD parses
+  MemcacheConnectFailures and never uses it).
+- Every call has the short timeouts of `[memcache]`; an error is a miss or a
+  lost write for the caller, never an exception.
+- Not thread-safe: one Ring per thread (the supervisor's loop, or a node's
+  single memcached worker thread).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import structlog
+from pymemcache.client.base import Client
+from uhashring import HashRing
+
+from ..config import Config, parse_hostport
+
+trace = structlog.get_logger("ftpcluster.trace.memcache")
+log = structlog.get_logger("ftpcluster.memcache")
+Count = Callable[[str, tuple[str, ...]], None]
+
+
+@dataclass
+class Server:
+    address: str
+    client: Client
+    up: bool = True
+    failures: int = 0  # consecutive
+    errors: int = 0  # total
+    next_probe: float = 0.0
+    last_error: str = ""
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+class Ring:
+    def __init__(self, cfg: Config, count: Count | None = None) -> None:
+        m = cfg.memcache
+        self.replicas = max(1, m.replicas)
+        self.connect_failures = max(1, m.connect_failures)
+        self.probe_interval = m.probe_interval
+        self.prefix = f"{m.namespace}:v1:"
+        self.count: Count = count or (lambda name, labels: None)
+        self.servers: dict[str, Server] = {}
+        for addr in m.servers:
+            host, port = parse_hostport(addr, "memcache.servers")
+            client = Client((host, port), connect_timeout=m.timeout, timeout=m.timeout, no_delay=True,
+                            default_noreply=False)  # fmt: skip
+            self.servers[addr] = Server(addr, client)
+        self.ring = HashRing(nodes=list(self.servers), hash_fn="ketama")
+
+    # ------------------------------------------------------------ placement
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def targets(self, name: str) -> list[Server]:
+        out: list[Server] = []
+        if not self.servers:
+            return out
+        for node in self.ring.range(self.key(name), size=None, unique=True):
+            s = self.servers[node["nodename"] if isinstance(node, dict) else node]
+            if s.up:
+                out.append(s)
+                if len(out) == self.replicas:
+                    break
+        return out
+
+    # ------------------------------------------------------------ one call
+    def _call(self, s: Server, op: str, fn: Callable[[Client], Any]) -> tuple[bool, Any]:
+        try:
+            result = fn(s.client)
+        except Exception as e:  # pymemcache errors, socket errors, timeouts
+            s.failures += 1
+            s.errors += 1
+            s.last_error = f"{type(e).__name__}: {e}"[:200]
+            self.count("ftpcluster_memcache_errors_total", (s.address,))
+            trace.debug("memcache error", server=s.address, op=op, error=s.last_error)
+            with _quiet():
+                s.client.close()
+            if s.failures >= self.connect_failures and s.up:
+                s.up = False
+                s.next_probe = time.monotonic() + self.probe_interval
+                log.warning("memcached server ejected", server=s.address, failures=s.failures, error=s.last_error)
+            return False, None
+        s.failures = 0
+        s.ops[op] = s.ops.get(op, 0) + 1
+        self.count("ftpcluster_memcache_operations_total", (s.address, op))
+        return True, result
+
+    # ------------------------------------------------------------ operations
+    def get(self, name: str) -> bytes | None:
+        """From the first live replica that answers."""
+        k = self.key(name)
+        for s in self.targets(name):
+            ok, v = self._call(s, "get", lambda c: c.get(k))
+            if ok:
+                return v
+        return None
+
+    def get_many(self, names: Iterable[str]) -> dict[str, bytes]:
+        names = list(names)
+        out: dict[str, bytes] = {}
+        by_server: dict[str, list[str]] = {}
+        for n in names:
+            t = self.targets(n)
+            if t:
+                by_server.setdefault(t[0].address, []).append(n)
+        for addr, group in by_server.items():
+            keys = [self.key(n) for n in group]
+            ok, got = self._call(self.servers[addr], "get", lambda c: c.get_many(keys))
+            if ok and got:
+                plen = len(self.prefix)
+                out.update({k[plen:]: v for k, v in got.items()})
+            elif not ok:  # fall back to single reads on the other replicas
+                for n in group:
+                    v = self.get(n)
+                    if v is not None:
+                        out[n] = v
+        return out
+
+    def set(self, name: str, value: bytes, ttl: int) -> int:
+        """Write to every replica; returns how many took it."""
+        k, n = self.key(name), 0
+        for s in self.targets(name):
+            ok, _ = self._call(s, "set", lambda c: c.set(k, value, expire=max(0, int(ttl)), noreply=False))
+            n += int(ok)
+        return n
+
+    def delete(self, name: str) -> int:
+        k, n = self.key(name), 0
+        for s in self.targets(name):
+            ok, _ = self._call(s, "delete", lambda c: c.delete(k, noreply=False))
+            n += int(ok)
+        return n
+
+    def incr(self, name: str, by: int = 1, ttl: int = 0) -> int | None:
+        """Counter on the first live replica (counters are not replicated: a lost
+        server loses a few counts, never a ban)."""
+        k = self.key(name)
+        for s in self.targets(name)[:1]:
+            ok, v = self._call(s, "incr", lambda c: c.incr(k, by, noreply=False))
+            if ok and v is None:
+                ok, _ = self._call(s, "add", lambda c: c.add(k, b"0", expire=ttl, noreply=False))
+                ok, v = self._call(s, "incr", lambda c: c.incr(k, by, noreply=False))
+            if ok and v is not None:
+                return int(v)
+        return None
+
+    def update(self, name: str, fn: Callable[[bytes | None], bytes], ttl: int = 0, tries: int = 5) -> int:
+        """Read-modify-write with gets/cas on every replica (a shared index)."""
+        k, n = self.key(name), 0
+        for s in self.targets(name):
+            for _ in range(tries):
+                ok, got = self._call(s, "get", lambda c: c.gets(k))
+                if not ok:
+                    break
+                value, token = got if got else (None, None)
+                new = fn(value)
+                if token is None:
+                    ok, stored = self._call(s, "add", lambda c: c.add(k, new, expire=ttl, noreply=False))
+                else:
+                    ok, stored = self._call(s, "cas", lambda c: c.cas(k, new, token, expire=ttl, noreply=False))
+                if not ok:
+                    break
+                if stored:
+                    n += 1
+                    break
+        return n
+
+    # ------------------------------------------------------------ health
+    def probe(self, now: float | None = None) -> None:
+        """Try ejected servers whose probe is due; a server that answers rejoins."""
+        now = time.monotonic() if now is None else now
+        for s in self.servers.values():
+            if s.up or now < s.next_probe:
+                continue
+            try:
+                s.client.version()
+            except Exception as e:
+                s.next_probe = now + self.probe_interval
+                s.last_error = f"{type(e).__name__}: {e}"[:200]
+                with _quiet():
+                    s.client.close()
+                continue
+            s.up, s.failures = True, 0
+            log.warning("memcached server back in the ring", server=s.address)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [
+            {"address": s.address, "up": s.up, "errors": s.errors, "consecutive_failures": s.failures,
+             "last_error": s.last_error or None}  # fmt: skip
+            for s in self.servers.values()
+        ]
+
+    def any_up(self) -> bool:
+        return any(s.up for s in self.servers.values())
+
+    def close(self) -> None:
+        for s in self.servers.values():
+            with _quiet():
+                s.client.close()
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return True

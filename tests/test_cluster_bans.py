@@ -1,0 +1,116 @@
+"""Two hosts (two supervisors with their own state) that share only memcached
+agree on bans: manual and automatic bans reach the other host, permits lift
+them everywhere, a host started later loads the bans in force, and memcached
+outages cause no FTP error."""
+
+from __future__ import annotations
+
+import ftplib
+import json
+import socket
+import time
+
+import pytest
+
+from .support_server import cli
+from .test_bans import bans_json, greet, login, wait_for
+
+
+def two_hosts(server_factory, memcached, n_mc: int = 2, replicas: int = 2, **extra):
+    mcs = memcached(n_mc)
+    section = {"enabled": True, "servers": [m.address for m in mcs], "replicas": replicas, "timeout": "200ms",
+               "connect_failures": 2, "probe_interval": "300ms"}  # fmt: skip
+    hosts = [server_factory(name=n, memcache=section, **extra) for n in ("h1", "h2")]
+    return mcs, hosts
+
+
+def test_manual_ban_and_permit_reach_the_other_host(server_factory, memcached):
+    mcs, (h1, h2) = two_hosts(server_factory, memcached)
+    assert cli("ban", "host", "127.0.0.30", "--for", "1h", "--reason", "abuse", config=h1.config).returncode == 0
+    assert greet(h1, "127.0.0.30").startswith(b"530")
+    assert wait_for(lambda: greet(h2, "127.0.0.30").startswith(b"530"), timeout=10)
+    key = "get ftpcluster:v1:ban:host:127.0.0.30"
+    stored = [m.command(key) for m in mcs]
+    assert sum(r.startswith(b"VALUE") for r in stored) == 2  # both replicas, versioned and namespaced keys
+    value = json.loads(stored[0].split(b"\r\n")[1] if stored[0].startswith(b"VALUE") else stored[1].split(b"\r\n")[1])
+    assert value["reason"] == "abuse" and value["kind"] == "host" and value["expires_at"] > time.time()
+    b2 = {(b["name"], b["origin"]) for b in bans_json(h2)}
+    assert ("127.0.0.30", "cluster") in b2
+    # A permit on the *other* host lifts it everywhere (ProFTPD leaves the cached ban in force).
+    assert cli("permit", "host", "127.0.0.30", config=h2.config).returncode == 0
+    assert wait_for(lambda: greet(h1, "127.0.0.30").startswith(b"220"), timeout=10)
+    assert greet(h2, "127.0.0.30").startswith(b"220")
+    assert not any(m.command(key).startswith(b"VALUE") for m in mcs)  # deleted on every replica
+
+
+def test_automatic_ban_on_one_host_refused_on_the_other(server_factory, memcached):
+    rule = {"event": "MaxLoginAttempts", "threshold": 1, "window": "1m", "duration": "1h"}
+    _, (h1, h2) = two_hosts(server_factory, memcached, server={"max_login_attempts": 1}, ban={"rules": [rule]})
+    with pytest.raises(ftplib.error_perm):
+        login(h1, "127.0.0.31", password="wrong")
+    assert wait_for(lambda: greet(h1, "127.0.0.31").startswith(b"530"))
+    assert wait_for(lambda: greet(h2, "127.0.0.31").startswith(b"530"), timeout=10)
+    login(h2, "127.0.0.32").quit()
+
+
+def test_host_started_later_loads_bans_in_force(server_factory, memcached):
+    mcs = memcached(1)
+    section = {"enabled": True, "servers": [mcs[0].address]}
+    h1 = server_factory(name="h1", memcache=section)
+    assert cli("ban", "user", "mallory", config=h1.config).returncode == 0
+    assert cli("ban", "host", "127.0.0.33", "--for", "1h", config=h1.config).returncode == 0
+    h2 = server_factory(name="h2", memcache=section)
+    assert greet(h2, "127.0.0.33").startswith(b"530") or wait_for(lambda: greet(h2, "127.0.0.33").startswith(b"530"))
+    names = {b["name"] for b in bans_json(h2)}
+    assert {"mallory", "127.0.0.33"} <= names
+
+
+def test_memcached_outage_causes_no_ftp_error_and_servers_rejoin(server_factory, memcached):
+    mcs, (h1, h2) = two_hosts(server_factory, memcached)
+    for m in mcs:
+        m.stop()
+    # Bans still work locally; FTP still works.
+    assert cli("ban", "host", "127.0.0.34", config=h1.config).returncode == 0
+    assert greet(h1, "127.0.0.34").startswith(b"530")
+    for _ in range(5):
+        login(h1, "127.0.0.35").quit()
+
+    def servers_down() -> bool:
+        st = json.loads(cli("status", "--json", config=h1.config).stdout)
+        return all(not s["up"] for s in st["memcache"]["servers"])
+
+    assert wait_for(servers_down, timeout=10)
+    for m in mcs:
+        m.start()
+
+    def servers_up() -> bool:
+        st = json.loads(cli("status", "--json", config=h1.config).stdout)
+        return all(s["up"] for s in st["memcache"]["servers"])
+
+    assert wait_for(servers_up, timeout=10)
+    # A ban made after the outage propagates again.
+    assert cli("ban", "host", "127.0.0.36", config=h1.config).returncode == 0
+    assert wait_for(lambda: greet(h2, "127.0.0.36").startswith(b"530"), timeout=10)
+
+
+def test_one_replica_down_keeps_bans_readable(server_factory, memcached):
+    mcs, (h1, h2) = two_hosts(server_factory, memcached, n_mc=3, replicas=2)
+    mcs[0].stop()
+    assert cli("ban", "host", "127.0.0.37", config=h1.config).returncode == 0
+    assert wait_for(lambda: greet(h2, "127.0.0.37").startswith(b"530"), timeout=10)
+
+
+def test_garbage_in_memcached_is_not_trusted(server_factory, memcached):
+    mcs, (h1, h2) = two_hosts(server_factory, memcached, n_mc=1, replicas=1)
+    m = mcs[0]
+    for key, value in [("ftpcluster:v1:banlog:1", b"{not json"), ("ftpcluster:v1:banidx:0", b'["host:1.2.3.4", 5]'),
+                       ("ftpcluster:v1:ban:host:1.2.3.4", b'{"v":1,"kind":"host","name":"1.2.3.4/99"}'),
+                       ("ftpcluster:v1:banseq", b"1")]:  # fmt: skip
+        with socket.create_connection(("127.0.0.1", m.port), timeout=5) as s:
+            s.sendall(f"set {key} 0 0 {len(value)}\r\n".encode() + value + b"\r\n")
+            assert s.recv(100).startswith(b"STORED")
+    time.sleep(1)
+    login(h1, "127.0.0.38").quit()
+    assert cli("ban", "host", "127.0.0.39", config=h1.config).returncode == 0
+    assert wait_for(lambda: greet(h2, "127.0.0.39").startswith(b"530"), timeout=10)
+    assert "1.2.3.4" not in {b["name"] for b in bans_json(h2)}
