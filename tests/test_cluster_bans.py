@@ -114,3 +114,17 @@ def test_garbage_in_memcached_is_not_trusted(server_factory, memcached):
     assert cli("ban", "host", "127.0.0.39", config=h1.config).returncode == 0
     assert wait_for(lambda: greet(h2, "127.0.0.39").startswith(b"530"), timeout=10)
     assert "1.2.3.4" not in {b["name"] for b in bans_json(h2)}
+
+
+def test_event_counters_add_up_across_hosts(server_factory, memcached):
+    """Two failed sessions on one host and one on the other reach a threshold of 3
+    that neither host reaches alone (ProFTPD counts per host: proftpd#1355)."""
+    rule = {"event": "MaxLoginAttempts", "threshold": 3, "window": "1m", "duration": "1h"}
+    _, (h1, h2) = two_hosts(server_factory, memcached, server={"max_login_attempts": 1}, ban={"rules": [rule]})
+    for host in (h1, h1, h2):
+        with pytest.raises(ftplib.error_perm):
+            login(host, "127.0.0.40", password="wrong")
+        time.sleep(0.2)
+    assert wait_for(lambda: greet(h2, "127.0.0.40").startswith(b"530"), timeout=10)
+    assert wait_for(lambda: greet(h1, "127.0.0.40").startswith(b"530"), timeout=10)
+    login(h1, "127.0.0.41").quit()

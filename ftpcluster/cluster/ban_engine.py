@@ -126,12 +126,10 @@ class BanEngine:
             hook("remove", gone)
         return found
 
-    def event(self, name: str, ip: str, user: str = "") -> tuple[Ban, Rule] | None:
-        """Count one event; the ban it triggers, if any."""
-        rules = self.by_event.get(name)
-        if not rules or self.counters is None:
-            return None
-        for rule in rules:
+    def targets(self, name: str, ip: str, user: str = "") -> list[tuple[Rule, str, str, str]]:
+        """(rule, ban kind, ban name, counter key) for each rule this event counts toward."""
+        out = []
+        for rule in self.by_event.get(name, ()):
             target = EVENT_TARGET.get(name, "host")
             if target == "host":
                 key = ip
@@ -139,13 +137,23 @@ class BanEngine:
                 key = user
             else:
                 key = f"{user}@{ip}" if user else ""
-            if not key or (target != "user" and self.never_ban(ip)):
-                continue
-            ckey = f"{name}|{target}|{key}"
-            if self.counters.add(ckey, rule.window) >= rule.threshold:
-                self.counters.reset(ckey, rule.window)
-                reason = f"{name} reached {rule.threshold}"
-                ban = self.ban(target, key, rule.duration, reason, manual=False)
+            if key and not (target != "user" and self.never_ban(ip)):
+                out.append((rule, target, key, f"{name}|{target}|{key}"))
+        return out
+
+    def fire(self, rule: Rule, target: str, key: str, ckey: str, count: int) -> Ban | None:
+        if self.counters is not None:
+            self.counters.reset(ckey, rule.window)
+        return self.ban(target, key, rule.duration, f"{rule.event} reached {count}", manual=False)
+
+    def event(self, name: str, ip: str, user: str = "") -> tuple[Ban, Rule] | None:
+        """Count one event on this host; the ban it triggers, if any."""
+        if self.counters is None:
+            return None
+        for rule, target, key, ckey in self.targets(name, ip, user):
+            n = self.counters.add(ckey, rule.window)
+            if n >= rule.threshold:
+                ban = self.fire(rule, target, key, ckey, n)
                 if ban is not None:
                     return ban, rule
         return None

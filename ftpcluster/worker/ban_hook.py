@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -34,12 +35,64 @@ WATCH_INTERVAL = 0.25
 ALIASES = {"login": "LoginRate"}
 
 
+MAX_PENDING = 1000  # cluster counts queued for the memcached thread; more are dropped
+
+
 class NodeBans:
     def __init__(self, server: NodeServer, engine: BanEngine) -> None:
         self.server = server
         self.engine = engine
         self.gen = engine.view.gen
         self.rate_rule = "ClientConnectRate" in engine.by_event
+        cfg = server.cfg
+        self.cluster = cfg.memcache.enabled and cfg.ban.cache == "memcache" and bool(engine.rules)
+        self.executor: ThreadPoolExecutor | None = None
+        self._counters: Any = None
+        self.pending = 0
+        self.dropped = 0
+        if self.cluster:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcache")
+
+    # ------------------------------------------------------------ cluster-wide counts
+    def _cluster_counters(self) -> Any:
+        """Built on the memcached thread itself (a Ring belongs to one thread)."""
+        if self._counters is None:
+            from ..cluster.cluster_counters import ClusterCounters
+            from ..cluster.memcache_ring import Ring
+
+            loop = self.server.loop
+            ring = Ring(self.server.cfg, count=lambda n, l: loop.call_soon_threadsafe(self._count, n, l))
+            self._counters = ClusterCounters(ring)
+        return self._counters
+
+    def count_cluster(self, name: str, ip: str, user: str) -> None:
+        if self.executor is None:
+            return
+        for rule, target, key, ckey in self.engine.targets(name, ip, user):
+            if self.pending >= MAX_PENDING:
+                self.dropped += 1
+                continue
+            self.pending += 1
+            fut = self.executor.submit(lambda ck=ckey, w=rule.window: self._cluster_counters().add(ck, w))
+            fut.add_done_callback(
+                lambda f, r=rule, t=target, k=key, ck=ckey: self.server.loop.call_soon_threadsafe(self._counted, f, r, t, k, ck)
+            )  # fmt: skip
+
+    def _counted(self, fut: Any, rule: Any, target: str, key: str, ckey: str) -> None:
+        self.pending -= 1
+        try:
+            total = fut.result()
+        except Exception:
+            return
+        if total is None or total < rule.threshold:
+            return
+        if (target == "host" and self.engine.host_ban(key)) or (target != "host" and self.engine.view.users.get(key)):
+            return  # already banned (by this host's count or another node)
+        ban = self.engine.fire(rule, target, key, ckey, int(total))
+        if ban is not None:
+            ip, _, user = (key, "", "") if target == "host" else ("", "", key)
+            self._added(ban, ip, user)
+            self.kick_matching(rule.message)
 
     def _count(self, name: str, labels: tuple[str, ...] = (), n: int = 1) -> None:
         metrics = getattr(self.server, "metrics", None)
@@ -54,6 +107,8 @@ class NodeBans:
             if fired is not None:
                 self._added(fired[0], ip, "")
                 ban = fired[0]
+            else:
+                self.count_cluster("ClientConnectRate", ip, "")
         if ban is None:
             return None
         self._count("ftpcluster_ban_rejects_total")
@@ -79,6 +134,8 @@ class NodeBans:
             ban, rule = fired
             self._added(ban, ip, user)
             self.kick_matching(rule.message)
+        else:
+            self.count_cluster(name, ip, user)
 
     def _added(self, ban: Ban, ip: str, user: str) -> None:
         self._count("ftpcluster_bans_added_total", ("user" if ban.kind == "userhost" else ban.kind, ban.origin))
