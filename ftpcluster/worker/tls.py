@@ -63,22 +63,6 @@ def _layout(cfg: Config) -> dict[str, int]:
     return {"sets": max(16, entries // ways), "ways": ways, "slot_size": 1024}
 
 
-class L1Backend:
-    """Sessions in the host's shared memory; counted per level for the metrics."""
-
-    def __init__(self, cache: Any, count: Counter) -> None:
-        self.cache, self.count = cache, count
-
-    def lookup(self, session_id: bytes) -> bytes | None:
-        der = self.cache.get(session_id)
-        self.count("ftpcluster_tls_session_cache_total", ("L1", "hit" if der else "miss"))
-        return der
-
-    def store(self, session_id: bytes, der: bytes, ttl: float) -> None:
-        ok = self.cache.put(session_id, der, ttl)
-        self.count("ftpcluster_tls_session_cache_total", ("L1", "store" if ok else "error"))
-
-
 def build_context(cfg: Config) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -95,7 +79,7 @@ class TLSService:
     def __init__(self, cfg: Config, count: Counter | None = None) -> None:
         self.count: Counter = count or (lambda name, labels: None)
         self.handshake_timeout = cfg.tls.handshake_timeout
-        self.cache: Any = None
+        self.store: Any = None  # TwoLevelStore: host shared memory, then memcached
         self.cache_mode = "internal"  # what actually serves session ids: internal | shm
         self.ticket_mode = cfg.tls.session_tickets
         self.warnings: list[str] = []
@@ -131,13 +115,25 @@ class TLSService:
         from .tls_native import NativeUnavailable, install_session_cache
 
         try:
-            if self.cache is None:
-                self.cache = ShmCache(cache_path(cfg), **_layout(cfg))
+            if self.store is None:
+                self.store = self._make_store(cfg, ShmCache(cache_path(cfg), **_layout(cfg)))
             sid = (cfg.tls.session_context or cfg.memcache.namespace).encode()[:32]
-            install_session_cache(ctx, L1Backend(self.cache, self.count), cfg.tls.session_lifetime, sid, self._on_error)
-            self.cache_mode = "shm"
+            install_session_cache(ctx, self.store, cfg.tls.session_lifetime, sid, self._on_error)
+            self.cache_mode = "shm+memcache" if self.store.ring is not None else "shm"
         except (NativeUnavailable, OSError, ValueError) as e:
             self._warn("shared TLS session cache", str(e))
+
+    def _make_store(self, cfg: Config, l1: Any) -> Any:
+        from ..cluster.session_seal import SealError, load_sealer
+        from ..cluster.tls_store import TwoLevelStore
+
+        sealer = None
+        if cfg.tls.session_cache == "memcache" and cfg.memcache.enabled:
+            try:
+                sealer = load_sealer(cfg.resolve(cfg.tls.session_key_file))
+            except SealError as e:
+                self._warn("memcached TLS session store", str(e))
+        return TwoLevelStore(cfg, l1, sealer, self.count)
 
     def _install_tickets(self, ctx: ssl.SSLContext, cfg: Config) -> None:
         from ..cluster.session_seal import SealError, derive, load_sealer

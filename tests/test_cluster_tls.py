@@ -1,0 +1,164 @@
+"""Cluster TLS sessions: two hosts (supervisors) sharing memcached, one certificate
+and one cluster key; a session made on one resumes on the other through the
+sealed memcached store (session ids, TLS 1.3 stateful tickets) or through
+cluster ticket keys."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+
+import pytest
+
+from .support_server import cli, have
+from .test_ftps import ReusingFTP_TLS, client_ctx
+
+
+def tls_hosts(server_factory, memcached, tmp_path, tickets: str, n: int = 2, nodes: int = 1):
+    mcs = memcached(1)
+    key = tmp_path / "session.key"
+    if not key.exists():
+        assert cli("key", "generate", "--out", str(key)).returncode == 0
+    tls = {"session_cache": "memcache", "session_tickets": tickets, "session_key_file": str(key)}
+    mc = {"enabled": True, "servers": [m.address for m in mcs], "timeout": "200ms", "connect_failures": 2}
+    hosts = [server_factory(name=f"t{i}", implicit=True, tls=tls, memcache=mc, start=False) for i in range(n)]
+    for h in hosts[1:]:  # one certificate for the cluster
+        for name in ("cert.pem", "key.pem"):
+            shutil.copy(hosts[0].dir / "certs" / name, h.dir / "certs" / name)
+    for h in hosts:
+        h.start(nodes=nodes)
+    return mcs, hosts
+
+
+def s_client(srv, version: str, extra: str) -> str:
+    r = subprocess.run(
+        f"(sleep 1; printf 'QUIT\\r\\n') | openssl s_client -{version} -starttls ftp -ign_eof "
+        f"-connect {srv.host}:{srv.port} {extra}",
+        shell=True, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("tickets", ["off", "cluster"])
+@pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
+def test_openssl_resumes_on_another_host(server_factory, memcached, tmp_path, version, tickets):
+    _, (a, b) = tls_hosts(server_factory, memcached, tmp_path, tickets)
+    sess = tmp_path / f"{version}-{tickets}.pem"
+    first = s_client(a, version, f"-sess_out {sess}")
+    assert "\nNew, TLSv1." in first, first[-1500:]
+    second = s_client(b, version, f"-sess_in {sess}")
+    assert "\nReused, TLSv1." in second, second[-1500:]
+
+
+@pytest.mark.parametrize("maxv", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
+def test_python_session_resumes_across_hosts_and_data_reuse_works(server_factory, memcached, tmp_path, maxv):
+    _, hosts = tls_hosts(server_factory, memcached, tmp_path, "off")
+    ctx = client_ctx(maxv)
+    session = None
+    reused = []
+    for i in range(6):
+        h = hosts[i % 2]
+        with socket.create_connection((h.host, h.implicit_port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, session=session) as s:
+                f = s.makefile("rwb")
+                assert f.readline().startswith(b"220")
+                f.write(b"QUIT\r\n")
+                f.flush()
+                f.readline()
+                if session is not None:
+                    reused.append(s.session_reused)
+                session = s.session
+    assert reused and all(reused), reused
+    for h in hosts:  # protected data channels still resume their control session
+        (h.home / "x").write_bytes(b"data")
+        ftp = ReusingFTP_TLS(context=client_ctx(maxv), timeout=10)
+        ftp.connect(h.host, h.port)
+        ftp.login(h.user, h.password)
+        ftp.prot_p()
+        got: list[bytes] = []
+        ftp.retrbinary("RETR x", got.append)
+        assert b"".join(got) == b"data"
+        ftp.quit()
+
+
+def test_memcached_entry_is_sealed(server_factory, memcached, tmp_path):
+    mcs, (a, _) = tls_hosts(server_factory, memcached, tmp_path, "off")
+    out = s_client(a, "tls1_2", f"-sess_out {tmp_path / 's.pem'}")
+    sid = re.search(r"Session-ID: ([0-9A-F]+)", out).group(1).lower()
+    master = bytes.fromhex(re.search(r"Master-Key: ([0-9A-F]+)", out).group(1))
+    raw = b""
+    for _ in range(50):
+        raw = mcs[0].command(f"get ftpcluster:v1:tls:{sid}")
+        if raw.startswith(b"VALUE"):
+            break
+        import time
+
+        time.sleep(0.1)
+    assert raw.startswith(b"VALUE"), raw
+    value = raw.split(b"\r\n", 1)[1]
+    assert value.startswith(b"FCs1")  # our sealed format with a key id
+    assert master not in value and master[:16] not in value
+
+
+def test_memcached_outage_degrades_to_full_handshakes(server_factory, memcached, tmp_path):
+    mcs, (a, b) = tls_hosts(server_factory, memcached, tmp_path, "off")
+    mcs[0].stop()
+    sess = tmp_path / "s.pem"
+    assert "\nNew, TLSv1." in s_client(a, "tls1_2", f"-sess_out {sess}")
+    other = s_client(b, "tls1_2", f"-sess_in {sess}")
+    assert "\nNew, TLSv1." in other and "221" in other  # a full handshake, the session works
+    assert "\nReused, TLSv1." in s_client(a, "tls1_2", f"-sess_in {sess}")  # L1 still serves the host
+
+
+@pytest.mark.skipif(not (have("curl") and have("lftp")), reason="curl or lftp missing")
+def test_curl_and_lftp_on_each_host(server_factory, memcached, tmp_path):
+    _, hosts = tls_hosts(server_factory, memcached, tmp_path, "cluster")
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(300_000))
+    for h in hosts:
+        r = subprocess.run(["curl", "-sS", "-k", "--ssl-reqd", "-T", str(src), h.url("/up.bin")],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        script = (
+            "set ssl:verify-certificate no; set ftp:ssl-force true; set ftp:ssl-protect-data true; "
+            f"set net:max-retries 1; open -u {h.user},{h.password} -p {h.port} {h.host}; get up.bin -o {tmp_path}/back.bin"
+        )
+        r = subprocess.run(["lftp", "-c", script], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+        (tmp_path / "back.bin").unlink()
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_rss_flat_over_5000_resumptions(server_factory, memcached, tmp_path):
+    from .support_cluster import node_pids
+
+    _, (a,) = tls_hosts(server_factory, memcached, tmp_path, "off", n=1)
+    (pid,) = node_pids(a).values()
+    ctx = client_ctx(ssl.TLSVersion.TLSv1_2)
+
+    def resume(count: int, session):  # type: ignore[no-untyped-def]
+        for _ in range(count):
+            with socket.create_connection((a.host, a.implicit_port), timeout=10) as raw:
+                with ctx.wrap_socket(raw, session=session) as s:
+                    s.recv(100)
+                    assert session is None or s.session_reused
+                    session = session or s.session
+        return session
+
+    session = resume(1, None)
+    session = resume(500, session)  # warm up: caches, allocator arenas
+    before = _rss_kb(pid)
+    resume(5000, session)
+    after = _rss_kb(pid)
+    assert after - before < 8 * 1024, (before, after)
