@@ -81,6 +81,9 @@ class Arbiter:
         self.metrics_http: Any = None
         self.metrics = self._metrics_store()
         self.shared = self._shared_state(cfg)
+        from ..cluster.presence import Presence
+
+        self.presence = Presence(cfg.state_dir / "presence.shm", create=True)  # once: nodes map it
         self.bans: Any = None
         self._open_bans(cfg)
 
@@ -321,6 +324,7 @@ class Arbiter:
             if node is None:
                 continue
             self.table.reset(node.slot, 0, FREE)
+            self.presence.clear(node.slot)  # its sessions are gone with it
             with contextlib.suppress(Exception):
                 self.metrics.zero_gauges(node.slot)
             code = os.waitstatus_to_exitcode(status)
@@ -490,10 +494,11 @@ class Arbiter:
 def default_node_hooks() -> list[Callable[[Any], None]]:
     """What every node attaches at start: logs, xferlog, metrics, bans, PROXY."""
     from ..worker.ban_hook import install_bans
+    from ..worker.limits_hook import install_limits
     from ..worker.observe import attach_observability
     from ..worker.proxy_accept import install_proxy
 
-    return [attach_observability, install_bans, install_proxy]
+    return [attach_observability, install_bans, install_limits, install_proxy]
 
 
 def _wait_ready(fd: int, timeout: float) -> tuple[bool, str]:

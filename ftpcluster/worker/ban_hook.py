@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +182,5 @@ def install_bans(server: NodeServer) -> None:
     server.bans = bans  # type: ignore[attr-defined]
     server.admission.insert(0, bans.admission)
     server.subscribers.append(bans)
-    for key, settings in list(server._settings.items()):
-        server._settings[key] = dataclasses.replace(settings, user_gate=bans.user_gate)
+    server.user_gates.insert(0, bans.user_gate)
     server.track(server.loop.create_task(bans.watch()))

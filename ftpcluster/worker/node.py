@@ -33,6 +33,7 @@ log = structlog.get_logger("ftpcluster.worker")
 ACCEPT_BATCH = 64
 Subscriber = Callable[[Event, ControlConnection], None]
 Admission = Callable[[str], str | None]  # client ip -> refusal message, or None to admit
+UserGate = Callable[[str, str], str | None]  # (user, client ip) -> refusal text, or None
 
 
 @dataclass
@@ -59,6 +60,7 @@ class NodeServer:
         self.sessions: set[ControlConnection] = set()
         self.subscribers: list[Subscriber] = []
         self.admission: list[Admission] = []
+        self.user_gates: list[UserGate] = []  # checked at PASS: bans, per-host/user limits
         self.tasks: set[asyncio.Task[Any]] = set()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
         low, high = ctx.passive_range or cfg.passive_range
@@ -105,7 +107,15 @@ class NodeServer:
             tls_available=self.tls is not None,
             tls_required=self.cfg.tls.required if self.tls is not None else "off",
             implicit_tls=implicit,
+            user_gate=self.user_gate,
         )
+
+    def user_gate(self, user: str, ip: str) -> str | None:
+        for gate in self.user_gates:
+            refusal = gate(user, ip)
+            if refusal is not None:
+                return refusal
+        return None
 
     def session_settings(self, implicit_tls: bool) -> SessionSettings:
         return self._settings[implicit_tls]
