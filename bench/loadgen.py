@@ -10,13 +10,16 @@ import asyncio
 import ssl
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
 class Result:
     ops: int = 0
     errors: int = 0
+    resumed: int = 0  # TLS handshakes that resumed a session
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
 
@@ -51,8 +54,13 @@ async def _cmd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line:
 
 
 async def one_session(host: str, port: int, user: str, password: str, tls: ssl.SSLContext | None = None,
-                      implicit: bool = False, session: object = None) -> object:  # fmt: skip
-    """connect, (AUTH TLS), USER, PASS, QUIT; returns the TLS session for reuse."""
+                      implicit: bool = False, session: object = None,
+                      on_tls: Callable[[ssl.SSLObject], None] | None = None) -> object:  # fmt: skip
+    """connect, (AUTH TLS), USER, PASS, QUIT; returns the TLS session for reuse.
+    To resume, pass a ReuseContext whose next_session is set (asyncio's start_tls
+    takes no session argument); `session` is kept for callers of the old API."""
+    if session is not None and isinstance(tls, ReuseContext):
+        tls.next_session = session
     reader, writer = await asyncio.open_connection(host, port, ssl=tls if implicit else None)
     try:
         banner = await _reply(reader)
@@ -70,31 +78,109 @@ async def one_session(host: str, port: int, user: str, password: str, tls: ssl.S
         if not r.startswith(b"230"):
             raise ConnectionError(r.decode(errors="replace").strip())
         await _cmd(reader, writer, "QUIT")
+        if tls_obj is not None and on_tls is not None:
+            on_tls(tls_obj)
         return tls_obj.session if tls_obj is not None else None
     finally:
         writer.close()
 
 
+class ReuseContext(ssl.SSLContext):
+    """A client context that offers `next_session` on its next handshake: asyncio
+    and uvloop create the SSLObject through wrap_bio without a session argument."""
+
+    next_session: Any = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):  # type: ignore[no-untyped-def,override]
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session or self.next_session)
+
+
+def client_context(resume: bool = False) -> ssl.SSLContext:
+    """An unverified client context (self-signed loopback peers); ReuseContext when
+    the caller wants to resume sessions, one per client so sessions don't mix."""
+    ctx = ReuseContext(ssl.PROTOCOL_TLS_CLIENT) if resume else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 async def sessions(host: str, port: int, user: str, password: str, concurrency: int, duration: float,
-                   tls: ssl.SSLContext | None = None, implicit: bool = False) -> Result:  # fmt: skip
+                   tls: ssl.SSLContext | None = None, implicit: bool = False, resume: bool = False) -> Result:  # fmt: skip
+    """Session churn for `duration` seconds. With `resume`, every client keeps its
+    own context and offers the session (or ticket) from its previous connection."""
     res = Result()
     deadline = time.monotonic() + duration
 
+    def count(obj: ssl.SSLObject) -> None:
+        if obj.session_reused:
+            res.resumed += 1
+
     async def worker() -> None:
+        ctx = tls
+        if resume and tls is not None:
+            ctx = client_context(resume=True)
+            ctx.minimum_version, ctx.maximum_version = tls.minimum_version, tls.maximum_version
+        session = None
         while time.monotonic() < deadline:
             t0 = time.monotonic()
             try:
-                await asyncio.wait_for(one_session(host, port, user, password, tls, implicit), 10)
+                if isinstance(ctx, ReuseContext):
+                    ctx.next_session = session
+                got = await asyncio.wait_for(one_session(host, port, user, password, ctx, implicit, on_tls=count), 10)
+                if resume:
+                    session = got
                 res.ops += 1
                 res.latencies.append(time.monotonic() - t0)
             except (OSError, ConnectionError, asyncio.TimeoutError, ssl.SSLError):
                 res.errors += 1
+                session = None
                 await asyncio.sleep(0.01)
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     res.seconds = time.monotonic() - t0
     return res
+
+
+async def hold_idle(host: str, port: int, user: str, password: str, n: int, measure: Callable[[], Any],
+                    concurrency: int = 64, settle: float = 2.0, timeout: float = 300) -> tuple[int, int, Any]:  # fmt: skip
+    """Open `n` logged-in sessions and keep them idle, call `measure()` while they
+    are held, then close them. Returns (held, errors, what measure returned)."""
+    held: list[asyncio.StreamWriter] = []
+    errors = 0
+    sem = asyncio.Semaphore(concurrency)
+    deadline = time.monotonic() + timeout
+
+    async def opener() -> None:
+        nonlocal errors
+        async with sem:
+            if time.monotonic() > deadline:
+                errors += 1
+                return
+            writer = None
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+                banner = await asyncio.wait_for(_reply(reader), 10)
+                r = await asyncio.wait_for(_cmd(reader, writer, f"USER {user}"), 10)
+                if banner.startswith(b"220") and r.startswith(b"331"):
+                    r = await asyncio.wait_for(_cmd(reader, writer, f"PASS {password}"), 10)
+                if not r.startswith(b"230"):
+                    raise ConnectionError(r.decode(errors="replace").strip())
+                held.append(writer)
+            except (OSError, ConnectionError, asyncio.TimeoutError):
+                errors += 1
+                if writer is not None:
+                    writer.close()
+
+    try:
+        await asyncio.gather(*(opener() for _ in range(n)))
+        await asyncio.sleep(settle)
+        got = measure()
+    finally:
+        for w in held:
+            w.close()
+    await asyncio.sleep(0.5)
+    return len(held), errors, got
 
 
 def run(coro):  # type: ignore[no-untyped-def]

@@ -256,6 +256,7 @@ DelayTable none
 WtmpLog off
 UseReverseDNS off
 UseSendfile on
+DelayEngine off
 MaxInstances {MAX_SESSIONS + 100}
 MaxClients none
 MaxLoginAttempts 3
@@ -289,6 +290,9 @@ LoadModule mod_tls_memcache.c
   TLSProtocol TLSv1.2 TLSv1.3
   TLSRSACertificateFile {files.cert}
   TLSRSACertificateKeyFile {files.key}
+  # Without a CA file mod_tls loads OpenSSL's default verify paths in every
+  # forked session: the whole CA bundle, ~100 ms a login. One small file instead.
+  TLSCACertificateFile {files.cert}
   TLSRequired off
   TLSVerifyClient off
   TLSOptions NoSessionReuseRequired
@@ -322,9 +326,11 @@ def start_proftpd(files: Files) -> Peer:
         conf = tmp / "proftpd.conf"
         conf.write_text(proftpd_config(tmp, port, passive_range(256), files, mc_port))
         log = tmp / "proftpd.log"
+        # SSL_CERT_FILE (set in some sandboxes) would make OpenSSL read the CA bundle.
+        env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
         with open(log, "ab") as logf:
             proc = subprocess.Popen([shutil.which("proftpd") or PROFTPD, "-n", "-q", "-c", str(conf)],
-                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)  # fmt: skip
         peer = Peer("proftpd", "127.0.0.1", port, home, proc, log, extra=[mc])
     except Exception:
         _kill_group(mc)

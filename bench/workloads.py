@@ -1,0 +1,131 @@
+"""The workloads, each a function (peer, settings) -> one sample. The same client
+drives every peer: bench.loadgen for session churn and idle sessions, curl for
+bulk transfers (C speed, so the client is not the bottleneck)."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import loadgen
+from .peers import Files, Peer
+from .procs import memory_kb
+
+MiB = 1 << 20
+
+
+@dataclass
+class Settings:
+    quick: bool
+    duration: float  # seconds per session-churn run
+    concurrency: int = 32
+    warmup: float = 0.5  # seconds of unmeasured churn before each measured run
+    idle_sessions: int = 1000
+    proftpd_idle_cap: int = 1000  # one process per session: 10,000 of them is a fork bomb
+    files: Files | None = None
+
+
+@dataclass
+class Sample:
+    value: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    unit: str
+    run: Callable[[Peer, Settings], Sample]
+    higher_is_better: bool = True
+    # target: (peer, minimum ratio) or ("absolute", maximum value)
+    targets: list[tuple[str, float]] = field(default_factory=list)
+
+
+def _tls_context() -> ssl.SSLContext:
+    return loadgen.client_context()
+
+
+def _churn(peer: Peer, s: Settings, tls: bool, resume: bool) -> Sample:
+    ctx = _tls_context() if tls else None
+    # Warm-up (not measured): cold caches (ftpcluster's argon2 verification cache,
+    # TLS session caches) and lazily started workers would otherwise weigh in.
+    loadgen.run(loadgen.sessions(peer.host, peer.port, peer.user, peer.password, s.concurrency, s.warmup, tls=ctx, resume=resume))
+    r = loadgen.run(
+        loadgen.sessions(peer.host, peer.port, peer.user, peer.password, s.concurrency, s.duration, tls=ctx, resume=resume)
+    )
+    detail = {"ops": r.ops, "errors": r.errors, "p50_ms": round(r.p(0.5) * 1000, 2), "p99_ms": round(r.p(0.99) * 1000, 2)}
+    if tls:
+        detail["resumed"] = r.resumed
+    return Sample(r.rate, detail)
+
+
+def sessions(peer: Peer, s: Settings) -> Sample:
+    return _churn(peer, s, tls=False, resume=False)
+
+
+def ftps_full(peer: Peer, s: Settings) -> Sample:
+    return _churn(peer, s, tls=True, resume=False)
+
+
+def ftps_resumed(peer: Peer, s: Settings) -> Sample:
+    return _churn(peer, s, tls=True, resume=True)
+
+
+def _curl(args: list[str], what: str, timeout: float = 600) -> Sample:
+    r = subprocess.run(["curl", "-s", "-S", "--max-time", str(int(timeout)), *args, "-w", f"%{{{what}}} %{{size_{what.split('_')[1]}}}"],
+                       capture_output=True, text=True, timeout=timeout + 10)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"curl exit {r.returncode}: {r.stderr.strip()[:200]}")
+    speed, size = r.stdout.split()
+    return Sample(float(speed) / MiB, {"bytes": int(float(size))})
+
+
+def retr(peer: Peer, s: Settings) -> Sample:
+    assert s.files is not None
+    return _curl(["-o", "/dev/null", peer.url("/" + s.files.big.name)], "speed_download")
+
+
+def retr_tls(peer: Peer, s: Settings) -> Sample:
+    assert s.files is not None
+    return _curl(["--ssl-reqd", "-k", "-o", "/dev/null", peer.url("/" + s.files.big.name)], "speed_download")
+
+
+def stor(peer: Peer, s: Settings) -> Sample:
+    assert s.files is not None
+    return _curl(["-T", str(s.files.big), peer.url("/upload.bin")], "speed_upload")
+
+
+def idle_memory(peer: Peer, s: Settings) -> Sample:
+    """KB per idle logged-in session: the server tree's PSS before and while N
+    sessions are held, divided by N (RSS alongside)."""
+    n = min(s.idle_sessions, s.proftpd_idle_cap) if peer.name == "proftpd" else s.idle_sessions
+    root = peer.root_pid()
+    before = memory_kb(root)
+    held, errors, during = loadgen.run(
+        loadgen.hold_idle(peer.host, peer.port, peer.user, peer.password, n, lambda: memory_kb(root))
+    )
+    if held == 0:
+        raise RuntimeError(f"no session could be held ({errors} errors)")
+    per_pss = (during["pss_kb"] - before["pss_kb"]) / held
+    per_rss = (during["rss_kb"] - before["rss_kb"]) / held
+    return Sample(per_pss, {"sessions": held, "errors": errors, "rss_kb_per_session": round(per_rss, 2),
+                            "before": before, "during": during})  # fmt: skip
+
+
+# idle_memory first: right after start (and a short warm-up) the heap has not yet
+# grown from churn, so the sessions we hold have to allocate what they cost.
+WORKLOADS: list[Workload] = [
+    Workload("idle_memory", "memory per idle session (PSS)", "KB", idle_memory, higher_is_better=False,
+             targets=[("absolute", 20.0)]),  # fmt: skip
+    Workload("sessions", "sessions/s (connect, login, quit; c=32)", "/s", sessions, targets=[("pyftpdlib", 1.5)]),
+    Workload("ftps_full", "FTPS sessions/s, full handshake", "/s", ftps_full),
+    Workload("ftps_resumed", "FTPS sessions/s, resumed", "/s", ftps_resumed, targets=[("pyftpdlib", 1.5)]),
+    Workload("retr", "RETR big file, plain", "MiB/s", retr, targets=[("proftpd", 1.0)]),
+    Workload("retr_tls", "RETR big file, TLS", "MiB/s", retr_tls, targets=[("proftpd", 1.0)]),
+    Workload("stor", "STOR big file, plain", "MiB/s", stor),
+]
+BY_NAME = {w.name: w for w in WORKLOADS}
