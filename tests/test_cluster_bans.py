@@ -128,3 +128,36 @@ def test_event_counters_add_up_across_hosts(server_factory, memcached):
     assert wait_for(lambda: greet(h2, "127.0.0.40").startswith(b"530"), timeout=10)
     assert wait_for(lambda: greet(h1, "127.0.0.40").startswith(b"530"), timeout=10)
     login(h1, "127.0.0.41").quit()
+
+
+def test_one_memcached_killed_nothing_lost_late_host_knows_every_ban(server_factory, memcached):
+    mcs, (h1, h2) = two_hosts(server_factory, memcached, n_mc=3, replicas=2)
+    names = [f"127.0.1.{i}" for i in range(1, 6)]
+    for n in names:
+        assert cli("ban", "host", n, "--for", "1h", config=h1.config).returncode == 0
+    assert wait_for(lambda: greet(h2, names[-1]).startswith(b"530"), timeout=10)
+    mcs[0].stop()
+    section = {"enabled": True, "servers": [m.address for m in mcs], "replicas": 2, "timeout": "200ms",
+               "connect_failures": 2, "probe_interval": "300ms"}  # fmt: skip
+    h3 = server_factory(name="h3", memcache=section)
+    assert wait_for(lambda: set(names) <= {b["name"] for b in bans_json(h3)}, timeout=10)
+    assert all(greet(h3, n).startswith(b"530") for n in names)
+
+
+def test_all_memcached_restarted_state_converges(server_factory, memcached):
+    mcs, (h1, h2) = two_hosts(server_factory, memcached)
+    assert cli("ban", "host", "127.0.2.1", config=h1.config).returncode == 0
+    assert wait_for(lambda: greet(h2, "127.0.2.1").startswith(b"530"), timeout=10)
+    for m in mcs:
+        m.stop()
+    # During the outage: FTP works, local bans hold, changes are made.
+    login(h1, "127.0.2.9").quit()
+    assert cli("ban", "host", "127.0.2.2", config=h1.config).returncode == 0
+    assert greet(h1, "127.0.2.2").startswith(b"530")
+    assert cli("permit", "host", "127.0.2.1", config=h1.config).returncode == 0
+    for m in mcs:
+        m.start()  # empty servers
+    assert wait_for(lambda: greet(h2, "127.0.2.2").startswith(b"530"), timeout=15)
+    assert wait_for(lambda: greet(h2, "127.0.2.1").startswith(b"220"), timeout=15)
+    names = {b["name"] for b in bans_json(h2)}
+    assert "127.0.2.2" in names and "127.0.2.1" not in names

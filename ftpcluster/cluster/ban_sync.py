@@ -37,6 +37,7 @@ SHARDS = 16
 LOG_TTL = 86400
 MAX_VALUE = 2048
 BATCH = 500
+GAP_WAIT = 2.0  # seconds a missing log entry may take to appear before a full reload
 
 
 def _shard(kind: str, name: str) -> int:
@@ -85,7 +86,11 @@ class BanSync:
         self.last_seq: int | None = None
         self.published: dict[tuple[str, str], float | None] = {}
         self.seen_gen = -1
+        self.seen_rejoins = 0
+        self.dirty = False  # a write that no server took: redo it when servers answer
+        self.pending_removals: set[tuple[str, str]] = set()
         self.applied = 0
+        self.gap_since: float | None = None
         engine.on_change.append(self._on_change)
 
     # ------------------------------------------------------------ writing
@@ -99,7 +104,8 @@ class BanSync:
         ttl = 0 if ban.expires_at is None else max(1, int(ban.expires_at - time.time()) + 1)
         key = f"ban:{ban.kind}:{ban.name}"
         if self.ring.set(key, encode(ban), ttl) == 0:
-            return  # no server took it: retried by the next diff
+            self.dirty = True  # no server took it: published again once one answers
+            return
         self.published[(ban.kind, ban.name)] = ban.expires_at
         entry = f"{ban.kind}:{ban.name}"
         self.ring.update(f"banidx:{_shard(ban.kind, ban.name)}", lambda v: _index_add(v, entry))
@@ -108,6 +114,11 @@ class BanSync:
 
     def unpublish(self, kind: str, name: str) -> None:
         self.published.pop((kind, name), None)
+        if not self.ring.any_up():
+            self.pending_removals.add((kind, name))
+            self.dirty = True
+            return
+        self.pending_removals.discard((kind, name))
         self.ring.delete(f"ban:{kind}:{name}")
         entry = f"{kind}:{name}"
         self.ring.update(f"banidx:{_shard(kind, name)}", lambda v: _index_remove(v, entry))
@@ -118,12 +129,24 @@ class BanSync:
         if seq is not None:
             self.ring.set(f"banlog:{seq}", json.dumps(entry, separators=(",", ":")).encode(), LOG_TTL)
 
+    def republish_all(self) -> None:
+        """memcached lost its data (restart, rejoin): write every local ban again."""
+        self.published.clear()
+        self.seen_gen = -1
+        log.info("republishing local bans to memcached")
+
     def publish_local(self) -> None:
-        """Publish local bans the nodes added since the last look (cheap when none)."""
+        """Publish local bans the nodes added since the last look (cheap when none),
+        and whatever an outage kept from being written."""
+        if self.ring.rejoins != self.seen_rejoins:
+            self.seen_rejoins = self.ring.rejoins
+            self.republish_all()
         gen = self.engine.table.generation()
-        if gen == self.seen_gen:
+        if gen == self.seen_gen and not (self.dirty and self.ring.any_up()):
             return
-        self.seen_gen = gen
+        self.seen_gen, self.dirty = gen, False
+        for kind, name in list(self.pending_removals):
+            self.unpublish(kind, name)
         now = time.time()
         for b in self.engine.active():
             if b.origin == "local" and self.published.get((b.kind, b.name), -1) != b.expires_at:
@@ -141,6 +164,8 @@ class BanSync:
             seq = int(raw or 0)
         except ValueError:
             return
+        if raw is None and self.last_seq:
+            self.republish_all()  # the counter vanished: the servers were emptied
         if self.last_seq is None or seq < self.last_seq:
             self.full_load()
             self.last_seq = seq
@@ -149,13 +174,23 @@ class BanSync:
             upto = min(seq, self.last_seq + BATCH)
             names = [f"banlog:{i}" for i in range(self.last_seq + 1, upto + 1)]
             got = self.ring.get_many(names)
-            if len(got) < len(names):
-                self.full_load()  # a gap: evicted or not yet written; the index has the truth
-                self.last_seq = seq
-                return
             for n in names:
+                if n not in got:
+                    break
                 self._apply(got[n])
-            self.last_seq = upto
+                self.last_seq += 1
+            else:
+                self.gap_since = None
+                continue
+            # An entry is missing: just incremented and not yet written (wait a
+            # little), or evicted/lost (then the index has the truth).
+            now = time.monotonic()
+            if self.gap_since is None:
+                self.gap_since = now
+            elif now - self.gap_since > GAP_WAIT:
+                self.full_load()
+                self.last_seq, self.gap_since = seq, None
+            return
 
     def _apply(self, raw: bytes) -> None:
         try:
@@ -198,8 +233,14 @@ class BanSync:
         if not self.ring.any_up():
             return  # do not drop anything on an outage
         for b in self.engine.active():
-            if b.origin == "cluster" and (b.kind, b.name) not in live:
+            gone = (b.kind, b.name) not in live
+            if gone and b.origin == "local":  # the index may lag: ask for the key itself
+                gone = (b.kind, b.name) in self.published and self.ring.get(f"ban:{b.kind}:{b.name}") is None
+            # Cluster bans no longer in the cluster, and local ones we published that
+            # someone lifted (a permit on another host) are dropped here too.
+            if gone and (b.origin == "cluster" or (b.kind, b.name) in self.published):
                 self.engine.table.remove(b.kind, b.name)
+                self.published.pop((b.kind, b.name), None)
         log.info("cluster bans loaded", count=len(live))
 
     def cluster_bans(self) -> list[dict[str, Any]]:

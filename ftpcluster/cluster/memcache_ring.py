@@ -56,6 +56,7 @@ class Ring:
                             default_noreply=False)  # fmt: skip
             self.servers[addr] = Server(addr, client)
         self.ring = HashRing(nodes=list(self.servers), hash_fn="ketama")
+        self.rejoins = 0  # bumped when an ejected server comes back (it may have lost its data)
 
     # ------------------------------------------------------------ placement
     def key(self, name: str) -> str:
@@ -191,6 +192,7 @@ class Ring:
                     s.client.close()
                 continue
             s.up, s.failures = True, 0
+            self.rejoins += 1
             log.warning("memcached server back in the ring", server=s.address)
 
     def status(self) -> list[dict[str, Any]]:
