@@ -20,7 +20,7 @@ from . import loadgen
 from . import peers as peers_mod
 from . import report
 from .procs import raise_nofile
-from .workloads import BY_NAME, WORKLOADS, Settings
+from .workloads import BY_NAME, WORKLOADS, Settings, Workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEERS = ["ftpcluster", "pyftpdlib", "proftpd"]
@@ -126,6 +126,10 @@ def bench(a: argparse.Namespace) -> int:
                         errors[p.name] = f"{type(e).__name__}: {e}"
                         print(f"  {w.name:13s} run {i + 1}/{runs} {p.name:10s} FAILED {errors[p.name]}", flush=True)
             rows.append(report.summarize(w, {k: v for k, v in samples.items() if v}, details, errors))
+            cpu = {k: [d["server_cpu_ms_per_op"] for d in ds if d.get("server_cpu_ms_per_op")] for k, ds in details.items()}
+            if any(cpu.values()):  # rate is capped by a shared machine and client; CPU per session is not
+                cw = Workload(w.name + "_cpu", f"  server CPU per session ({w.name})", "ms", w.run, higher_is_better=False)
+                rows.append(report.summarize(cw, {k: v for k, v in cpu.items() if v}, {}, {}))
         print()
         print(report.table(rows, names))
         for n in notes:

@@ -72,3 +72,26 @@ def raise_nofile(want: int) -> int:
             except (ValueError, OSError):
                 pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU time of the tree: each live process's own time plus what it reaped from
+    children that already exited (ProFTPD's per-session processes)."""
+    total = 0
+    for pid in tree(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        f = stat[stat.rfind(")") + 2 :].split()
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
+    return total / _TICK
+
+
+def self_cpu_seconds() -> float:
+    """This process's CPU time (the load generator's side)."""
+    t = os.times()
+    return t.user + t.system

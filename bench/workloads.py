@@ -12,7 +12,7 @@ from typing import Any
 
 from . import loadgen
 from .peers import Files, Peer
-from .procs import memory_kb
+from .procs import cpu_seconds, memory_kb, self_cpu_seconds
 
 MiB = 1 << 20
 
@@ -54,10 +54,16 @@ def _churn(peer: Peer, s: Settings, tls: bool, resume: bool) -> Sample:
     # Warm-up (not measured): cold caches (ftpcluster's argon2 verification cache,
     # TLS session caches) and lazily started workers would otherwise weigh in.
     loadgen.run(loadgen.sessions(peer.host, peer.port, peer.user, peer.password, s.concurrency, s.warmup, tls=ctx, resume=resume))
+    srv0, cli0 = cpu_seconds(peer.root_pid()), self_cpu_seconds()
     r = loadgen.run(
         loadgen.sessions(peer.host, peer.port, peer.user, peer.password, s.concurrency, s.duration, tls=ctx, resume=resume)
     )
-    detail = {"ops": r.ops, "errors": r.errors, "p50_ms": round(r.p(0.5) * 1000, 2), "p99_ms": round(r.p(0.99) * 1000, 2)}
+    srv, cli = cpu_seconds(peer.root_pid()) - srv0, self_cpu_seconds() - cli0
+    detail = {"ops": r.ops, "errors": r.errors, "p50_ms": round(r.p(0.5) * 1000, 2), "p99_ms": round(r.p(0.99) * 1000, 2),
+              # server CPU per session: comparable even when the client or the
+              # shared machine caps the rate; client_cpu near 1.0 = client-bound
+              "server_cpu_ms_per_op": round(srv * 1000 / r.ops, 3) if r.ops else None,
+              "client_cpu": round(cli / r.seconds, 2) if r.seconds else None}  # fmt: skip
     if tls:
         detail["resumed"] = r.resumed
     return Sample(r.rate, detail)
