@@ -162,3 +162,29 @@ def test_rss_flat_over_5000_resumptions(server_factory, memcached, tmp_path):
     resume(5000, session)
     after = _rss_kb(pid)
     assert after - before < 8 * 1024, (before, after)
+
+
+def test_status_and_metrics_show_the_tls_mode(server_factory, memcached, tmp_path):
+    import json
+    import urllib.request
+
+    from .support_server import free_port
+
+    port = free_port()
+    mcs = memcached(1)
+    key = tmp_path / "k"
+    assert cli("key", "generate", "--out", str(key)).returncode == 0
+    srv = server_factory(tls={"session_cache": "memcache", "session_tickets": "cluster", "session_key_file": str(key)},
+                         memcache={"enabled": True, "servers": [mcs[0].address]}, metrics={"listen": f"127.0.0.1:{port}"})  # fmt: skip
+    st = json.loads(cli("status", "--json", config=srv.config).stdout)
+    assert st["tls"]["session_cache"] == "shm+memcache" and st["tls"]["session_tickets"] == "cluster"
+    assert "tls         session cache shm+memcache, tickets cluster" in cli("status", config=srv.config).stdout
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'ftpcluster_tls_mode{session_cache="shm+memcache",session_tickets="cluster"} 1' in text
+    # A resumption through the cache moves the L1 counters.
+    out = s_client(srv, "tls1_2", f"-sess_out {tmp_path / 's'} -no_ticket")
+    assert "\nNew" in out
+    assert "\nReused" in s_client(srv, "tls1_2", f"-sess_in {tmp_path / 's'} -no_ticket")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for result in ("store", "hit"):
+        assert re.search(r'ftpcluster_tls_session_cache_total\{level="L1",result="%s"\} [1-9]' % result, text), text[-3000:]

@@ -44,7 +44,7 @@ BAN_EVENTS = (
 def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -> list[MetricDef]:
     verbs_t = tuple((v,) for v in sorted(set(verbs))) + (("other",),)
     servers = tuple(memcache_servers)
-    ops = ("get", "set", "add", "incr", "delete")
+    ops = ("get", "set", "add", "incr", "delete", "cas")
     return [
         MetricDef("ftpcluster_sessions", "gauge", "Control sessions open now"),
         MetricDef("ftpcluster_sessions_total", "counter", "Control sessions accepted"),
@@ -79,6 +79,13 @@ def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -
             "TLS session cache operations",
             ("level", "result"),
             tuple((lv, r) for lv in ("L1", "L2") for r in ("hit", "miss", "store", "error")),
+        ),
+        MetricDef(
+            "ftpcluster_tls_mode",
+            "gauge",
+            "1 for the TLS session sharing mode in use",
+            ("session_cache", "session_tickets"),
+            tuple((c, t) for c in ("internal", "shm", "shm+memcache") for t in ("off", "local", "cluster")),
         ),
         MetricDef("ftpcluster_proxy_headers_total", "counter", "PROXY protocol headers", ("result",), (("ok",), ("rejected",))),
         MetricDef("ftpcluster_node_restarts_total", "counter", "Worker nodes restarted by the supervisor"),

@@ -104,7 +104,14 @@ class Arbiter:
         """Host-wide shared-memory files the nodes open after the fork (kept on reload)."""
         from ..worker import tls
 
-        return {"tls_cache": tls.create_cache(cfg)}
+        mode = tls.probe_mode(cfg)
+        if mode.get("fallback_reason"):
+            log.warning("TLS sessions are cached per worker only", reason=mode["fallback_reason"])
+        if mode.get("enabled"):
+            for c in ("internal", "shm", "shm+memcache"):
+                for t in ("off", "local", "cluster"):
+                    self.metrics_writer.set("ftpcluster_tls_mode", int((c, t) == (mode["session_cache"], mode["session_tickets"])), (c, t))
+        return {"tls_cache": tls.create_cache(cfg), "tls_mode": mode}
 
     # ------------------------------------------------------------ metrics
     def _metrics_store(self) -> Any:
@@ -454,6 +461,7 @@ class Arbiter:
             "listen": [format_hostport(*self.listeners["control"].getsockname()[:2])],
             "implicit_tls_listen": [format_hostport(*s.getsockname()[:2]) for k, s in self.listeners.items() if k == "implicit_tls"],
             "passive_ports": self.cfg.server.passive_ports,
+            "tls": self.shared.get("tls_mode", {}),
             "memcache": {"enabled": self.cfg.memcache.enabled,
                          "servers": self.bans.memcache_status() if self.bans is not None else []},
             "totals": self.headline(),

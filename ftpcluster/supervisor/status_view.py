@@ -31,6 +31,11 @@ def render_status(st: dict[str, Any]) -> str:
             f"{n['id']:>4}  {n['pid']:>7}  {n.get('state', ''):10} {n.get('sessions', 0):>8} {n.get('sessions_total', 0):>8}"
             f" {n.get('rejected', 0):>8}  {n.get('passive', ''):12} {_duration(n.get('uptime', 0))}"
         )
+    tls = st.get("tls", {})
+    if tls.get("enabled"):
+        lines.append("")
+        lines.append(f"tls         session cache {tls.get('session_cache')}, tickets {tls.get('session_tickets')}"
+                     + (f" (fallback: {tls['fallback_reason']})" if tls.get("fallback_reason") else ""))  # fmt: skip
     mc = st.get("memcache", {})
     if mc.get("enabled"):
         lines.append("")

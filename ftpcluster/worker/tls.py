@@ -75,6 +75,29 @@ def build_context(cfg: Config) -> ssl.SSLContext:
     return ctx
 
 
+def probe_mode(cfg: Config) -> dict[str, Any]:
+    """What a node will run with, checked in the supervisor for `status` and metrics:
+    the native hooks need a verifiable SSL_CTX pointer and the key file for cluster modes."""
+    out: dict[str, Any] = {"enabled": cfg.tls.enabled}
+    if not cfg.tls.enabled:
+        return out
+    from .tls_native import NativeUnavailable, ctx_pointer
+
+    reason = None
+    try:
+        ctx_pointer(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    except NativeUnavailable as e:
+        reason = str(e)
+    cache = "internal"
+    if reason is None and cfg.tls.session_cache in ("local", "memcache"):
+        cache = "shm+memcache" if cfg.tls.session_cache == "memcache" and cfg.memcache.enabled else "shm"
+    tickets = cfg.tls.session_tickets
+    if tickets == "cluster" and reason is not None:
+        tickets = "local"
+    out.update({"session_cache": cache, "session_tickets": tickets, "native_hooks": reason is None, "fallback_reason": reason})
+    return out
+
+
 class TLSService:
     def __init__(self, cfg: Config, count: Counter | None = None) -> None:
         self.count: Counter = count or (lambda name, labels: None)
