@@ -79,7 +79,8 @@ def decode(raw: Any, now: float | None = None) -> Ban | None:
 
 
 class BanSync:
-    def __init__(self, engine: Any, ring: Ring, host_id: str) -> None:
+    def __init__(self, engine: Any, ring: Ring, host_id: str, count: Any = None) -> None:
+        self.count = count or (lambda name, labels: None)
         self.engine = engine  # BanEngine of the supervisor
         self.ring = ring
         self.host_id = host_id
@@ -214,6 +215,7 @@ class BanSync:
             return
         if self.engine.table.add(ban):
             self.applied += 1
+            self.count("ftpcluster_bans_added_total", ("user" if ban.kind == "userhost" else ban.kind, "cluster"))
 
     def full_load(self) -> None:
         """Every ban the cluster has in force; cluster bans it no longer has are dropped."""

@@ -49,7 +49,7 @@ class BanAdmin:
             if cfg.ban.cache == "memcache":
                 from ..cluster.ban_sync import BanSync
 
-                self.sync = BanSync(self.engine, self.ring, host_id(cfg))
+                self.sync = BanSync(self.engine, self.ring, host_id(cfg), count=self._count)
                 self.extra_bans.append(self.sync.cluster_bans)
 
     def _count(self, name: str, labels: tuple[str, ...]) -> None:
