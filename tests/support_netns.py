@@ -33,7 +33,7 @@ SUBNET = "10.213.0"  # private, only ever configured inside our namespaces
 ROLES = ("ftp1", "ftp2", "mc", "lb", "client")
 ADDRESSES = {"lb": f"{SUBNET}.2", "ftp1": f"{SUBNET}.11", "ftp2": f"{SUBNET}.12", "mc": f"{SUBNET}.20", "client": f"{SUBNET}.99"}
 LOCK_DIR = Path("/tmp/ftpcluster-netns")
-_NS_RE = re.compile(r"^(fc[0-9a-f]{4})-(br|" + "|".join(ROLES) + r")$")
+_NS_RE = re.compile(r"^(fc[0-9a-f]{4})-(br|probe|" + "|".join(ROLES) + r")$")
 
 
 # ------------------------------------------------------------------ commands
@@ -50,7 +50,12 @@ def netns_unavailable() -> str | None:
         return "not root: network namespaces need CAP_SYS_ADMIN"
     if not Path("/usr/sbin/ip").exists() and not any((Path(p) / "ip").exists() for p in os.environ.get("PATH", "").split(":")):
         return "iproute2 (ip) is not installed"
-    probe = f"fc{secrets.token_hex(2)}-probe"
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    tag = f"fc{secrets.token_hex(2)}"
+    probe = f"{tag}-probe"
+    lock = LOCK_DIR / f"{tag}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # clean_leftovers() of a concurrent run leaves it alone
     try:
         r = run("ip", "netns", "add", probe, check=False)
         if r.returncode != 0:
@@ -61,6 +66,9 @@ def netns_unavailable() -> str | None:
         return None
     finally:
         run("ip", "netns", "del", probe, check=False)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            lock.unlink()
 
 
 def list_netns() -> list[str]:
@@ -106,6 +114,9 @@ def clean_leftovers() -> list[str]:
             kill_netns(name)
             removed.append(name)
     for lock in LOCK_DIR.glob("fc*.lock") if LOCK_DIR.exists() else []:
+        with contextlib.suppress(OSError):  # young files may be a run between open and flock
+            if time.time() - lock.stat().st_mtime < 60:
+                continue
         if _lock_is_free(lock):
             with contextlib.suppress(OSError):
                 lock.unlink()
@@ -403,21 +414,21 @@ def greet_many(host: str, port: int, sources: list[str], timeout: float = 10) ->
     return {s: greet(host, port, s, timeout) for s in sources}
 
 
-def probe(host: str, port: int, sources: list[str], hold: str, duration: float, interval: float = 0.2,
+def probe(host: str, port: int, sources: list[str], hold: str, duration: float, interval: float = 0.25,
           timeout: float = 10, user: str = "alice", password: str = "") -> dict[str, Any]:  # fmt: skip
-    """For `duration` seconds: back-to-back logins from each source (one thread per
-    source), and one logged-in session from `hold` sending NOOP until it breaks."""
-    end = time.time() + duration
+    """For `duration` seconds: a new login from each source every `interval` seconds
+    (each in its own thread, so a stalled one does not delay the next), and one
+    logged-in session from `hold` sending NOOP until it breaks."""
+    start = time.time()
+    end = start + duration
     logins: list[dict[str, Any]] = []
     held: dict[str, Any] = {}
     lock = threading.Lock()
 
-    def loop(src: str) -> None:
-        while time.time() < end:
-            r = session(host, port, src, "plain", 0, timeout, user, password)
-            with lock:
-                logins.append({k: r.get(k) for k in ("source", "t0", "elapsed", "ok", "banner", "error")})
-            time.sleep(interval)
+    def attempt(src: str) -> None:
+        r = session(host, port, src, "plain", 0, timeout, user, password)
+        with lock:
+            logins.append({k: r.get(k) for k in ("source", "t0", "elapsed", "ok", "banner", "error")})
 
     def holder() -> None:
         f = ftplib.FTP(timeout=timeout)
@@ -434,11 +445,16 @@ def probe(host: str, port: int, sources: list[str], hold: str, duration: float, 
         finally:
             f.close()
 
-    threads = [threading.Thread(target=loop, args=(s,)) for s in sources] + [threading.Thread(target=holder)]
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    for tick in range(int(duration / interval)):
+        time.sleep(max(0.0, start + tick * interval - time.time()))
+        for src in sources:
+            t = threading.Thread(target=attempt, args=(src,))
+            t.start()
+            threads.append(t)
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(duration + 4 * timeout)
+        t.join(max(0.1, end + 2 * timeout - time.time()))
     return {"logins": sorted(logins, key=lambda r: r["t0"]), "held": held}
 
 

@@ -339,7 +339,7 @@ def test_host_cut_off_is_routed_around(cluster: Cluster, record_property: Any) -
     s1, s2, hold = cluster.sticky[1][4], cluster.sticky[2][4], cluster.sticky[1][5]
     duration = 7.0
     result = cluster.client.background("probe", host=cluster.lb, port=cluster.control_port, sources=[s1, s2], hold=hold,
-                                       duration=duration, interval=0.1, timeout=8, password=PASSWORD)  # fmt: skip
+                                       duration=duration, interval=0.25, timeout=8, password=PASSWORD)  # fmt: skip
     time.sleep(1.5)  # a baseline with both hosts up
     t_cut = time.time()
     cluster.topo.set_link("ftp1", False)
@@ -347,18 +347,21 @@ def test_host_cut_off_is_routed_around(cluster: Cluster, record_property: Any) -
         t_down = cluster.wait_status(1, "DOWN", timeout=20)
         res = result()
         logins = res["logins"]
+        # Every login that started once haproxy had marked host 1 down went to host 2...
         after = [r for r in logins if r["source"] == s1 and r["t0"] > t_down]
-        assert after, logins
         assert all(r["ok"] and "host2 ready" in r["banner"] for r in after), after
-        assert all(r["ok"] for r in logins if r["source"] == s2), [r for r in logins if r["source"] == s2]
-        r = cluster.client("session", host=cluster.lb, port=cluster.control_port, source=s1, transfer=64 * 1024, password=PASSWORD)
-        assert r["ok"] and "host2 ready" in r["banner"] and r["sent"] == r["back"], r
+        for size in (0, 0, 64 * 1024):  # ...as do the next ones, with a transfer over host 2's passive range
+            r = cluster.client("session", host=cluster.lb, port=cluster.control_port, source=s1, transfer=size, password=PASSWORD)
+            assert r["ok"] and "host2 ready" in r["banner"], r
+            assert not size or r["sent"] == r["back"], r
+        # and host 2's own clients never noticed.
+        assert all(r["ok"] and "host2 ready" in r["banner"] for r in logins if r["source"] == s2), [r for r in logins if r["source"] == s2]
         # What a client saw (reported, never asserted: timings depend on the machine).
         window = [r for r in logins if r["source"] == s1 and t_cut <= r["t0"] + r["elapsed"] and r["t0"] <= t_down]
         summary = {
             "detect_s": round(t_down - t_cut, 2),
             "window_logins": [(round(r["t0"] - t_cut, 2), round(r["elapsed"], 2), r["ok"], r["banner"][:20] if r["ok"] else r["error"]) for r in window],
-            "first_after_down_s": round(after[0]["elapsed"], 3),
+            "after_down": f"{sum(r['ok'] for r in after)}/{len(after)} ok, max {max((r['elapsed'] for r in after), default=0):.3f}s",
             "held_session": {k: (round(v - t_cut, 2) if isinstance(v, float) else v) for k, v in res["held"].items() if k != "banner"},
             "s2_max_latency_s": round(max(r["elapsed"] for r in logins if r["source"] == s2), 3),
         }
