@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,7 +25,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield make
     for srv in started:
-        srv.stop()
+        srv.stop(signal.SIGINT)  # cleanup: a fast stop (tests of TERM call stop() themselves)
 
 
 @pytest.fixture
