@@ -60,9 +60,15 @@ def netns_unavailable() -> str | None:
         r = run("ip", "netns", "add", probe, check=False)
         if r.returncode != 0:
             return f"ip netns add failed: {r.stderr.strip()}"
-        r = run("ip", "-n", probe, "link", "add", "br0", "type", "bridge", check=False)
-        if r.returncode != 0:
-            return f"cannot create a bridge in a namespace: {r.stderr.strip()}"
+        steps = [
+            (["ip", "-n", probe, "link", "add", "br0", "type", "bridge"], "cannot create a bridge in a namespace"),
+            (["ip", "-n", probe, "link", "add", "a0", "type", "veth", "peer", "name", "b0"], "cannot create a veth pair"),
+            (["ip", "netns", "exec", probe, "true"], "ip netns exec does not work"),
+        ]
+        for cmd, why in steps:
+            r = run(*cmd, check=False)
+            if r.returncode != 0:
+                return f"{why}: {r.stderr.strip()}"
         return None
     finally:
         run("ip", "netns", "del", probe, check=False)
@@ -237,7 +243,7 @@ class LBHost:
 
 def haproxy_config(lb: str, control_port: int, implicit_port: int, hosts: list[LBHost], stats: Path) -> str:
     """deploy/haproxy.cfg for these hosts, with test timeouts: checks every 500 ms,
-    down after 2 failures, 1 s connect timeout."""
+    down after 2 failures, 1 s connect timeout (no `option redispatch`, as deployed)."""
     out = [
         "global",
         f"    stats socket {stats} mode 600 level admin",
@@ -245,6 +251,7 @@ def haproxy_config(lb: str, control_port: int, implicit_port: int, hosts: list[L
         "defaults",
         "    mode tcp",
         "    timeout connect 1s",
+        "    timeout check 2s",  # a slow banner under load is not a dead host; a cut host fails at connect
         "    timeout client 60s",
         "    timeout server 60s",
         "frontend ftp_control",
