@@ -54,9 +54,11 @@ class ControlConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         node = self.node
         self.session = Session(node.session_settings(self.implicit_tls), self.client_ip, node.new_session_id())
+        node.session_opened(self)
         if self.implicit_tls:
             self.tls_object = transport.get_extra_info("ssl_object")
-        node.session_opened(self)
+            resumed = bool(self.tls_object is not None and self.tls_object.session_reused)
+            node.publish(Event("tls_established", {"resumed": resumed}), self)
         self.perform(self.session.greeting())
 
     def data_received(self, data: bytes) -> None:
