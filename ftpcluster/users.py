@@ -151,6 +151,26 @@ class Authenticator:
         msg = b"\0".join(s.encode("utf-8", "surrogateescape") for s in (rec.name, rec.password, password))
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
+    def cached(self, name: str, password: str) -> UserRecord | None:
+        """The user when this password was verified recently: cheap enough for the
+        event loop (one HMAC), so a repeat login needs no thread hop."""
+        rec = self.users.get(name)
+        if rec is None or not password:
+            return None
+        key = self._cache_key(rec, password)
+        with self._lock:
+            exp = self._cache.get(key)
+            if exp is not None and exp > time.monotonic():
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return rec
+        return None
+
+    def flight_key(self, name: str, password: str) -> bytes:
+        """Names one verification in progress (concurrent identical logins share it)."""
+        msg = b"\0".join(s.encode("utf-8", "surrogateescape") for s in (name, password))
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
     def verify(self, name: str, password: str) -> UserRecord | None:
         rec = self.users.get(name)
         if rec is None or not password:

@@ -148,7 +148,8 @@ class ControlConnection(asyncio.Protocol):
         channel = self._channel()
         channel.allowed_peers = self.node.data_peers(self)
         try:
-            port = channel.open_passive(self.node.passive_ports, local)
+            early = self.node.tls.data_wrapper(self) if (s.prot_private and self.node.tls is not None) else None
+            port = channel.open_passive(self.node.passive_ports, local, early)
         except NoPassivePort as e:
             self.node.publish(Event("passive_exhausted", {}), self)
             self.perform(s.passive_failed(f"Can't open passive connection: {e}"))

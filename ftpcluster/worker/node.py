@@ -63,6 +63,7 @@ class NodeServer:
         self.user_gates: list[UserGate] = []  # checked at PASS: bans, per-host/user limits
         self.tasks: set[asyncio.Task[Any]] = set()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
+        self._inflight: dict[bytes, asyncio.Future[Any]] = {}
         low, high = ctx.passive_range or cfg.passive_range
         self.passive_ports = PassivePorts(low, high)
         self.masquerade = cfg.server.masquerade_address
@@ -250,7 +251,19 @@ class NodeServer:
         return tuple(peers)
 
     async def verify_password(self, user: str, password: str, conn: ControlConnection) -> UserRecord | None:
-        return await self.loop.run_in_executor(self.executor, self.auth.verify, user, password)
+        """A recent success is answered on the loop; a real hash check runs in the pool,
+        and concurrent identical logins (a cold-start herd) share one check."""
+        auth = self.auth
+        rec = auth.cached(user, password)
+        if rec is not None:
+            return rec
+        key = auth.flight_key(user, password)
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = self.loop.run_in_executor(self.executor, auth.verify, user, password)
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        return await asyncio.shield(fut)
 
     # ------------------------------------------------------------ timers and shutdown
     async def housekeeping(self) -> None:
