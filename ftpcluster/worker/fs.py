@@ -9,6 +9,7 @@ Refusals are `PathError`, which the session answers with 550."""
 from __future__ import annotations
 
 import os
+import time
 import posixpath
 from dataclasses import dataclass
 
@@ -26,11 +27,29 @@ class Resolved:
     real: str  # absolute real path inside the home
 
 
+_HOMES: dict[str, tuple[float, str]] = {}
+HOME_CACHE_TTL = 5.0
+
+
+def _real_home(root: str) -> str:
+    """realpath of a home, cached a few seconds: it walks every path component with
+    lstat, a visible share of a login's cost; a moved home is noticed within the TTL."""
+    now = time.monotonic()
+    hit = _HOMES.get(root)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    real = os.path.realpath(root)
+    if len(_HOMES) > 4096:
+        _HOMES.clear()
+    _HOMES[root] = (now + HOME_CACHE_TTL, real)
+    return real
+
+
 class Home:
     """A user's home: the only part of the disk a session can touch."""
 
     def __init__(self, root: str) -> None:
-        self.root = os.path.realpath(root)
+        self.root = _real_home(root)
 
     def normalize(self, cwd: str, arg: str) -> str:
         """Virtual absolute path for `arg` relative to `cwd`; refuses escapes and odd bytes."""

@@ -46,6 +46,8 @@ class SessionLogger:
                 self.cmdlog.debug("command", **self.context(conn), verb=event.fields.get("verb"))
             return
         spec = _LEVELS.get(event.name)
+        if spec is not None and not enabled("session", spec[0]):
+            return  # below the level: skip building the record (a hot path at warning)
         fields = dict(event.fields)
         if conn is not None:
             fields.update(self.context(conn))
