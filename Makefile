@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-SYSPKGS := memcached haproxy lftp curl openssl iproute2 proftpd-core
-.PHONY: run test bench venv sysdeps clean
+SYSPKGS := memcached haproxy lftp curl openssl iproute2
+BENCHPKGS := proftpd-core proftpd-mod-crypto
+.PHONY: run test bench venv sysdeps bench-sysdeps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +15,17 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e '.[test,bench]'
+	touch $@
+
 run: venv
 	$(VENV)/bin/ftpcluster start
 
 # System tools the tests drive as real peers; installed when missing and root.
 sysdeps:
 	@missing=""; \
-	for b in memcached haproxy lftp curl openssl ip proftpd; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	for b in memcached haproxy lftp curl openssl ip; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
@@ -31,7 +36,17 @@ sysdeps:
 test: venv sysdeps
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-bench: venv sysdeps
+# ProFTPD (with mod_tls from proftpd-mod-crypto) is a bench peer only; the bench skips it when missing.
+bench-sysdeps: sysdeps
+	@if ! command -v proftpd >/dev/null 2>&1 || [ ! -e /usr/lib/proftpd/mod_tls.so ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCHPKGS) >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCHPKGS) >/dev/null 2>&1)) || \
+	     echo "note: could not install $(BENCHPKGS); the bench skips ProFTPD"; \
+	  fi; \
+	fi
+
+bench: $(VENV)/.bench-installed bench-sysdeps
 	$(PY) -m bench $(if $(QUICK),--quick,)
 
 clean:
