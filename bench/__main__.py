@@ -20,7 +20,7 @@ from . import loadgen
 from . import peers as peers_mod
 from . import report
 from .procs import raise_nofile
-from .workloads import BY_NAME, WORKLOADS, Settings, Workload
+from .workloads import BY_NAME, WORKLOADS, Settings, Skip, Workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEERS = ["ftpcluster", "pyftpdlib", "proftpd"]
@@ -35,6 +35,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--big-mb", type=int, help="RETR/STOR file size in MiB; default 256, quick 64")
     ap.add_argument("--idle", type=int, help="idle sessions for the memory workload; default 10000, quick 1000")
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(BY_NAME))
+    ap.add_argument("--flood-seconds", type=float, help="ban_flood seconds per run; default 5, quick 2")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to start")
     ap.add_argument("--profile", metavar="WORKLOAD", choices=sorted(BY_NAME),
                     help="profile ftpcluster under WORKLOAD with py-spy (only that; no table)")  # fmt: skip
@@ -45,6 +46,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.duration = a.duration or (3.0 if a.quick else 10.0)
     a.big_mb = a.big_mb or (64 if a.quick else 256)
     a.idle = a.idle or (1000 if a.quick else 10000)
+    a.flood_seconds = a.flood_seconds or (2.0 if a.quick else 5.0)
     return a
 
 
@@ -80,6 +82,10 @@ def start_peers(names: list[str], files: peers_mod.Files, nodes: int, notes: lis
 def bench(a: argparse.Namespace) -> int:
     t_start = time.monotonic()
     notes: list[str] = []
+    unknown = [n for n in (a.only or "").split(",") if n and n not in BY_NAME]
+    if unknown:
+        print(f"unknown workload(s): {', '.join(unknown)} (known: {', '.join(BY_NAME)})", file=sys.stderr)
+        return 2
     want = [w for w in WORKLOADS if not a.only or w.name in a.only.split(",")]
     nofile = raise_nofile(max(4096, 2 * a.idle + 2048))
     if nofile < a.idle + 1024:
@@ -89,6 +95,8 @@ def bench(a: argparse.Namespace) -> int:
     print(f"bench: {'quick' if a.quick else 'full'}; {a.runs} run(s); {a.nodes} nodes/workers; "
           f"{a.big_mb} MiB files; {a.idle} idle sessions; tmp {base}", flush=True)  # fmt: skip
     running: list[peers_mod.Peer] = []
+    s = Settings(quick=a.quick, duration=a.duration, idle_sessions=a.idle, nodes=a.nodes, base=base,
+                 flood_seconds=a.flood_seconds)  # fmt: skip
     try:
         files = peers_mod.prepare_files(base, a.big_mb)
         running = start_peers(a.peers.split(","), files, a.nodes, notes)
@@ -98,7 +106,7 @@ def bench(a: argparse.Namespace) -> int:
         if "ftpcluster" not in names:
             print("ftpcluster did not start; nothing to compare", file=sys.stderr)
             return 1
-        s = Settings(quick=a.quick, duration=a.duration, idle_sessions=a.idle, files=files)
+        s.files = files
         if a.idle > s.proftpd_idle_cap and "proftpd" in names:
             notes.append(f"proftpd idle memory measured at {s.proftpd_idle_cap} sessions (a process each)")
         rows = []
@@ -106,10 +114,11 @@ def bench(a: argparse.Namespace) -> int:
             samples: dict[str, list[float]] = {p.name: [] for p in running}
             details: dict[str, list[dict[str, Any]]] = {p.name: [] for p in running}
             errors: dict[str, str] = {}
+            skipped: set[str] = set()
             runs = 1 if w.name == "idle_memory" else a.runs
             for i in range(runs):
                 for p in running:
-                    if p.name in errors and not samples[p.name]:
+                    if p.name in skipped or (p.name in errors and not samples[p.name]):
                         continue  # failed before: don't spend the time again
                     if not p.alive():
                         errors[p.name] = "server died: " + p.tail(3)
@@ -122,13 +131,21 @@ def bench(a: argparse.Namespace) -> int:
                         extra = "".join(f" {k}={v}" for k, v in sm.detail.items() if k not in ("before", "during"))
                         print(f"  {w.name:13s} run {i + 1}/{runs} {p.name:10s} {sm.value:10.2f} {w.unit:5s} "
                               f"({time.monotonic() - t0:.1f}s){extra}", flush=True)  # fmt: skip
+                    except Skip as e:
+                        skipped.add(p.name)
+                        notes.append(f"{w.name}: {p.name} not measured: {e}")
+                        print(f"  {w.name:13s} {p.name:10s} skipped: {e}", flush=True)
                     except Exception as e:
                         errors[p.name] = f"{type(e).__name__}: {e}"
                         print(f"  {w.name:13s} run {i + 1}/{runs} {p.name:10s} FAILED {errors[p.name]}", flush=True)
             rows.append(report.summarize(w, {k: v for k, v in samples.items() if v}, details, errors))
+            for x in w.extra:  # more figures of the same runs, one row each
+                got = {k: [float(d[x.key]) for d in ds if d.get(x.key) is not None] for k, ds in details.items()}
+                xw = Workload(f"{w.name}.{x.key}", "  " + x.title, x.unit, w.run, x.higher_is_better, x.targets)
+                rows.append(report.summarize(xw, {k: v for k, v in got.items() if v}, {}, {}))
             cpu = {k: [d["server_cpu_ms_per_op"] for d in ds if d.get("server_cpu_ms_per_op")] for k, ds in details.items()}
             if any(cpu.values()):  # rate is capped by a shared machine and client; CPU per session is not
-                cw = Workload(w.name + "_cpu", f"  server CPU per session ({w.name})", "ms", w.run, higher_is_better=False)
+                cw = Workload(w.name + "_cpu", f"  server CPU per {w.op} ({w.name})", "ms", w.run, higher_is_better=False)
                 rows.append(report.summarize(cw, {k: v for k, v in cpu.items() if v}, {}, {}))
         print()
         print(report.table(rows, names))
@@ -149,6 +166,11 @@ def bench(a: argparse.Namespace) -> int:
     finally:
         for p in running:
             p.stop()
+        for stop in reversed(s.cleanups):
+            try:
+                stop()
+            except Exception as e:  # a fixture that won't stop must not hide the table
+                print(f"note: cleanup failed: {e}", file=sys.stderr)
         if a.keep:
             print(f"kept {base}")
         else:

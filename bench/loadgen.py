@@ -7,6 +7,7 @@ server so both get a core."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import statistics
 import time
@@ -181,6 +182,70 @@ async def hold_idle(host: str, port: int, user: str, password: str, n: int, meas
             w.close()
     await asyncio.sleep(0.5)
     return len(held), errors, got
+
+
+async def _login(host: str, port: int, user: str, password: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    banner = await _reply(reader)
+    if not banner.startswith(b"220"):
+        writer.close()
+        raise ConnectionError(banner.decode(errors="replace").strip())
+    r = await _cmd(reader, writer, f"USER {user}")
+    if r.startswith(b"331"):
+        r = await _cmd(reader, writer, f"PASS {password}")
+    if not r.startswith(b"230"):
+        writer.close()
+        raise ConnectionError(r.decode(errors="replace").strip())
+    return reader, writer
+
+
+def _passive_port(reply: bytes, epsv: bool) -> int:
+    text = reply.decode(errors="replace")
+    if epsv:  # 229 Entering Extended Passive Mode (|||port|)
+        return int(text[text.index("(") + 1 : text.rindex(")")].split(text[text.index("(") + 1])[3])
+    nums = text[text.index("(") + 1 : text.rindex(")")].split(",")  # 227 ... (h1,h2,h3,h4,p1,p2)
+    return int(nums[4]) * 256 + int(nums[5])
+
+
+async def small_retrs(host: str, port: int, user: str, password: str, path: str, size: int, duration: float) -> Result:
+    """One logged-in session doing EPSV (PASV if refused) + RETR of a small file
+    back to back for `duration` seconds: per-command and per-data-connection
+    cost, which bulk transfers hide. A short or failed transfer is an error."""
+    res = Result()
+    reader, writer = await asyncio.wait_for(_login(host, port, user, password), 10)
+    try:
+        r = await _cmd(reader, writer, "TYPE I")
+        epsv = True
+        deadline = time.monotonic() + duration
+        t_start = time.monotonic()
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            r = await asyncio.wait_for(_cmd(reader, writer, "EPSV" if epsv else "PASV"), 10)
+            if epsv and not r.startswith(b"229"):
+                epsv = False
+                continue
+            if not r.startswith((b"229", b"227")):
+                raise ConnectionError(r.decode(errors="replace").strip())
+            dr, dw = await asyncio.wait_for(asyncio.open_connection(host, _passive_port(r, epsv)), 10)
+            try:
+                r = await asyncio.wait_for(_cmd(reader, writer, f"RETR {path}"), 10)
+                if not r.startswith((b"150", b"125")):
+                    raise ConnectionError(r.decode(errors="replace").strip())
+                got = len(await asyncio.wait_for(dr.read(), 10))
+            finally:
+                dw.close()
+            r = await asyncio.wait_for(_reply(reader), 10)
+            if r.startswith(b"226") and got == size:
+                res.ops += 1
+                res.latencies.append(time.monotonic() - t0)
+            else:
+                res.errors += 1
+        res.seconds = time.monotonic() - t_start
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_cmd(reader, writer, "QUIT"), 2)
+    finally:
+        writer.close()
+    return res
 
 
 def run(coro):  # type: ignore[no-untyped-def]

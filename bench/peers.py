@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support_server import PASSWORD, REPO, free_port, make_server, passive_range, wait_port
+from tests.support_server import PASSWORD, REPO, cli, free_port, make_server, passive_range, wait_port
 
 USER = "alice"
 FTPCLUSTER_TLS = {"session_cache": "local", "session_tickets": "local", "require_data_session_reuse": False}
@@ -24,13 +25,15 @@ MAX_SESSIONS = 20000
 
 @dataclass
 class Files:
-    """What every peer serves: the big file for RETR, and the upload source."""
+    """What every peer serves: the big file for RETR (also the upload source) and
+    a 1 KB file for small RETRs."""
 
     base: Path
     cert: Path
     key: Path
     big: Path
     big_mb: int
+    small: Path | None = None
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Peer:
     password: str = PASSWORD
     extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
     stopper: Any = None
+    config: Path | None = None  # ftpcluster's config file
+    # Static host ban and its removal (None: this peer has no ban support).
+    ban_host: Callable[[str], None] | None = None
+    permit_host: Callable[[str], None] | None = None
 
     def root_pid(self) -> int:
         assert self.proc is not None
@@ -97,12 +104,15 @@ def _share(files: Files, home: Path) -> None:
     """Same bytes in every home: a hard link (no copy, same page cache)."""
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o777)  # ProFTPD sessions run as nobody
-    dst = home / files.big.name
-    if not dst.exists():
-        try:
-            os.link(files.big, dst)
-        except OSError:
-            shutil.copyfile(files.big, dst)
+    for src in (files.big, files.small):
+        if src is None:
+            continue
+        dst = home / src.name
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
 
 
 def prepare_files(base: Path, big_mb: int) -> Files:
@@ -118,7 +128,10 @@ def prepare_files(base: Path, big_mb: int) -> Files:
         for _ in range(big_mb):
             f.write(chunk)
     os.chmod(big, 0o644)
-    return Files(base, cert, key, big, big_mb)
+    small = base / "small1k.bin"
+    small.write_bytes(os.urandom(1024))
+    os.chmod(small, 0o644)
+    return Files(base, cert, key, big, big_mb, small)
 
 
 # -- ftpcluster ---------------------------------------------------------------
@@ -136,7 +149,20 @@ def start_ftpcluster(files: Files, nodes: int) -> Peer:
     )
     _share(files, srv.home)
     srv.start(nodes=nodes)
-    return Peer("ftpcluster", srv.host, srv.port, srv.home, srv.proc, tmp / "server.log", stopper=srv.stop)
+
+    def ban(ip: str) -> None:
+        _check(cli("ban", "host", ip, "--for", "1h", "--reason", "bench", config=srv.config, timeout=30), "ban")
+
+    def permit(ip: str) -> None:
+        _check(cli("permit", "host", ip, config=srv.config, timeout=30), "permit")
+
+    return Peer("ftpcluster", srv.host, srv.port, srv.home, srv.proc, tmp / "server.log", stopper=srv.stop,
+                config=srv.config, ban_host=ban, permit_host=permit)  # fmt: skip
+
+
+def _check(r: subprocess.CompletedProcess[str], what: str) -> None:
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-300:]}")
 
 
 # -- pyftpdlib ----------------------------------------------------------------
@@ -300,8 +326,15 @@ LoadModule mod_tls_memcache.c
   TLSSessionTickets on
 </IfModule>
 
+# Controls (ftpdctl) for static bans: mod_ban's `ban host` adds to the BanTable.
+ControlsEngine on
+ControlsSocket {tmp}/ctrls.sock
+ControlsInterval 1
+ControlsACLs all allow user root
+
 <IfModule mod_ban.c>
   BanEngine on
+  BanControlsACLs all allow user root
   BanLog none
   BanTable {tmp}/ban.tab
   BanCache memcache
@@ -331,7 +364,17 @@ def start_proftpd(files: Files) -> Peer:
         with open(log, "ab") as logf:
             proc = subprocess.Popen([shutil.which("proftpd") or PROFTPD, "-n", "-q", "-c", str(conf)],
                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)  # fmt: skip
-        peer = Peer("proftpd", "127.0.0.1", port, home, proc, log, extra=[mc])
+        ctl = [shutil.which("ftpdctl") or "ftpdctl", "-s", str(tmp / "ctrls.sock")]
+
+        def ban(ip: str) -> None:
+            if os.geteuid() != 0 or shutil.which("ftpdctl") is None:
+                raise RuntimeError("static ProFTPD bans need ftpdctl as root (ControlsACLs)")
+            _check(subprocess.run([*ctl, "ban", "host", ip], capture_output=True, text=True, timeout=30), "ftpdctl ban")
+
+        def permit(ip: str) -> None:
+            _check(subprocess.run([*ctl, "permit", "host", ip], capture_output=True, text=True, timeout=30), "ftpdctl permit")
+
+        peer = Peer("proftpd", "127.0.0.1", port, home, proc, log, extra=[mc], ban_host=ban, permit_host=permit)
     except Exception:
         _kill_group(mc)
         raise

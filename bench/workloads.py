@@ -8,6 +8,7 @@ import ssl
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import loadgen
@@ -26,6 +27,17 @@ class Settings:
     idle_sessions: int = 1000
     proftpd_idle_cap: int = 1000  # one process per session: 10,000 of them is a fork bomb
     files: Files | None = None
+    nodes: int = 2  # ftpcluster nodes of the main peer (the two-host clusters split them)
+    # Servers a workload starts itself (two-host clusters), kept across runs and
+    # workloads; `cleanups` are called once at the end of the bench.
+    fixtures: dict[str, Any] = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    base: Path | None = None  # the bench's temp dir
+    flood_seconds: float = 5.0  # ban_flood: seconds of flood per run
+
+
+class Skip(Exception):
+    """The workload does not apply to this peer; the message becomes a note."""
 
 
 @dataclass
@@ -41,7 +53,19 @@ class Workload:
     unit: str
     run: Callable[[Peer, Settings], Sample]
     higher_is_better: bool = True
-    # target: (peer, minimum ratio) or ("absolute", maximum value)
+    # target: (peer, minimum ratio) or ("absolute", bound)
+    targets: list[tuple[str, float]] = field(default_factory=list)
+    op: str = "session"  # what server_cpu_ms_per_op counts
+    # More rows, each a number the run put in Sample.detail.
+    extra: list[Extra] = field(default_factory=list)
+
+
+@dataclass
+class Extra:
+    key: str  # in Sample.detail
+    title: str
+    unit: str
+    higher_is_better: bool = True
     targets: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -111,6 +135,23 @@ def stor(peer: Peer, s: Settings) -> Sample:
     return _curl(["-T", str(s.files.big), peer.url("/upload.bin")], "upload")
 
 
+def retr_1k(peer: Peer, s: Settings) -> Sample:
+    """1 KB RETRs back to back on one logged-in session (EPSV + RETR each)."""
+    assert s.files is not None and s.files.small is not None
+    small = s.files.small
+    duration = min(s.duration, 2.0) if s.quick else s.duration
+    loadgen.run(loadgen.small_retrs(peer.host, peer.port, peer.user, peer.password, "/" + small.name, 1024, 0.3))
+    srv0, cli0 = cpu_seconds(peer.root_pid()), self_cpu_seconds()
+    r = loadgen.run(loadgen.small_retrs(peer.host, peer.port, peer.user, peer.password, "/" + small.name, 1024, duration))
+    srv, cli = cpu_seconds(peer.root_pid()) - srv0, self_cpu_seconds() - cli0
+    if r.ops == 0:
+        raise RuntimeError(f"no transfer completed ({r.errors} errors)")
+    return Sample(r.rate, {"ops": r.ops, "errors": r.errors, "p50_ms": round(r.p(0.5) * 1000, 2),
+                           "p99_ms": round(r.p(0.99) * 1000, 2),
+                           "server_cpu_ms_per_op": round(srv * 1000 / r.ops, 3),
+                           "client_cpu": round(cli / r.seconds, 2) if r.seconds else None})  # fmt: skip
+
+
 def idle_memory(peer: Peer, s: Settings) -> Sample:
     """KB per idle logged-in session: the server tree's PSS before and while N
     sessions are held, divided by N (RSS alongside)."""
@@ -139,5 +180,6 @@ WORKLOADS: list[Workload] = [
     Workload("retr", "RETR big file, plain", "MiB/s", retr, targets=[("proftpd", 1.0)]),
     Workload("retr_tls", "RETR big file, TLS", "MiB/s", retr_tls, targets=[("proftpd", 1.0)]),
     Workload("stor", "STOR big file, plain", "MiB/s", stor),
+    Workload("retr_1k", "1 KB RETR/s on one session (EPSV+RETR)", "/s", retr_1k, op="RETR"),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
