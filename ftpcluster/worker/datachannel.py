@@ -211,6 +211,12 @@ async def _receive_file(stream: DataStream, t: Transfer) -> int:
     done = False
     total = 0
     try:
+        receive_to = getattr(stream, "receive_to_fd", None)
+        if not t.ascii and receive_to is not None:
+            got = await receive_to(fd)
+            if got is not None:  # None: no thread free, do it on the loop
+                done = True
+                return got
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         pending_cr = False
