@@ -4,14 +4,16 @@ bulk transfers (C speed, so the client is not the bottleneck)."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import loadgen
+from . import flood, loadgen
 from .peers import Files, Peer
 from .procs import cpu_seconds, memory_kb, self_cpu_seconds
 
@@ -152,6 +154,54 @@ def retr_1k(peer: Peer, s: Settings) -> Sample:
                            "client_cpu": round(cli / r.seconds, 2) if r.seconds else None})  # fmt: skip
 
 
+BANNED, LEGIT = "127.0.0.99", "127.0.0.8"
+
+
+def _first_line(host: str, port: int, src: str, timeout: float = 2.0) -> bytes:
+    try:
+        with socket.create_connection((host, port), timeout=timeout, source_address=(src, 0)) as c:
+            return c.recv(200)
+    except OSError:
+        return b""
+
+
+def ban_flood(peer: Peer, s: Settings) -> Sample:
+    """Refusals/s of a banned address flooding the server (2 client processes),
+    and a legitimate client's login latency meanwhile."""
+    if peer.ban_host is None or peer.permit_host is None:
+        raise Skip("no host bans in pyftpdlib" if peer.name == "pyftpdlib" else "no static host ban")
+    peer.ban_host(BANNED)
+    try:
+        deadline = time.monotonic() + 5  # nodes notice a new ban within 0.25 s
+        while not _first_line(peer.host, peer.port, BANNED).startswith(b"530"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{BANNED} still admitted 5 s after the ban")
+            time.sleep(0.05)
+        srv0 = cpu_seconds(peer.root_pid())
+        r = flood.run_flood(peer.host, peer.port, peer.user, peer.password, s.flood_seconds,
+                            banned=BANNED, legit=LEGIT)  # fmt: skip
+        srv = cpu_seconds(peer.root_pid()) - srv0
+    finally:
+        peer.permit_host(BANNED)
+    lat = sorted(r["legit"])
+    pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2) if lat else None  # noqa: E731
+    detail = {"rejects": r["rejects"], "other": r["other"], "errors": r["errors"], "seconds": round(r["seconds"], 2),
+              "legit_logins": len(lat), "legit_errors": r["legit_errors"],
+              "legit_p50_ms": pick(0.5), "legit_p99_ms": pick(0.99),
+              "server_cpu_ms_per_op": round(srv * 1000 / r["rejects"], 4) if r["rejects"] else None,
+              "client_cpu": round(r["cpu_s"] / r["seconds"], 2) if r["seconds"] else None}  # fmt: skip
+    calm = sorted(r["calm"])
+    detail["calm_login_p50_ms"] = round(calm[len(calm) // 2] * 1000, 2) if calm else None
+    detail["legit_slowest_ms"] = r["legit_slowest_ms"]
+    if r["first_other"]:
+        detail["first_other"] = r["first_other"]
+    if r["legit_first_error"]:
+        detail["legit_first_error"] = r["legit_first_error"]
+    if not lat:
+        raise RuntimeError(f"the legitimate client never logged in: {r['legit_first_error']}")
+    return Sample(r["rate"], detail)
+
+
 def idle_memory(peer: Peer, s: Settings) -> Sample:
     """KB per idle logged-in session: the server tree's PSS before and while N
     sessions are held, divided by N (RSS alongside)."""
@@ -181,5 +231,9 @@ WORKLOADS: list[Workload] = [
     Workload("retr_tls", "RETR big file, TLS", "MiB/s", retr_tls, targets=[("proftpd", 1.0)]),
     Workload("stor", "STOR big file, plain", "MiB/s", stor),
     Workload("retr_1k", "1 KB RETR/s on one session (EPSV+RETR)", "/s", retr_1k, op="RETR"),
+    Workload("ban_flood", "banned-client flood: rejects/s (2 client procs)", "/s", ban_flood, op="reject",
+             targets=[("absolute", 20000.0)],
+             extra=[Extra("legit_p50_ms", "legit login p50 during flood", "ms", higher_is_better=False),
+                    Extra("legit_p99_ms", "legit login p99 during flood", "ms", higher_is_better=False)]),  # fmt: skip
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
