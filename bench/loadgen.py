@@ -21,6 +21,7 @@ class Result:
     ops: int = 0
     errors: int = 0
     resumed: int = 0  # TLS handshakes that resumed a session
+    offered: int = 0  # TLS handshakes that offered a session to resume
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
 
@@ -106,28 +107,39 @@ def client_context(resume: bool = False) -> ssl.SSLContext:
 
 
 async def sessions(host: str, port: int, user: str, password: str, concurrency: int, duration: float,
-                   tls: ssl.SSLContext | None = None, implicit: bool = False, resume: bool = False) -> Result:  # fmt: skip
+                   tls: ssl.SSLContext | None = None, implicit: bool = False, resume: bool = False,
+                   endpoints: list[tuple[str, int]] | None = None) -> Result:  # fmt: skip
     """Session churn for `duration` seconds. With `resume`, every client keeps its
-    own context and offers the session (or ticket) from its previous connection."""
+    own context and offers the session (or ticket) from its previous connection.
+    With `endpoints`, each client goes round them, one connection each (so a
+    resumed session always comes from another host when there are two)."""
     res = Result()
     deadline = time.monotonic() + duration
+    ends = endpoints or [(host, port)]
+    started = 0
 
     def count(obj: ssl.SSLObject) -> None:
         if obj.session_reused:
             res.resumed += 1
 
     async def worker() -> None:
+        nonlocal started
         ctx = tls
         if resume and tls is not None:
             ctx = client_context(resume=True)
             ctx.minimum_version, ctx.maximum_version = tls.minimum_version, tls.maximum_version
         session = None
+        k = started  # clients start on different hosts
+        started += 1
         while time.monotonic() < deadline:
             t0 = time.monotonic()
+            h, p = ends[k % len(ends)]
+            k += 1
             try:
                 if isinstance(ctx, ReuseContext):
                     ctx.next_session = session
-                got = await asyncio.wait_for(one_session(host, port, user, password, ctx, implicit, on_tls=count), 10)
+                    res.offered += session is not None
+                got = await asyncio.wait_for(one_session(h, p, user, password, ctx, implicit, on_tls=count), 10)
                 if resume:
                     session = got
                 res.ops += 1

@@ -219,6 +219,8 @@ def idle_memory(peer: Peer, s: Settings) -> Sample:
                             "before": before, "during": during})  # fmt: skip
 
 
+from .cluster import ban_propagation, ftps_cross_host  # noqa: E402 (it uses the types above)
+
 # idle_memory first: right after start (and a short warm-up) the heap has not yet
 # grown from churn, so the sessions we hold have to allocate what they cost.
 WORKLOADS: list[Workload] = [
@@ -235,5 +237,13 @@ WORKLOADS: list[Workload] = [
              targets=[("absolute", 20000.0)],
              extra=[Extra("legit_p50_ms", "legit login p50 during flood", "ms", higher_is_better=False),
                     Extra("legit_p99_ms", "legit login p99 during flood", "ms", higher_is_better=False)]),  # fmt: skip
+    Workload("ban_propagation", "ban propagation host A -> B, p99", "s", ban_propagation, higher_is_better=False,
+             targets=[("absolute", 1.0)], extra=[Extra("p50_s", "ban propagation p50", "s", higher_is_better=False)]),
+    Workload("ftps_cross_host", "FTPS cross-host sessions/s, cluster tickets", "/s", ftps_cross_host,
+             extra=[Extra("resumed_pct", "resumed on the other host, cluster tickets", "%"),
+                    Extra("off_rate", "FTPS cross-host sessions/s, tickets off (TLS 1.2 cache)", "/s"),
+                    Extra("off_resumed_pct", "resumed on the other host, tickets off", "%"),
+                    Extra("off_server_cpu_ms_per_op", "server CPU per session (tickets off)", "ms",
+                          higher_is_better=False)]),  # fmt: skip
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
