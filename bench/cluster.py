@@ -80,9 +80,9 @@ def pair(s: Settings, tickets: str) -> list[Server]:
         h.start(nodes=nodes, wait=False)
     for h in hosts:
         wait_port(h.host, h.port, proc=h.proc, log=h.log)
-    # A second of churn on each: workers up, the password verified on every node.
+    # Some churn on each: workers up, the password verified on every node.
     for h in hosts:
-        loadgen.run(loadgen.sessions(h.host, h.port, h.user, h.password, 8, 0.5))
+        loadgen.run(loadgen.sessions(h.host, h.port, h.user, h.password, 8, 0.3))
     return hosts
 
 
@@ -110,7 +110,7 @@ def ban_propagation(peer: Peer, s: Settings) -> Sample:
     cfg = config_mod.load(str(a.config))
     run = s.fixtures["banprop_runs"] = s.fixtures.get("banprop_runs", 0) + 1
     subnet = f"127.0.{3 + run}"  # 127.0.4.x on the first run; a fresh /24 per run (earlier bans are in force)
-    n = 25 if s.quick else 100
+    n = 20 if s.quick else 100
     lat: list[float] = []
     calls: list[float] = []
     lost = polls = 0
@@ -145,7 +145,8 @@ def _alternating(hosts: list[Server], s: Settings, ctx: ssl.SSLContext) -> tuple
     loadgen.run(loadgen.sessions(h0.host, h0.port, h0.user, h0.password, s.concurrency, s.warmup, tls=ctx,
                                  resume=True, endpoints=ends))  # fmt: skip
     srv0, cli0 = sum(cpu_seconds(h.proc.pid) for h in hosts if h.proc), self_cpu_seconds()
-    r = loadgen.run(loadgen.sessions(h0.host, h0.port, h0.user, h0.password, s.concurrency, s.duration, tls=ctx,
+    duration = min(s.duration, 2.0) if s.quick else s.duration  # two variants a run: keep quick mode quick
+    r = loadgen.run(loadgen.sessions(h0.host, h0.port, h0.user, h0.password, s.concurrency, duration, tls=ctx,
                                      resume=True, endpoints=ends))  # fmt: skip
     srv = sum(cpu_seconds(h.proc.pid) for h in hosts if h.proc) - srv0
     return r, srv, self_cpu_seconds() - cli0

@@ -62,11 +62,14 @@ async def _flood(host: str, port: int, src: str, concurrency: int, start_at: flo
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     t0 = time.monotonic()
     tasks = [asyncio.ensure_future(one()) for _ in range(concurrency)]
-    _, stuck = await asyncio.wait(tasks, timeout=max(0.0, stop_at - time.monotonic()) + 5)
-    for t in stuck:  # connections the server never answered
-        t.cancel()
-        c["errors"] += 1
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at - time.monotonic()) + 0.05)
     c["seconds"] = time.monotonic() - t0
+    # Connections still waiting at the end are not counted: only refusals the
+    # server managed within the window make the rate (ProFTPD forks behind).
+    c["unfinished"] = len(pending)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     return c
 
 
@@ -75,7 +78,7 @@ def _flood_proc(args: tuple[Any, ...], out: Any) -> None:
     try:
         c = loadgen.run(_flood(*args))
     except BaseException as e:  # report, never hang the parent
-        c = {"rejects": 0, "other": 0, "errors": 0, "seconds": 0.0, "failed": repr(e)}
+        c = {"rejects": 0, "other": 0, "errors": 0, "unfinished": 0, "seconds": 0.0, "failed": repr(e)}
     cpu1 = os.times()
     c["cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     c["cpu_sys_s"] = cpu1.system - cpu0.system
@@ -134,7 +137,7 @@ def run_flood(host: str, port: int, user: str, password: str, seconds: float, *,
     # Unflooded logins first: every node has verified the password (a per-node
     # cache) and the figure shows what the flood adds.
     now = time.monotonic()
-    calm, _, _, _ = loadgen.run(_legit(host, port, legit, user, password, 0.05, now, now + 0.5))
+    calm, _, _, _ = loadgen.run(_legit(host, port, legit, user, password, 0.05, now, now + 0.3))
     ctx = multiprocessing.get_context("fork")  # no loop is running here yet: forking is safe and fast
     out = ctx.Queue()
     start_at = time.monotonic() + 0.5  # children are up by then; all start together
@@ -160,7 +163,7 @@ def run_flood(host: str, port: int, user: str, password: str, seconds: float, *,
     if len(got) < procs or any("failed" in g for g in got):
         raise RuntimeError(f"flood process failed: {[g.get('failed') for g in got]} ({len(got)}/{procs} reported)")
     span = max(g["seconds"] for g in got) or seconds
-    total = {k: sum(g[k] for g in got) for k in ("rejects", "other", "errors", "cpu_s", "cpu_sys_s")}
+    total = {k: sum(g[k] for g in got) for k in ("rejects", "other", "errors", "unfinished", "cpu_s", "cpu_sys_s")}
     return {**total, "seconds": span, "rate": total["rejects"] / span,
             "first_other": next((g["first_other"] for g in got if g["first_other"]), ""),
             "legit": lat, "legit_errors": lerr, "legit_first_error": lfirst, "legit_slowest_ms": slowest,
