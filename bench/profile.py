@@ -80,6 +80,9 @@ def profile(a: argparse.Namespace) -> int:
         print(f"note: --profile {a.profile} skipped: py-spy is not installed (pip install py-spy, or set PY_SPY)")
         return 0
     w = BY_NAME[a.profile]
+    if w.name in ("ban_propagation", "ftps_cross_host"):
+        print(f"note: --profile {w.name} skipped: it runs on its own two-host pair, not the profiled peer")
+        return 0
     raise_nofile(max(4096, 2 * a.idle + 2048))
     base = Path(tempfile.mkdtemp(prefix="ftpcluster-profile-"))
     peer = None
@@ -87,7 +90,8 @@ def profile(a: argparse.Namespace) -> int:
         files = peers_mod.prepare_files(base, a.big_mb)
         peer = peers_mod.start_ftpcluster(files, a.nodes)
         loadgen.run(loadgen.sessions(peer.host, peer.port, peer.user, peer.password, 32, 1.0))
-        s = Settings(quick=a.quick, duration=a.duration, idle_sessions=a.idle, files=files)
+        s = Settings(quick=a.quick, duration=a.duration, idle_sessions=a.idle, files=files, nodes=a.nodes,
+                     base=base, flood_seconds=a.flood_seconds)  # fmt: skip
         RESULTS.mkdir(parents=True, exist_ok=True)
         ts = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = RESULTS / f"profile-{ts}-{w.name}.txt"
