@@ -188,3 +188,35 @@ def test_status_and_metrics_show_the_tls_mode(server_factory, memcached, tmp_pat
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for result in ("store", "hit"):
         assert re.search(r'ftpcluster_tls_session_cache_total\{level="L1",result="%s"\} [1-9]' % result, text), text[-3000:]
+
+
+@pytest.mark.parametrize("maxv", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
+def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, maxv):
+    import time
+
+    _, (a, b) = tls_hosts(server_factory, memcached, tmp_path, "off")
+    ctx = client_ctx(maxv)
+
+    def login(h, session):  # type: ignore[no-untyped-def]
+        with socket.create_connection((h.host, h.implicit_port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, session=session) as s:
+                f = s.makefile("rwb")
+                f.readline()
+                f.write(f"USER {h.user}\r\nPASS {h.password}\r\n".encode())
+                f.flush()
+                f.readline()
+                reply = f.readline()
+                f.write(b"QUIT\r\n")
+                f.flush()
+                f.readline()
+                return s.session, s.session_reused, reply
+
+    session, _, reply = login(a, None)
+    assert reply.startswith(b"230")
+    _, reused, _ = login(b, session)
+    assert reused  # through memcached on the other host
+    assert cli("ban", "user", "alice", "--for", "1h", config=a.config).returncode == 0
+    time.sleep(1.5)
+    for h in (a, b):
+        _, reused, reply = login(h, session)
+        assert not reused and reply.startswith(b"530")

@@ -91,11 +91,37 @@ class TwoLevelStore:
             self.pending += 1
         self._executor.submit(self._write, self._key(session_id), sealed, int(ttl) + 1)
 
-    def _write(self, key: str, sealed: bytes, ttl: int) -> None:
+    def remember_user(self, user: str, session_id: bytes) -> None:
+        """Note that `user` logged in over this session, so a ban can revoke it."""
+        from .tls_revoke import memcache_name, remember
+
+        if self.l1 is None or not session_id:
+            return
+        packed = remember(self.l1, user, session_id, self.cfg.tls.session_lifetime)
+        if self.ring is not None and self.pending < MAX_PENDING:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tls-store")
+            with self._lock:
+                self.pending += 1
+            self._executor.submit(self._merge_ids, memcache_name(user), packed, int(self.cfg.tls.session_lifetime) + 1)
+
+    def _merge_ids(self, key: str, packed: bytes, ttl: int) -> None:
+        """The user's list in memcached is the union of every host's (gets/cas)."""
+        from .tls_revoke import pack_ids, unpack_ids
+
+        if self._writer is None:
+            self._writer = Ring(self.cfg)
+        mine = unpack_ids(packed)
+        self._writer.update(key, lambda old: pack_ids([i for i in unpack_ids(old) if i not in mine] + mine), ttl)
+        with self._lock:
+            self.pending -= 1
+
+    def _write(self, key: str, sealed: bytes, ttl: int, counted: bool = True) -> None:
         """On the store thread, with its own ring (a Ring belongs to one thread)."""
         if self._writer is None:
             self._writer = Ring(self.cfg)
         ok = self._writer.set(key, sealed, ttl) > 0
         with self._lock:
             self.pending -= 1
-            self._from_thread[("L2", "store" if ok else "error")] += 1
+            if counted or not ok:
+                self._from_thread[("L2", "store" if ok else "error")] += 1

@@ -96,9 +96,21 @@ class Arbiter:
         if cfg.ban.enabled:
             self.bans = BanAdmin(cfg, self.metrics_writer)
             self.bans.register(self.handlers)
+            self.bans.user_ban_hooks.append(self._revoke_tls)
         else:
             off = lambda req, p: {"ok": False, "error": "bans are disabled ([ban] enabled = false)"}  # noqa: E731
             self.handlers.update({"ban": off, "permit": off, "bans": off})
+
+    def _revoke_tls(self, user: str) -> None:
+        """A banned user's cached TLS sessions go, on this host and in memcached."""
+        from ..cluster.tls_revoke import revoke_user
+
+        cache = self.shared.get("tls_cache")
+        ring = self.bans.ring if self.bans is not None and self.cfg.tls.session_cache == "memcache" else None
+        if cache is not None or ring is not None:
+            n = revoke_user(user, cache, ring)
+            if n:
+                log.info("TLS sessions revoked", user=user, sessions=n)
 
     def _shared_state(self, cfg: Config) -> dict[str, Any]:
         """Host-wide shared-memory files the nodes open after the fork (kept on reload)."""

@@ -36,6 +36,9 @@ class BanAdmin:
         self.saved_gen = -1
         self.next_purge = 0.0
         self.extra_bans: list[Callable[[], list[dict[str, Any]]]] = []  # cluster-only bans (memcached)
+        self.user_ban_hooks: list[Callable[[str], None]] = []  # e.g. revoke the user's TLS sessions
+        self.seen_user_bans: set[tuple[str, str]] = set()
+        self.hooks_gen = -1
         if fresh:
             self.load_snapshot()
         self.engine.table.purge()
@@ -110,6 +113,7 @@ class BanAdmin:
             if self.metrics is not None:
                 for st in self.ring.status():
                     self.metrics.set("ftpcluster_memcache_up", int(st["up"]), (st["address"],))
+        self._user_bans()
         if now >= self.next_purge:
             self.next_purge = now + PURGE_EVERY
             self.engine.table.purge()
@@ -120,6 +124,22 @@ class BanAdmin:
                 counts[b.kind] = counts.get(b.kind, 0) + 1
             for kind, n in counts.items():
                 self.metrics.set("ftpcluster_bans_active", n, (kind,))
+
+    def _user_bans(self) -> None:
+        """Run the user-ban hooks once for each user or user@host ban that appears."""
+        gen = self.engine.table.generation()
+        if gen == self.hooks_gen or not self.user_ban_hooks:
+            return
+        self.hooks_gen = gen
+        current = {(b.kind, b.name) for b in self.engine.active() if b.kind in ("user", "userhost")}
+        for kind, name in current - self.seen_user_bans:
+            user = name.rpartition("@")[0] if kind == "userhost" else name
+            for hook in self.user_ban_hooks:
+                try:
+                    hook(user)
+                except Exception:
+                    log.exception("user ban hook failed", user=user)
+        self.seen_user_bans = current
 
     # ------------------------------------------------------------ control commands
     def handle_ban(self, req: dict[str, Any], _pending: Any = None) -> dict[str, Any]:

@@ -92,6 +92,7 @@ class NodeServer:
         from .tls import TLSService
 
         self.tls = TLSService(self.cfg, count=self._count)
+        self.subscribers.append(self.tls.remember_login)
 
     def _count(self, name: str, labels: tuple[str, ...]) -> None:
         metrics = getattr(self, "metrics", None)  # set by the observability hook

@@ -194,5 +194,16 @@ class TLSService:
 
         return wrap
 
+    def remember_login(self, event: Any, conn: Any) -> None:
+        """Subscriber: a TLS login's session id, kept so a ban on the user can revoke it."""
+        if event.name != "login" or conn is None or self.store is None or conn.tls_object is None:
+            return
+        try:
+            sess = conn.tls_object.session
+        except (AttributeError, ValueError):
+            return
+        if sess is not None and sess.id:
+            self.store.remember_user(str(event.fields.get("user", "")), sess.id)
+
     def status(self) -> dict[str, Any]:
         return {"session_cache": self.cache_mode, "session_tickets": self.ticket_mode, "warnings": list(self.warnings)}

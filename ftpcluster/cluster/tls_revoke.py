@@ -1,0 +1,64 @@
+"""Revoking a user's cached TLS sessions when the user is banned.
+
+Nodes remember which session ids each user's control connections used (the
+last few per user, in the host's shared memory and, with memcached, under a
+per-user key); when a user or user@host ban appears, the supervisor deletes
+those sessions from both levels, so a banned user's client cannot resume them
+anywhere. Sessions resumed through tickets carry no id and cannot be revoked
+this way: they expire with the ticket key epoch (an hour)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+MAX_IDS = 16
+ID_MAX = 64
+
+
+def user_key(user: str) -> bytes:
+    return b"tlsuser:" + hashlib.blake2b(user.encode("utf-8", "replace"), digest_size=12).digest()
+
+
+def memcache_name(user: str) -> str:
+    return "tlsuser:" + hashlib.blake2b(user.encode("utf-8", "replace"), digest_size=12).hexdigest()
+
+
+def pack_ids(ids: list[bytes]) -> bytes:
+    return b"".join(bytes([len(i)]) + i for i in ids[-MAX_IDS:] if 0 < len(i) <= ID_MAX)
+
+
+def unpack_ids(raw: bytes | None) -> list[bytes]:
+    out: list[bytes] = []
+    i = 0
+    while raw and i < len(raw) and len(out) < MAX_IDS:
+        n = raw[i]
+        if n == 0 or n > ID_MAX or i + 1 + n > len(raw):
+            break
+        out.append(bytes(raw[i + 1 : i + 1 + n]))
+        i += 1 + n
+    return out
+
+
+def remember(l1: Any, user: str, session_id: bytes, ttl: float) -> bytes:
+    """Add an id to the user's list in L1; returns the packed list (for L2)."""
+    ids = [i for i in unpack_ids(l1.get(user_key(user))) if i != session_id] + [session_id]
+    packed = pack_ids(ids)
+    l1.put(user_key(user), packed, ttl)
+    return packed
+
+
+def revoke_user(user: str, l1: Any, ring: Any = None) -> int:
+    """Delete every remembered session of `user` from L1 and L2; returns how many ids."""
+    ids = set(unpack_ids(l1.get(user_key(user)) if l1 is not None else None))
+    if ring is not None:
+        ids |= set(unpack_ids(ring.get(memcache_name(user))))
+    for sid in ids:
+        if l1 is not None:
+            l1.delete(sid)
+        if ring is not None:
+            ring.delete("tls:" + sid.hex())
+    if l1 is not None:
+        l1.delete(user_key(user))
+    # The list in memcached stays until its TTL: other hosts revoke from it too.
+    return len(ids)
