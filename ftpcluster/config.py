@@ -75,6 +75,7 @@ class ServerConfig:
     # ours
     login_timeout: float = 60.0
     data_timeout: float = 30.0
+    no_transfer_timeout: float = 0.0  # logged in this long without a transfer: 421 (ProFTPD's TimeoutNoTransfer); 0 = off
     max_sessions_per_node: int = 2000
     max_line_length: int = 4096
     atomic_uploads: bool = True
@@ -170,6 +171,7 @@ _DURATIONS = {
     ("server", "idle_timeout"),
     ("server", "login_timeout"),
     ("server", "data_timeout"),
+    ("server", "no_transfer_timeout"),
     ("server", "heartbeat_timeout"),
     ("server", "graceful_timeout"),
     ("tls", "handshake_timeout"),

@@ -185,3 +185,25 @@ def test_event_rules_unhandled_command_and_connect_rate(server_factory):
     replies = [greet(srv, "127.0.0.21") for _ in range(10)]
     assert replies[0].startswith(b"220") and replies[-1].startswith(b"530"), replies
     assert greet(srv, "127.0.0.22").startswith(b"220")
+
+
+def test_no_transfer_timeout_and_its_ban_rule(server_factory):
+    rule = {"event": "TimeoutNoTransfer", "threshold": 1, "window": "1m", "duration": "10m"}
+    srv = server_factory(server={"no_transfer_timeout": "1s"}, ban={"rules": [rule]})
+    f = login(srv, "127.0.0.23")
+
+    def ended() -> bool:
+        try:
+            f.voidcmd("NOOP")  # busy, but never transferring
+        except (ftplib.error_temp, ftplib.error_perm, EOFError, OSError):
+            return True  # 421 no-transfer timeout, or 530 from the ban it triggered
+        return False
+
+    assert wait_for(ended, timeout=10, step=0.3)
+    assert wait_for(lambda: greet(srv, "127.0.0.23").startswith(b"530"))
+    g = login(srv, "127.0.0.24")
+    (srv.home / "x").write_bytes(b"1")
+    for _ in range(3):  # a session that keeps transferring is not cut
+        g.retrbinary("RETR x", lambda b: None)
+        time.sleep(0.5)
+    g.quit()

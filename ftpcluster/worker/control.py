@@ -50,6 +50,8 @@ class ControlConnection(asyncio.Protocol):
         self.transfer_task: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         self.started = self.last_activity
+        self.last_transfer = 0.0
+        self.logged_in_at: float | None = None  # for [server] no_transfer_timeout
         self.closing = False
         self.tls_object: Any = None  # ssl.SSLObject of the control connection once TLS is on
 
@@ -165,6 +167,8 @@ class ControlConnection(asyncio.Protocol):
     async def _verify(self, action: VerifyPassword) -> None:
         rec = await self.node.verify_password(action.user, action.password, self)
         user = User(rec.name, rec.home, rec.read_only) if rec is not None else None
+        if user is not None:
+            self.logged_in_at = time.monotonic()
         if self.session is not None:
             self._report(self.session.auth_done(user))
 
@@ -198,7 +202,7 @@ class ControlConnection(asyncio.Protocol):
             result = TransferResult("aborted")
         finally:
             self.transfer_task = None
-            self.last_activity = time.monotonic()  # the idle clock starts when the transfer ends
+            self.last_activity = self.last_transfer = time.monotonic()  # the idle clock starts when the transfer ends
         if self.session is not None:
             self._report(self.session.transfer_done(result))
         self.node.after_transfer(self)
@@ -242,7 +246,7 @@ class ControlConnection(asyncio.Protocol):
                 self.transport.write(Reply(code, text).encode())
         self.abort(text)
 
-    def check_timeouts(self, now: float, login_timeout: float, idle_timeout: float) -> None:
+    def check_timeouts(self, now: float, login_timeout: float, idle_timeout: float, no_transfer_timeout: float = 0.0) -> None:
         s = self.session
         if s is None or self.closing:
             return
@@ -250,6 +254,13 @@ class ControlConnection(asyncio.Protocol):
             self.perform(s.timed_out("login"))
         elif self.transfer_task is None and idle_timeout and now - self.last_activity > idle_timeout:
             self.perform(s.timed_out("idle"))
+        if s.user is not None and self.logged_in_at is None:
+            self.logged_in_at = now  # logins that did not go through a password check (anonymous)
+        if s.user is None or self.transfer_task is not None or not no_transfer_timeout:
+            return
+        if (now - max(self.last_transfer, self.logged_in_at or now) > no_transfer_timeout
+                and not self.closing):  # fmt: skip
+            self.perform(s.timed_out("no_transfer"))
 
     @property
     def user_name(self) -> str | None:

@@ -297,7 +297,7 @@ class NodeServer:
         while not self.stopped.is_set():
             now = time.monotonic()
             for conn in list(self.sessions):
-                conn.check_timeouts(now, s.login_timeout, s.idle_timeout)
+                conn.check_timeouts(now, s.login_timeout, s.idle_timeout, s.no_transfer_timeout)
             if self.ctx.heartbeat is not None:
                 with contextlib.suppress(Exception):
                     self.ctx.heartbeat(self.stats())

@@ -223,8 +223,10 @@ class Session:
 
     def timed_out(self, what: str) -> list[Output]:
         """Idle or login timeout: tell the client why, then close."""
-        self.emit("TimeoutLogin" if what == "login" else "TimeoutIdle")
-        self.close(421, f"{what.capitalize()} timeout: closing control connection")
+        event = {"login": "TimeoutLogin", "idle": "TimeoutIdle", "no_transfer": "TimeoutNoTransfer"}[what]
+        self.emit(event)
+        text = "No transfer timeout" if what == "no_transfer" else f"{what.capitalize()} timeout"
+        self.close(421, f"{text}: closing control connection")
         return self._take()
 
     # ------------------------------------------------------------ helpers for handlers

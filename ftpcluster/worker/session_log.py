@@ -26,6 +26,7 @@ _LEVELS: dict[str, tuple[str, str]] = {
     "rename": ("info", "rename"),
     "tls_failed": ("info", "TLS handshake failed"),
     "TimeoutIdle": ("info", "idle timeout"),
+    "TimeoutNoTransfer": ("info", "no transfer timeout"),
     "TimeoutLogin": ("info", "login timeout"),
     "BadProtocol": ("warning", "bad protocol"),
     "EmptyPassword": ("warning", "empty password"),
