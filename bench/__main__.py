@@ -107,7 +107,7 @@ def bench(a: argparse.Namespace) -> int:
             print("ftpcluster did not start; nothing to compare", file=sys.stderr)
             return 1
         s.files = files
-        if a.idle > s.proftpd_idle_cap and "proftpd" in names:
+        if a.idle > s.proftpd_idle_cap and "proftpd" in names and any(w.name == "idle_memory" for w in want):
             notes.append(f"proftpd idle memory measured at {s.proftpd_idle_cap} sessions (a process each)")
         rows = []
         for w in want:
@@ -128,6 +128,8 @@ def bench(a: argparse.Namespace) -> int:
                         sm = w.run(p, s)
                         samples[p.name].append(sm.value)
                         details[p.name].append(sm.detail)
+                        if sm.note and f"{w.name}: {p.name}: {sm.note}" not in notes:
+                            notes.append(f"{w.name}: {p.name}: {sm.note}")
                         extra = "".join(f" {k}={v}" for k, v in sm.detail.items() if k not in ("before", "during"))
                         print(f"  {w.name:13s} run {i + 1}/{runs} {p.name:10s} {sm.value:10.2f} {w.unit:5s} "
                               f"({time.monotonic() - t0:.1f}s){extra}", flush=True)  # fmt: skip

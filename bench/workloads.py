@@ -46,6 +46,7 @@ class Skip(Exception):
 class Sample:
     value: float
     detail: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # how this peer was measured, printed once under the table
 
 
 @dataclass
@@ -202,7 +203,9 @@ def ban_flood(peer: Peer, s: Settings) -> Sample:
         detail["legit_first_error"] = r["legit_first_error"]
     if not lat:
         raise RuntimeError(f"the legitimate client never logged in: {r['legit_first_error']}")
-    return Sample(r["rate"], detail)
+    how = ("static ban through mod_ban's control (`ftpdctl ban host`, a BanTable entry); refused with "
+           "530 at session start, after ProFTPD forked" if peer.name == "proftpd" else "")  # fmt: skip
+    return Sample(r["rate"], detail, how)
 
 
 def idle_memory(peer: Peer, s: Settings) -> Sample:
