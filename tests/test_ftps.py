@@ -355,3 +355,44 @@ def test_tls_service_reload_keeps_context_on_bad_files(tmp_path):
     with pytest.raises((ssl.SSLError, OSError)):
         svc.reload(config_mod.load(str(tmp_path / "ftpcluster.toml")))
     assert svc.context is before
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_client_speaking_right_after_its_finished(server_factory, monkeypatch, loop):
+    """An asyncio client writes USER the moment its handshake ends; the bytes reach the
+    server before its start_tls() returns and must not be lost (they were, under asyncio)."""
+    import asyncio
+
+    monkeypatch.setenv("FTPCLUSTER_LOOP", "asyncio" if loop == "asyncio" else "auto")
+    srv = server_factory(tls=True)
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection(srv.host, srv.port)
+        await reader.readline()
+        writer.write(b"AUTH TLS\r\n")
+        assert (await reader.readline()).startswith(b"234")
+        await writer.start_tls(client_ctx())
+        writer.write(f"USER {srv.user}\r\nPASS {srv.password}\r\n".encode())
+        await reader.readline()
+        reply = await reader.readline()
+        writer.close()
+        return reply
+
+    async def many() -> list[bytes]:
+        return [await asyncio.wait_for(one(), 10) for _ in range(30)]
+
+    assert all(r.startswith(b"230") for r in asyncio.run(many()))
+
+
+def test_plaintext_pipelined_after_auth_tls_is_discarded(tls_server):
+    """STARTTLS command injection: commands sent in the clear behind AUTH TLS must not
+    be run inside the TLS session."""
+    raw = socket.create_connection((tls_server.host, tls_server.port), timeout=10)
+    f = raw.makefile("rb")
+    f.readline()
+    raw.sendall(b"AUTH TLS\r\nUSER alice\r\n")
+    assert f.readline().startswith(b"234")
+    s = client_ctx().wrap_socket(raw)
+    s.sendall(b"PASS " + tls_server.password.encode() + b"\r\n")
+    assert s.recv(200).startswith(b"503")  # no USER was seen inside TLS
+    s.close()

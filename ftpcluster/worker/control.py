@@ -54,6 +54,7 @@ class ControlConnection(asyncio.Protocol):
         self.logged_in_at: float | None = None  # for [server] no_transfer_timeout
         self.closing = False
         self.tls_object: Any = None  # ssl.SSLObject of the control connection once TLS is on
+        self._tls_early: list[bytes] | None = None  # set while AUTH TLS switches the transport
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,6 +91,12 @@ class ControlConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self._tls_early is not None:
+            # A client that speaks right after its Finished: the TLS layer hands us the
+            # bytes before start_tls() has returned. Keep them for the session.
+            if sum(map(len, self._tls_early)) < 65536:
+                self._tls_early.append(data)
+            return
         if self.session is not None and not self.closing:
             self.perform(self.session.receive_data(data))
 
@@ -141,6 +148,11 @@ class ControlConnection(asyncio.Protocol):
             if self.transfer_task is not None:
                 self.transfer_task.cancel()
         elif isinstance(action, StartTLS):
+            # Stop reading now, in this callback: the ClientHello may already be on its
+            # way, and must stay in the socket for the TLS layer, not reach the FTP parser.
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._tls_early = []  # from here on, data can only come through the TLS layer
             self._spawn(self._start_tls())
         elif isinstance(action, Close):
             self.closing = True
@@ -227,6 +239,9 @@ class ControlConnection(asyncio.Protocol):
         self.tls_object = new.get_extra_info("ssl_object")
         self.node.publish(Event("tls_established", {"resumed": bool(self.tls_object and self.tls_object.session_reused)}), self)
         self._report(self.session.tls_done())
+        early, self._tls_early = self._tls_early or [], None
+        if early and not self.closing:
+            self.perform(self.session.receive_data(b"".join(early)))
 
     # ------------------------------------------------------------ lifecycle
     def abort(self, why: str) -> None:
