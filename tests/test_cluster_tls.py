@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -72,6 +73,7 @@ def test_python_session_resumes_across_hosts_and_data_reuse_works(server_factory
                 if session is not None:
                     reused.append(s.session_reused)
                 session = s.session
+        time.sleep(0.3)  # new sessions reach memcached from a background thread
     assert reused and all(reused), reused
     for h in hosts:  # protected data channels still resume their control session
         (h.home / "x").write_bytes(b"data")
