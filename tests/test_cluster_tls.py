@@ -215,6 +215,7 @@ def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, m
 
     session, _, reply = login(a, None)
     assert reply.startswith(b"230")
+    time.sleep(0.3)  # the memcached write is asynchronous
     _, reused, _ = login(b, session)
     assert reused  # through memcached on the other host
     assert cli("ban", "user", "alice", "--for", "1h", config=a.config).returncode == 0
