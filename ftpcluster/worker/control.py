@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -81,12 +80,7 @@ class ControlConnection(asyncio.Protocol):
                 transport.write(msg.encode("utf-8", "replace") + b"\r\n")  # type: ignore[attr-defined]
             transport.close()
             return False
-        self.admitted = True
-        sock = transport.get_extra_info("socket")
-        with contextlib.suppress(Exception):
-            # Clients send ABOR's last byte as TCP urgent data (ftplib does): keep it in the stream.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.admitted = True  # SO_OOBINLINE and TCP_NODELAY come from the listener
         return True
 
     def data_received(self, data: bytes) -> None:

@@ -198,11 +198,7 @@ class NodeServer:
                 sock.send(msg.encode("utf-8", "replace") + b"\r\n")
             sock.close()
             return
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Clients send ABOR's last byte as TCP urgent data (ftplib does): keep it in the stream.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        sock.setblocking(False)  # TCP_NODELAY and SO_OOBINLINE (ABOR's urgent byte) come from the listener
         self.track(self.loop.create_task(self._connect(sock, (ip, addr[1]), implicit)))
 
     async def _connect(self, sock: socket.socket, client: tuple[str, int], implicit: bool) -> None:
