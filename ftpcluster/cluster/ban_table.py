@@ -90,6 +90,10 @@ class BanTable:
         finally:
             os.close(fd)
         self.base = HEADER.size + 8
+        self._idx_gen = -1
+        self._idx: dict[tuple[str, str], int] = {}
+        self._empty: set[int] = set()
+        self._expired: set[int] = set()
         if create:
             with self.locked():
                 magic, cap, _, _ = HEADER.unpack_from(self.mm, 0)
@@ -153,37 +157,66 @@ class BanTable:
         return gen, bans  # a busy writer: good enough, the next change re-reads
 
     # ------------------------------------------------------------ writing
+    def _index(self, now: float) -> tuple[dict[tuple[str, str], int], set[int], set[int]]:
+        """(key -> slot of every record, empty slots, expired slots), kept between
+        calls and rebuilt only when another process wrote since (call under the lock).
+        The supervisor's bursts of writes (cluster sync) then cost O(1) each."""
+        gen = self.generation()
+        if gen != self._idx_gen:
+            idx: dict[tuple[str, str], int] = {}
+            empty: set[int] = set()
+            expired: set[int] = set()
+            for i in range(self._hwm()):
+                b = self._read(i)
+                if b is None:
+                    empty.add(i)
+                    continue
+                idx[(b.kind, b.name)] = i
+                if not b.active(now):
+                    expired.add(i)
+            self._idx, self._empty, self._expired, self._idx_gen = idx, empty, expired, gen
+        return self._idx, self._empty, self._expired
+
     def add(self, ban: Ban, now: float | None = None) -> bool:
         """Insert or replace the ban on (kind, name). False when the table is full
         of bans that may not be replaced."""
         now = time.time() if now is None else now
+        key = (ban.kind, ban.name)
         with self.locked():
+            idx, empty, expired = self._index(now)
             hwm = self._hwm()
-            free = victim = None
-            victim_exp = float("inf")
-            for i in range(hwm):
-                b = self._read(i)
-                if b is None or not b.active(now):
-                    if free is None:
-                        free = i
-                    if b is not None and (b.kind, b.name) == (ban.kind, ban.name):
-                        free = i
-                        break
-                    continue
-                if (b.kind, b.name) == (ban.kind, ban.name):
-                    free = i
-                    break
-                if not b.manual and b.expires_at is not None and b.expires_at < victim_exp:
-                    victim, victim_exp = i, b.expires_at
-            if free is None and hwm < self.capacity:
-                free, hwm = hwm, hwm + 1
-            if free is None:
-                free = victim
-            if free is None:
+            slot = idx.get(key)
+            if slot is not None:
+                expired.discard(slot)  # the same key again: its record is reused in place
+            if slot is None and empty:
+                slot = empty.pop()
+            if slot is None and expired:
+                slot = expired.pop()
+            if slot is None and hwm < self.capacity:
+                slot, hwm = hwm, hwm + 1
+            if slot is None:
+                slot = self._victim(now)
+            if slot is None:
                 return False
-            self._write(free, ban)
+            old = self._read(slot)
+            if old is not None and (old.kind, old.name) != key:
+                idx.pop((old.kind, old.name), None)
+            self._write(slot, ban)
+            idx[key] = slot
             self._bump(hwm)
+            self._idx_gen = self.generation()
             return True
+
+    def _victim(self, now: float) -> int | None:
+        """A full table: the automatic ban that ends soonest (expired ones first)."""
+        victim, victim_exp = None, float("inf")
+        for i in range(self._hwm()):
+            b = self._read(i)
+            if b is None or not b.active(now):
+                return i
+            if not b.manual and b.expires_at is not None and b.expires_at < victim_exp:
+                victim, victim_exp = i, b.expires_at
+        return victim
 
     def remove(self, kind: str, name: str) -> bool:
         with self.locked():
