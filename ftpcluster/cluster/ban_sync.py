@@ -37,7 +37,8 @@ SHARDS = 16
 LOG_TTL = 86400
 MAX_VALUE = 2048
 BATCH = 500
-GAP_WAIT = 2.0  # seconds a missing log entry may take to appear before a full reload
+GAP_WAIT = 2.0
+FULL_EVERY = 30.0  # seconds between full reloads from the index (a safety net)  # seconds a missing log entry may take to appear before a full reload
 
 
 def _shard(kind: str, name: str) -> int:
@@ -90,6 +91,8 @@ class BanSync:
         self.seen_rejoins = 0
         self.dirty = False  # a write that no server took: redo it when servers answer
         self.pending_removals: set[tuple[str, str]] = set()
+        self.pending_log: list[dict[str, Any]] = []
+        self.next_full = 0.0
         self.applied = 0
         self.gap_since: float | None = None
         engine.on_change.append(self._on_change)
@@ -127,8 +130,9 @@ class BanSync:
 
     def _log(self, entry: dict[str, Any]) -> None:
         seq = self.ring.incr("banseq", 1)
-        if seq is not None:
-            self.ring.set(f"banlog:{seq}", json.dumps(entry, separators=(",", ":")).encode(), LOG_TTL)
+        if seq is None or not self.ring.set(f"banlog:{seq}", json.dumps(entry, separators=(",", ":")).encode(), LOG_TTL):
+            self.pending_log.append(entry)  # written again when a server answers
+            self.dirty = True
 
     def republish_all(self) -> None:
         """memcached lost its data (restart, rejoin): write every local ban again."""
@@ -148,6 +152,9 @@ class BanSync:
         self.seen_gen, self.dirty = gen, False
         for kind, name in list(self.pending_removals):
             self.unpublish(kind, name)
+        retry, self.pending_log = self.pending_log[-1000:], []
+        for entry in retry:
+            self._log(entry)
         now = time.time()
         for b in self.engine.active():
             if b.origin == "local" and self.published.get((b.kind, b.name), -1) != b.expires_at:
@@ -167,9 +174,12 @@ class BanSync:
             return
         if raw is None and self.last_seq:
             self.republish_all()  # the counter vanished: the servers were emptied
-        if self.last_seq is None or seq < self.last_seq:
+        now = time.monotonic()
+        if self.last_seq is None or seq < self.last_seq or now >= self.next_full:
+            # Also every FULL_EVERY seconds: whatever a log entry lost during a partial
+            # outage did not carry, the index does.
             self.full_load()
-            self.last_seq = seq
+            self.last_seq, self.next_full = seq, now + FULL_EVERY
             return
         while self.last_seq < seq:
             upto = min(seq, self.last_seq + BATCH)
@@ -243,7 +253,7 @@ class BanSync:
             if gone and (b.origin == "cluster" or (b.kind, b.name) in self.published):
                 self.engine.table.remove(b.kind, b.name)
                 self.published.pop((b.kind, b.name), None)
-        log.info("cluster bans loaded", count=len(live))
+        (log.info if self.last_seq is None else trace.debug)("cluster bans loaded", count=len(live))
 
     def cluster_bans(self) -> list[dict[str, Any]]:
         """For `bans --json`: bans that exist in memcached (origin cluster)."""

@@ -146,7 +146,7 @@ class Ring:
         """Counter on the first live replica (counters are not replicated: a lost
         server loses a few counts, never a ban)."""
         k = self.key(name)
-        for s in self.targets(name)[:1]:
+        for s in self.targets(name):  # the first live replica; the next one if it fails
             ok, v = self._call(s, "incr", lambda c: c.incr(k, by, noreply=False))
             if ok and v is None:
                 ok, _ = self._call(s, "add", lambda c: c.add(k, b"0", expire=ttl, noreply=False))
