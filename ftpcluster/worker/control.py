@@ -35,12 +35,10 @@ if TYPE_CHECKING:
 
 
 class ControlConnection(asyncio.Protocol):
-    def __init__(self, node: NodeServer, client: tuple[str, int] | None, implicit_tls: bool = False,
+    def __init__(self, node: NodeServer, client: tuple[str, int], implicit_tls: bool = False,
                  info: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.node = node
-        # None: accepted by the loop itself; the address is read (and admitted) in connection_made
-        self.client_ip, self.client_port = client if client is not None else ("", 0)
-        self.admitted = client is not None
+        self.client_ip, self.client_port = client[0], client[1]  # admitted by the node already
         self.implicit_tls = implicit_tls
         self.info = info or {}  # e.g. PROXY protocol details
         self.transport: asyncio.Transport | None = None
@@ -59,8 +57,6 @@ class ControlConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         node = self.node
-        if not self.admitted and not self._admit(transport):
-            return
         self.session = Session(node.session_settings(self.implicit_tls), self.client_ip, node.new_session_id())
         node.session_opened(self)
         if self.implicit_tls:
@@ -68,20 +64,6 @@ class ControlConnection(asyncio.Protocol):
             resumed = bool(self.tls_object is not None and self.tls_object.session_reused)
             node.publish(Event("tls_established", {"resumed": resumed}), self)
         self.perform(self.session.greeting())
-
-    def _admit(self, transport: asyncio.BaseTransport) -> bool:
-        peer = transport.get_extra_info("peername") or ("", 0)
-        ip = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
-        self.client_ip, self.client_port = ip, peer[1]
-        msg = self.node.admit_transport(ip)
-        if msg is not None:  # the cheap path: no session, no log line; counted
-            self.closing = True
-            with contextlib.suppress(Exception):
-                transport.write(msg.encode("utf-8", "replace") + b"\r\n")  # type: ignore[attr-defined]
-            transport.close()
-            return False
-        self.admitted = True  # SO_OOBINLINE and TCP_NODELAY come from the listener
-        return True
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -99,8 +81,6 @@ class ControlConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.session is None:
-            return  # refused at the door
         self.abort("control connection lost")
         self.node.session_closed(self)
 
