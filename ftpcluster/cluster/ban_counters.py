@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import mmap
 import os
 import struct
 import time
 from pathlib import Path
+
+from .shm_file import map_shared
 
 MAGIC = b"FTPCCNT1"
 HEADER = struct.Struct("<8sII")  # magic, sets, ways
@@ -34,16 +35,7 @@ class EventCounters:
         self.sets = max(1, slots // WAYS)
         self.set_size = WAYS * SLOT_SIZE
         size = HEADER.size + 64 + self.sets * self.set_size
-        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, size)
-            elif os.fstat(fd).st_size != size:
-                raise ValueError(f"{self.path}: counter table of another size")
-            self.mm = mmap.mmap(fd, size)
-            self.fd = os.dup(fd)
-        finally:
-            os.close(fd)
+        self.mm, self.fd = map_shared(self.path, size, create, wipe=False, mismatch="counter table of another size")
         self.base = HEADER.size + 64
         if create and HEADER.unpack_from(self.mm, 0) != (MAGIC, self.sets, WAYS):
             self.mm[:size] = b"\0" * size

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .shm_file import map_shared
+
 MAGIC = b"FTPCBAN1"
 HEADER = struct.Struct("<8sIIQ")  # magic, capacity, high-water mark, generation
 GEN_OFF = 16
@@ -79,16 +81,7 @@ class BanTable:
         self.capacity = capacity
         size = HEADER.size + 8 + capacity * REC_SIZE
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, size)
-            elif os.fstat(fd).st_size != size:
-                raise ValueError(f"{self.path}: size differs from [ban] table_size")
-            self.mm = mmap.mmap(fd, size)
-            self.fd = os.dup(fd)
-        finally:
-            os.close(fd)
+        self.mm, self.fd = map_shared(self.path, size, create, wipe=False, mismatch="size differs from [ban] table_size")
         self.base = HEADER.size + 8
         self._idx_gen = -1
         self._idx: dict[tuple[str, str], int] = {}

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import mmap
 import os
 import struct
 from pathlib import Path
+
+from .shm_file import map_shared
 
 MAGIC = b"FTPCPRS1"
 HEADER = struct.Struct("<8sII32s")  # magic, regions, entries per region, active bitmap
@@ -38,17 +39,7 @@ class Presence:
         self.regions, self.entries = regions, entries
         self.region_size = entries * ENTRY.size
         size = 4096 + regions * self.region_size
-        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-            elif os.fstat(fd).st_size != size:
-                raise ValueError(f"{self.path}: presence table of another size")
-            self.mm = mmap.mmap(fd, size)
-            self.fd = os.dup(fd)
-        finally:
-            os.close(fd)
+        self.mm, self.fd = map_shared(self.path, size, create, wipe=True, mismatch="presence table of another size")
         if create:
             HEADER.pack_into(self.mm, 0, MAGIC, regions, entries, bytes(32))
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import mmap
 import os
 import struct
 import time
 from pathlib import Path
+
+from .shm_file import map_shared
 
 MAGIC = b"FTPCSHM1"
 HEADER = struct.Struct("<8sIII")  # magic, sets, ways, slot size
@@ -35,17 +36,7 @@ class ShmCache:
         self.sets, self.ways, self.slot_size = sets, ways, slot_size
         self.max_value = slot_size - SLOT_HEAD.size
         size = HEADER.size + sets * ways * slot_size
-        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-            elif os.fstat(fd).st_size != size:
-                raise ValueError(f"{self.path}: size differs from the configured layout")
-            self.mm = mmap.mmap(fd, size)
-            self.fd = os.dup(fd)
-        finally:
-            os.close(fd)
+        self.mm, self.fd = map_shared(self.path, size, create, wipe=True, mismatch="size differs from the configured layout")
         if create:
             HEADER.pack_into(self.mm, 0, MAGIC, sets, ways, slot_size)
         magic, s, w, ss = HEADER.unpack_from(self.mm, 0)
