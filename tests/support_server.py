@@ -200,5 +200,17 @@ def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] =
     return Server(tmp, config, host, port, (lo, hi), home, implicit_port=implicit_port, log=tmp / "server.log")
 
 
+def wait_for(pred: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
+    """Poll `pred` until it returns something truthy (returned) or `timeout` passes
+    (then its last value). Bounded in time like every loop in the tests."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    return pred()
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None

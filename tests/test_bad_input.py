@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from .support_server import PASSWORD, Server, cli
+from .support_server import PASSWORD, Server, cli, wait_for
 
 TEMP_PREFIX = ".ftpcluster-upload."
 SESSION_RE = re.compile(rb"Session (\d+)-(\d+)-(\d+)")
@@ -105,15 +105,6 @@ def node_pid(server: Server) -> int:
     m = SESSION_RE.search(text)
     assert code == 211 and m, text
     return int(m.group(2))
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 @pytest.fixture

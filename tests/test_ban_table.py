@@ -3,13 +3,11 @@ the middle of writes never wedge or corrupt them; sliding windows; a full table.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from ftpcluster.cluster.ban_counters import EventCounters
 from ftpcluster.cluster.ban_table import Ban, BanTable, BanView

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .support_server import cli
+from .support_server import cli, wait_for
 
 RULE_2_FAILED_SESSIONS = {"event": "MaxLoginAttempts", "threshold": 2, "window": "1m", "duration": "1h"}
 
@@ -32,16 +32,6 @@ def login(srv, src: str, user: str | None = None, password: str | None = None) -
     f.connect(srv.host, srv.port, source_address=(src, 0))
     f.login(user or srv.user, password or srv.password)
     return f
-
-
-def wait_for(pred, timeout: float = 10.0, step: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    return pred()
 
 
 def bans_json(srv) -> list[dict]:

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from .support_server import cli
-from .test_bans import bans_json, greet, login, wait_for
+from .support_server import wait_for
+from .test_bans import bans_json, greet, login
 
 
 def two_hosts(server_factory, memcached, n_mc: int = 2, replicas: int = 2, **extra):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from .support_server import cli, have
-from .test_ftps import ReusingFTP_TLS, client_ctx
+from .test_ftps import ReusingFTP_TLS, client_ctx, s_client
 
 
 def tls_hosts(server_factory, memcached, tmp_path, tickets: str, n: int = 2, nodes: int = 1):
@@ -33,15 +33,6 @@ def tls_hosts(server_factory, memcached, tmp_path, tickets: str, n: int = 2, nod
     for h in hosts:
         h.start(nodes=nodes)
     return mcs, hosts
-
-
-def s_client(srv, version: str, extra: str) -> str:
-    r = subprocess.run(
-        f"(sleep 1; printf 'QUIT\\r\\n') | openssl s_client -{version} -starttls ftp -ign_eof "
-        f"-connect {srv.host}:{srv.port} {extra}",
-        shell=True, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    return r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("tickets", ["off", "cluster"])
@@ -97,8 +88,6 @@ def test_memcached_entry_is_sealed(server_factory, memcached, tmp_path):
         raw = mcs[0].command(f"get ftpcluster:v1:tls:{sid}")
         if raw.startswith(b"VALUE"):
             break
-        import time
-
         time.sleep(0.1)
     assert raw.startswith(b"VALUE"), raw
     value = raw.split(b"\r\n", 1)[1]
@@ -194,8 +183,6 @@ def test_status_and_metrics_show_the_tls_mode(server_factory, memcached, tmp_pat
 
 @pytest.mark.parametrize("maxv", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
 def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, maxv):
-    import time
-
     _, (a, b) = tls_hosts(server_factory, memcached, tmp_path, "off")
     ctx = client_ctx(maxv)
 

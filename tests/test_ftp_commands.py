@@ -9,12 +9,10 @@ import ftplib
 import io
 import os
 import socket
-import time
-from pathlib import Path
 
 import pytest
 
-from .support_server import Server
+from .support_server import Server, wait_for
 
 TEMP_PREFIX = ".ftpcluster-upload."
 
@@ -46,15 +44,6 @@ def raw_retr(f: ftplib.FTP, cmd: str) -> bytes:
             chunks.append(data)
     f.voidresp()
     return b"".join(chunks)
-
-
-def wait_for(pred, timeout: float = 10.0, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 # ---------------------------------------------------------------- login and session

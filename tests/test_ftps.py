@@ -209,7 +209,7 @@ def test_lftp_ssl_force_and_protect_data(tls_server, tmp_path):
     assert sha(tls_server.home / "up.bin") == sha(src)
 
 
-def _s_client(srv, version: str, extra: str) -> str:
+def s_client(srv, version: str, extra: str) -> str:
     r = subprocess.run(
         f"(sleep 1; printf 'QUIT\\r\\n') | openssl s_client -{version} -starttls ftp -ign_eof "
         f"-connect {srv.host}:{srv.port} {extra}",
@@ -221,12 +221,12 @@ def _s_client(srv, version: str, extra: str) -> str:
 @pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
 def test_openssl_starttls_ftp_resumes_across_nodes(tls_server, tmp_path, version):
     sess = tmp_path / "s.pem"
-    first = _s_client(tls_server, version, f"-sess_out {sess}")
+    first = s_client(tls_server, version, f"-sess_out {sess}")
     assert "\nNew, TLSv1." in first, first[-1500:]
     assert "221" in first  # QUIT answered over TLS
     # Four more connections: over 2 nodes, some land on the other node; all resume.
     for _ in range(4):
-        again = _s_client(tls_server, version, f"-sess_in {sess}")
+        again = s_client(tls_server, version, f"-sess_in {sess}")
         assert "\nReused, TLSv1." in again, again[-1500:]
 
 

@@ -11,7 +11,8 @@ import socket
 import pytest
 
 from .support_cluster import session_pid
-from .test_bans import greet, login, wait_for
+from .support_server import wait_for
+from .test_bans import greet, login
 
 
 def hold(srv, src: str) -> socket.socket:

@@ -11,10 +11,10 @@ import socket
 import time
 from typing import Callable
 
-import pytest
 
 from .support_server import Server
-from .test_bad_input import Raw, node_pid, wait_for
+from .support_server import wait_for
+from .test_bad_input import Raw, node_pid
 
 Factory = Callable[..., Server]
 

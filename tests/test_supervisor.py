@@ -6,7 +6,6 @@ from __future__ import annotations
 import ftplib
 import hashlib
 import io
-import json
 import os
 import signal
 import stat
