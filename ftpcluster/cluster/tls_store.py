@@ -105,22 +105,24 @@ class TwoLevelStore:
                 self.pending += 1
             self._executor.submit(self._merge_ids, memcache_name(user), packed, int(self.cfg.tls.session_lifetime) + 1)
 
+    def _write_ring(self) -> Ring:
+        """The store thread's own ring (a Ring belongs to one thread)."""
+        if self._writer is None:
+            self._writer = Ring(self.cfg)
+        return self._writer
+
     def _merge_ids(self, key: str, packed: bytes, ttl: int) -> None:
         """The user's list in memcached is the union of every host's (gets/cas)."""
         from .tls_revoke import pack_ids, unpack_ids
 
-        if self._writer is None:
-            self._writer = Ring(self.cfg)
         mine = unpack_ids(packed)
-        self._writer.update(key, lambda old: pack_ids([i for i in unpack_ids(old) if i not in mine] + mine), ttl)
+        self._write_ring().update(key, lambda old: pack_ids([i for i in unpack_ids(old) if i not in mine] + mine), ttl)
         with self._lock:
             self.pending -= 1
 
     def _write(self, key: str, sealed: bytes, ttl: int, counted: bool = True) -> None:
-        """On the store thread, with its own ring (a Ring belongs to one thread)."""
-        if self._writer is None:
-            self._writer = Ring(self.cfg)
-        ok = self._writer.set(key, sealed, ttl) > 0
+        """On the store thread."""
+        ok = self._write_ring().set(key, sealed, ttl) > 0
         with self._lock:
             self.pending -= 1
             if counted or not ok:

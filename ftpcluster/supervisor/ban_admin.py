@@ -38,6 +38,7 @@ class BanAdmin:
         self.user_ban_hooks: list[Callable[[str], None]] = []  # e.g. revoke the user's TLS sessions
         self.seen_user_bans: set[tuple[str, str]] = set()
         self.hooks_gen = -1
+        self.gauge_gen, self.next_gauge = -1, 0.0
         if fresh:
             self.load_snapshot()
         self.engine.table.purge()
@@ -117,7 +118,10 @@ class BanAdmin:
             self.next_purge = now + PURGE_EVERY
             self.engine.table.purge()
         self.save_snapshot()
-        if self.metrics is not None:
+        gen = self.engine.table.generation()
+        if self.metrics is not None and (gen != self.gauge_gen or now >= self.next_gauge):
+            # a count over every ban: after a change, and once a second for expiries
+            self.gauge_gen, self.next_gauge = gen, now + 1.0
             counts = dict.fromkeys(("host", "user", "userhost", "class"), 0)
             for b in self.engine.active():
                 counts[b.kind] = counts.get(b.kind, 0) + 1
