@@ -274,7 +274,7 @@ def test_plain_and_ftps_sessions_and_transfers_reach_both_hosts(cluster: Cluster
         for mode in ("plain", "explicit", "implicit"):
             r = cluster.client("session", host=cluster.lb, port=cluster.port(mode), source=src, mode=mode,
                                transfer=256 * 1024, password=PASSWORD)  # fmt: skip
-            assert r["ok"], r
+            assert r["ok"], (r["error"], r)  # the error first: pytest truncates the dict
             assert f"host{i} ready" in r["banner"], r
             assert f"Connected from {src}" in r["stat"], r  # the PROXY header's address, not the balancer's
             assert r["sent"] == r["back"], r
