@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Callable
 
+from . import __version__
 from . import config as config_mod
 from .durations import DurationError, parse_duration
 
@@ -28,6 +29,7 @@ def _add_config(p: argparse.ArgumentParser, root: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="ftpcluster", description="Clustered FTP/FTPS server")
+    root.add_argument("--version", action="version", version=f"ftpcluster {__version__}")
     _add_config(root, root=True)
     sub = root.add_subparsers(dest="command", required=True)
 
@@ -74,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd = usub.add_parser("del", help="remove a user")
     _add_config(pd)
     pd.add_argument("name")
+    pp = usub.add_parser("passwd", help="set a user's password (a lost password is reset this way)")
+    _add_config(pp)
+    pp.add_argument("name")
+    pp.add_argument("--password-stdin", action="store_true", required=True, help="read the password from stdin")
+    pl = usub.add_parser("list", help="every user, home and access")
+    _add_config(pl)
+    pl.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cert", help="certificates")
     csub = p.add_subparsers(dest="cert_command", required=True)
@@ -90,8 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="configuration")
     cfsub = p.add_subparsers(dest="config_command", required=True)
-    pc = cfsub.add_parser("check", help="validate and print the effective values")
+    pc = cfsub.add_parser("check", help="run every check start runs; print the effective values")
     _add_config(pc)
+    pc.add_argument("--json", action="store_true")
+    pi = cfsub.add_parser("init", help="print a commented configuration with every key and its default")
+    _add_config(pi)
+
+    p = sub.add_parser("cluster", help="the cluster as a whole")
+    clsub = p.add_subparsers(dest="cluster_command", required=True)
+    pk = clsub.add_parser("check", help="from this host: memcached, hosts and their keys, ban propagation, TLS resumption")
+    _add_config(pk)
+    pk.add_argument("--balancer", metavar="HOST:PORT", default="", help="the balancer's FTP control address (TLS resumption through it)")
+    pk.add_argument("--expect-hosts", type=int, default=0, metavar="N", help="fail unless at least N hosts are seen")
+    pk.add_argument("--source", default="", metavar="ADDR", help="source address for the FTP probes")
+    pk.add_argument("--json", action="store_true")
     return root
 
 
@@ -103,7 +124,11 @@ def cmd_start(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         if args.nodes < 1:
             raise CommandError("--nodes must be at least 1")
         cfg.server.nodes = args.nodes
-    return start(cfg, daemon=args.daemon)
+    code = start(cfg, daemon=args.daemon)
+    if code == 0 and args.daemon:
+        st = _control(cfg, {"cmd": "status"})["status"]
+        print(f"started: supervisor pid {st['supervisor_pid']}, {len(st['nodes'])} nodes accepting on {', '.join(st['listen'])}")
+    return code
 
 
 def _control(cfg: config_mod.Config, request: dict, timeout: float = 10.0) -> dict:
@@ -117,14 +142,24 @@ def _control(cfg: config_mod.Config, request: dict, timeout: float = 10.0) -> di
 
 def cmd_stop(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     timeout = _duration(args.timeout)
+    pid = _pid(cfg)
     _control(cfg, {"cmd": "stop", "timeout": timeout}, timeout=timeout + 10)
+    print(f"stopped (supervisor pid {pid})" if pid else "stopped")
     return 0
+
+
+def _pid(cfg: config_mod.Config) -> str:
+    try:
+        return (cfg.state_dir / "ftpcluster.pid").read_text().strip()
+    except OSError:
+        return ""
 
 
 def cmd_reload(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     reply = _control(cfg, {"cmd": "reload"}, timeout=60)
     if not reply.get("ok", False):
         raise CommandError(reply.get("error", "reload failed"))
+    print(f"reloaded: generation {reply.get('generation', '?')} accepting; config, users and certificates re-read")
     return 0
 
 
@@ -148,7 +183,22 @@ def cmd_ban(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     reply = _control(cfg, {"cmd": "ban", "kind": args.kind, "name": name, "duration": duration, "reason": args.reason})
     if not reply.get("ok"):
         raise CommandError(reply.get("error", "ban failed"))
+    from .durations import format_duration
+
+    span = f"for {format_duration(duration)}" if duration else "permanently"
+    print(f"banned {args.kind} {name} {span} {_where(cfg)}")
     return 0
+
+
+def _where(cfg: config_mod.Config) -> str:
+    """Which hosts a ban or permit reaches: the hosts this supervisor last saw in memcached."""
+    if not cfg.ban_uses_memcache:
+        return "on this host"
+    try:
+        hosts = _control(cfg, {"cmd": "status"}, timeout=5)["status"].get("cluster", {}).get("hosts", [])
+    except (CommandError, KeyError, AttributeError):
+        hosts = []
+    return f"on {len(hosts)} hosts" if len(hosts) > 1 else "on this host and every host sharing memcached"
 
 
 def cmd_permit(args: argparse.Namespace, cfg: config_mod.Config) -> int:
@@ -161,6 +211,9 @@ def cmd_permit(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     reply = _control(cfg, {"cmd": "permit", "kind": args.kind, "name": name})
     if not reply.get("ok"):
         raise CommandError(reply.get("error", "permit failed"))
+    if not reply.get("found", True):
+        raise CommandError(f"{args.kind} {name} is not banned (see: ftpcluster bans)")
+    print(f"permitted {args.kind} {name} {_where(cfg)}")
     return 0
 
 
@@ -181,19 +234,37 @@ def cmd_bans(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 
 def cmd_user(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    from .users import UserError, add_user, del_user
+    from .users import UserError, add_user, del_user, load_users, set_password
 
     path = cfg.resolve(cfg.server.users_file)
+    live = "running servers use it within 2 s"
     try:
-        if args.user_command == "add":
+        if args.user_command == "list":
+            users = load_users(path)
+            rows = [{"name": u.name, "home": u.home, "read_only": u.read_only} for u in users.values()]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print(f"no users in {path}")
+            for r in [] if args.json else rows:
+                print(f"{r['name']:24} {'read-only ' if r['read_only'] else 'read-write'} {r['home']}")
+            return 0
+        if args.user_command in ("add", "passwd"):
             password = sys.stdin.readline().rstrip("\r\n")
             if not password:
                 raise CommandError("empty password on stdin")
-            add_user(path, args.name, password, cfg.resolve(args.home) if not args.home.startswith("/") else args.home, args.read_only)
+            if args.user_command == "passwd":
+                set_password(path, args.name, password)
+                print(f"changed the password of {args.name} in {path}; {live}")
+                return 0
+            home = str(cfg.resolve(args.home)) if not args.home.startswith("/") else args.home
+            new = add_user(path, args.name, password, home, args.read_only, owner=cfg.server.user)
+            print(f"{'added' if new else 'updated'} user {args.name} (home {home}{', read-only' if args.read_only else ''}) in {path}; {live}")
         else:
             del_user(path, args.name)
-    except UserError as e:
-        raise CommandError(str(e)) from None
+            print(f"deleted user {args.name} from {path} (the home folder stays); {live}")
+    except (UserError, OSError) as e:
+        raise CommandError(f"{e}" if isinstance(e, UserError) else f"{path}: {e.strerror}") from None
     return 0
 
 
@@ -208,15 +279,43 @@ def cmd_cert(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 def cmd_key(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from .certs import generate_session_key
 
+    from .cluster.session_seal import fingerprint, load_sealer
+
     out = args.out or str(cfg.resolve(cfg.tls.session_key_file))
     generate_session_key(out)
-    print(f"wrote {out}")
+    print(f"wrote {out} (key fingerprint {fingerprint(load_sealer(out))}); copy the same file to every host, then reload each")
     return 0
 
 
 def cmd_config(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    print(json.dumps(cfg.as_dict(), indent=2, default=str))
-    return 0
+    from .config_doc import render_init
+
+    if args.config_command == "init":
+        sys.stdout.write(render_init())
+        return 0
+    from .supervisor.preflight import problems
+
+    found = problems(cfg, create=False)
+    for p in found:
+        print(f"ftpcluster: {p}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**cfg.as_dict(), "ok": not found, "problems": found}, indent=2, default=str))
+    else:
+        from .config_doc import effective_toml
+
+        print(effective_toml(cfg))
+    if not args.json:
+        source = cfg.path or "the embedded default"
+        print(f"# {source}: " + (f"{len(found)} problem(s), see above" if found else "OK, every check start runs passed"))
+    return 1 if found else 0
+
+
+def cmd_cluster(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .cluster_check import as_json, render, run
+
+    results = run(cfg, lambda req: _control(cfg, req), args.balancer, args.expect_hosts, args.source)
+    print(json.dumps(as_json(results), indent=2) if args.json else render(results))
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _duration(text: str) -> float:
@@ -238,6 +337,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, config_mod.Config], int]] = {
     "cert": cmd_cert,
     "key": cmd_key,
     "config": cmd_config,
+    "cluster": cmd_cluster,
 }
 
 

@@ -1,6 +1,7 @@
 """Configuration: TOML in, typed and validated sections out.
 
-Keys and defaults follow ../shared/CONTRACT.md exactly; extra keys are ours.
+Keys and defaults are the external contract (docs/configuration.md, rendered
+from config_doc.py); extra keys are ours.
 Unknown keys are an error (a typo should not silently do nothing). Relative
 paths resolve against the config file's folder (for the embedded default,
 against ``./ftpcluster-data``)."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +290,8 @@ def from_dict(data: dict[str, Any], path: Path | None = None) -> Config:
             if key not in fields:
                 raise ConfigError(f"unknown key {section}.{key}")
             setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
+    if "format" not in data.get("log", {}) and not cfg.log.file and sys.stderr.isatty():
+        cfg.log.format = "console"  # a person is watching: readable lines unless the file says otherwise
     validate(cfg)
     return cfg
 

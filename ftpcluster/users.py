@@ -9,6 +9,7 @@ Changing a password changes the stored hash and so misses the cache."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -87,8 +88,10 @@ def _toml_str(s: str) -> str:
 
 
 def save_users(path: Path, users: dict[str, UserRecord]) -> None:
-    """Atomic rewrite (temp file + rename), owner-only: the file holds hashes."""
-    lines = ["# ftpcluster virtual users (managed by `ftpcluster user add/del`)", ""]
+    """Atomic rewrite: a temp file beside the old one takes its owner, group and
+    mode (so a documented `chgrp ftpcluster; chmod 0640` survives), then a rename.
+    A new file is owner-only: it holds hashes."""
+    lines = ["# ftpcluster virtual users (managed by `ftpcluster user add/del/passwd`)", ""]
     for u in users.values():
         lines += [
             "[[users]]",
@@ -99,25 +102,62 @@ def save_users(path: Path, users: dict[str, UserRecord]) -> None:
             "",
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".users.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines))
-        os.chmod(tmp, 0o600)
+            f.flush()
+            os.fsync(f.fileno())
+        if st is None:
+            os.chmod(tmp, 0o600)
+        else:
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.chown(tmp, st.st_uid, st.st_gid)
+            os.chmod(tmp, st.st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def add_user(path: Path, name: str, password: str, home: str, read_only: bool = False) -> UserRecord:
+def make_home(home: Path, owner: str = "") -> None:
+    """Create a user's home; owned by the service account when one is configured
+    and we are root (so the user's uploads do not fail with 550)."""
+    home.mkdir(parents=True, exist_ok=True)
+    if owner and os.geteuid() == 0:
+        import pwd
+
+        try:
+            pw = pwd.getpwnam(owner)
+        except KeyError:
+            raise UserError(f"[server] user: no such account {owner!r}") from None
+        st = home.stat()
+        if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
+            os.chown(home, pw.pw_uid, pw.pw_gid)
+
+
+def add_user(path: Path, name: str, password: str, home: str, read_only: bool = False, owner: str = "") -> bool:
+    """Add or update a user; True when it was new."""
     validate_name(name)
     users = load_users(path)
     rec = UserRecord(name, hash_password(password), str(Path(home).resolve()), read_only)
-    Path(rec.home).mkdir(parents=True, exist_ok=True)
+    make_home(Path(rec.home), owner)
+    new = name not in users
     users[name] = rec
     save_users(path, users)
-    return rec
+    return new
+
+
+def set_password(path: Path, name: str, password: str) -> None:
+    users = load_users(path)
+    if name not in users:
+        raise UserError(f"no such user: {name} (add it with: ftpcluster user add {name} --home DIR --password-stdin)")
+    users[name] = dataclasses.replace(users[name], password=hash_password(password))
+    save_users(path, users)
 
 
 def del_user(path: Path, name: str) -> None:

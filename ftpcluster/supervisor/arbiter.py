@@ -86,6 +86,9 @@ class Arbiter:
         self.presence = Presence(cfg.state_dir / "presence.shm", create=True)  # once: nodes map it
         self.bans: Any = None
         self._open_bans(cfg)
+        self.registry: Any = None  # this host's record in memcached, for `cluster check`
+        self._open_registry(cfg)
+        self.extra_status.append(lambda: self.registry.status() if self.registry is not None else {})
 
     def _open_bans(self, cfg: Config) -> None:
         from .ban_admin import BanAdmin
@@ -100,6 +103,16 @@ class Arbiter:
         else:
             off = lambda req, p: {"ok": False, "error": "bans are disabled ([ban] enabled = false)"}  # noqa: E731
             self.handlers.update({"ban": off, "permit": off, "bans": off})
+
+    def _open_registry(self, cfg: Config) -> None:
+        if self.registry is not None:
+            self.registry.close()
+            self.registry = None
+        if cfg.memcache.enabled:
+            from ..cluster.ban_layout import host_id
+            from ..cluster.host_registry import HostRegistry
+
+            self.registry = HostRegistry(cfg, host_id(cfg))
 
     def _revoke_tls(self, user: str) -> None:
         """A banned user's cached TLS sessions go, on this host and in memcached."""
@@ -256,6 +269,7 @@ class Arbiter:
             self.metrics_writer = self.metrics.writer(metrics_layout.SUPERVISOR_SLOT)
         self.shared = self._shared_state(new)
         self._open_bans(new)
+        self._open_registry(new)
         self.cfg = new
         self.generation += 1
         self.ready_sent = False
@@ -327,6 +341,11 @@ class Arbiter:
                 self.bans.tick(now)
             except Exception:  # the cluster side must never take the supervisor down
                 log.exception("ban maintenance failed")
+        if self.registry is not None:
+            try:
+                self.registry.tick(now)
+            except Exception:
+                log.exception("publishing this host to memcached failed")
         if self.watchdog and now - self.last_watchdog >= self.watchdog:
             systemd.notify("WATCHDOG=1")
             self.last_watchdog = now
@@ -503,6 +522,8 @@ class Arbiter:
             self.metrics_http.close()
         if self.bans is not None:
             self.bans.close()
+        if self.registry is not None:
+            self.registry.close()
         with contextlib.suppress(FileNotFoundError):
             if open(self.pidfile()).read().strip() == str(self.pid):
                 os.unlink(self.pidfile())

@@ -1,10 +1,17 @@
 """Checks the supervisor runs before it binds or forks, so a broken config fails
-`start` (and `reload`) with one clear line instead of a crash loop of nodes."""
+`start` (and `reload`) with one clear line instead of a crash loop of nodes.
+
+`ftpcluster config check` runs the very same checks (`problems`), without
+creating anything and, when root with `[server] user` set, as that account
+would see the files: every message names the file and how to fix it."""
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import ssl
+from pathlib import Path
 
 from ..config import Config
 from ..users import UserError, load_users
@@ -14,33 +21,135 @@ class StartupError(Exception):
     """Why the cluster cannot start (or reload) with this config."""
 
 
-def check(cfg: Config) -> None:
+class Account:
+    """Who will read the files: this process, or `[server] user` once start drops root."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        if name:
+            pw = pwd.getpwnam(name)
+            self.uid, self.gid = pw.pw_uid, pw.pw_gid
+            self.groups = set(os.getgrouplist(name, pw.pw_gid))
+            self.group_name = grp.getgrgid(pw.pw_gid).gr_name
+        else:
+            self.uid, self.gid, self.groups, self.group_name = os.geteuid(), os.getegid(), set(os.getgroups()), ""
+
+    def may(self, path: Path, bit: int) -> bool:
+        """Whether this account may read (4), write (2) or search (1) `path`."""
+        if not self.name:
+            return os.access(path, {4: os.R_OK, 2: os.W_OK, 1: os.X_OK}[bit])
+        if self.uid == 0:
+            return True
+        st = path.stat()
+        shift = 6 if st.st_uid == self.uid else 3 if st.st_gid in self.groups else 0
+        return bool((st.st_mode >> shift) & bit)
+
+    def reads(self, path: Path) -> bool:
+        """Readable, with every folder above it searchable."""
+        try:
+            return all(self.may(p, 1) for p in path.parents) and self.may(path, 4)
+        except OSError:
+            return False
+
+
+def service_account(cfg: Config) -> Account:
+    """The account whose view counts: `[server] user` when we are root and would switch."""
+    if cfg.server.user and os.geteuid() == 0:
+        try:
+            return Account(cfg.server.user)
+        except KeyError:
+            pass  # reported by problems()
+    return Account()
+
+
+def _readable(acct: Account, path: Path, what: str, fix: str) -> str | None:
+    if not path.exists():
+        return f"{what} {path}: not found ({fix})"
+    if not acct.reads(path):
+        who = f"the service user {acct.name}" if acct.name else "this user"
+        hint = f"chgrp {acct.group_name} {path}; chmod 0640 {path}" if acct.name else f"check the permissions of {path}"
+        return f"{what} {path}: not readable by {who} ({hint})"
+    return None
+
+
+def problems(cfg: Config, create: bool = True) -> list[str]:
+    """Every reason this config cannot start, one line each (empty = fine)."""
+    out: list[str] = []
+    if cfg.server.user and os.geteuid() == 0:
+        try:
+            pwd.getpwnam(cfg.server.user)
+        except KeyError:
+            out.append(f"[server] user: no such account {cfg.server.user!r} (create it: useradd --system {cfg.server.user})")
+    acct = service_account(cfg)
+    embedded = cfg.is_embedded  # `start` creates the embedded default's files
     state = cfg.state_dir
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StartupError(f"state dir {state}: {e.strerror}") from None
-    if not os.access(state, os.W_OK):
-        raise StartupError(f"state dir {state} is not writable")
-    try:
-        load_users(cfg.resolve(cfg.server.users_file))
-    except (UserError, OSError, ValueError) as e:
-        raise StartupError(f"users file: {e}") from None
+    fix_state = f"create it for the service user: install -d -o {cfg.server.user or 'USER'} {state}"
+    if create:
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            out.append(f"[server] state_dir {state}: {e.strerror} ({fix_state})")
+        else:
+            if not os.access(state, os.W_OK):
+                out.append(f"[server] state_dir {state}: not writable ({fix_state})")
+    elif state.exists():
+        chowned = bool(cfg.server.user) and os.geteuid() == 0  # start hands it to the user
+        if not chowned and not (acct.may(state, 2) and acct.may(state, 1)):
+            out.append(f"[server] state_dir {state}: not writable ({fix_state})")
+    else:
+        parent = next((p for p in state.parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            out.append(f"[server] state_dir {state}: cannot be created in {parent} ({fix_state})")
+    users = cfg.resolve(cfg.server.users_file)
+    if users.exists():
+        bad = _readable(acct, users, "[server] users_file", "")
+        if bad:
+            out.append(bad)
+        else:
+            try:
+                load_users(users)
+            except (UserError, OSError, ValueError) as e:
+                out.append(f"[server] users_file: {e}")
     if cfg.tls.enabled:
-        cert, key = cfg.resolve(cfg.tls.certificate), cfg.resolve(cfg.tls.private_key)
+        out += _tls_problems(cfg, acct, embedded)
+    return out
+
+
+def _tls_problems(cfg: Config, acct: Account, embedded: bool) -> list[str]:
+    out: list[str] = []
+    cert, key = cfg.resolve(cfg.tls.certificate), cfg.resolve(cfg.tls.private_key)
+    fix = f"for testing: ftpcluster cert generate --out {cert.parent}; or [tls] enabled = false"
+    files = [(cert, "[tls] certificate"), (key, "[tls] private_key")]
+    missing = [m for p, what in files if (m := _readable(acct, p, what, fix))]
+    if missing and not (embedded and not cert.exists() and not key.exists()):
+        out += missing
+    elif not missing:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             ctx.load_cert_chain(cert, key)
-        except FileNotFoundError as e:
-            raise StartupError(f"TLS certificate or key not found: {e.filename}") from None
-        except PermissionError as e:
-            raise StartupError(f"TLS certificate or key unreadable: {e.filename}") from None
         except (ssl.SSLError, OSError) as e:
-            raise StartupError(f"TLS certificate {cert} / key {key}: {e}") from None
-        if cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache":
-            from ..cluster.session_seal import SealError, load_sealer
+            out.append(f"[tls] certificate {cert} / private_key {key}: do not load ({e}); {fix}")
+    if cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache":
+        from ..cluster.session_seal import SealError, load_sealer
 
+        path = cfg.resolve(cfg.tls.session_key_file)
+        gen = "ftpcluster key generate" + ("" if cfg.is_embedded else f" --config {cfg.path}")
+        if embedded and not path.exists():
+            return out
+        bad = _readable(acct, path, "[tls] session_key_file", f"create it with: {gen}; the same file on every host")
+        if bad:
+            out.append(bad)
+        else:
             try:
-                load_sealer(cfg.resolve(cfg.tls.session_key_file))
+                load_sealer(path)
             except SealError as e:
-                raise StartupError(f"{e} (create it with: ftpcluster key generate)") from None
+                out.append(f"[tls] session_key_file: {e} (create a new one with: {gen})")
+    return out
+
+
+def check(cfg: Config) -> None:
+    """What `start` and `reload` call: the first problem, as a StartupError."""
+    found = problems(cfg)
+    if found:
+        raise StartupError(found[0])
+

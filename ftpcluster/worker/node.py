@@ -376,6 +376,9 @@ async def serve(ctx: NodeContext) -> int:
     loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
     if ctx.parent_fd is not None:
         _watch_parent(loop, ctx.parent_fd, server)
+    from .users_watch import watch_users
+
+    server.track(loop.create_task(watch_users(server)))
     server.start_accepting()
     log.debug("node accepting", node=ctx.node_id, pid=os.getpid())
     await server.housekeeping()
