@@ -176,7 +176,7 @@ def render_markdown() -> str:
         for f in _section_fields(section):
             meaning, proftpd = KEYS[section][f.name]
             default = default_text(section, f.name).replace("|", "\\|")
-            out.append(f"| `{f.name}` | `{default}` | {meaning.replace('|', chr(92) + '|')} | {proftpd or '-'} |")
+            out.append(f"| `{f.name}` | `{default}` | {meaning.replace('|', chr(92) + '|')} | {f'`{proftpd}`' if proftpd else '-'} |")
         out.append("")
         extra = _MD_NOTES.get(section)
         if extra:
@@ -209,7 +209,6 @@ the effective values.
 - Changes take effect on `ftpcluster reload` (SIGHUP), except `listen` and
   `implicit_tls_listen`, which need a restart. The users file needs neither: a
   running server re-reads it within about 2 s.
-
 """
 
 _MD_NOTES = {

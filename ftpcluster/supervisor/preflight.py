@@ -44,10 +44,17 @@ class Account:
         shift = 6 if st.st_uid == self.uid else 3 if st.st_gid in self.groups else 0
         return bool((st.st_mode >> shift) & bit)
 
+    def blocked_at(self, path: Path) -> Path | None:
+        """The first folder above `path` this account cannot enter, if any."""
+        try:
+            return next((p for p in reversed(path.parents) if not self.may(p, 1)), None)
+        except OSError:
+            return path.parent
+
     def reads(self, path: Path) -> bool:
         """Readable, with every folder above it searchable."""
         try:
-            return all(self.may(p, 1) for p in path.parents) and self.may(path, 4)
+            return self.blocked_at(path) is None and self.may(path, 4)
         except OSError:
             return False
 
@@ -67,7 +74,13 @@ def _readable(acct: Account, path: Path, what: str, fix: str) -> str | None:
         return f"{what} {path}: not found ({fix})"
     if not acct.reads(path):
         who = f"the service user {acct.name}" if acct.name else "this user"
-        hint = f"chgrp {acct.group_name} {path}; chmod 0640 {path}" if acct.name else f"check the permissions of {path}"
+        folder = acct.blocked_at(path)
+        if folder is not None:
+            hint = f"the folder {folder} is closed to it: chmod o+x {folder}, or chgrp {acct.group_name or 'GROUP'} and g+x"
+        elif acct.name:
+            hint = f"chgrp {acct.group_name} {path}; chmod 0640 {path}"
+        else:
+            hint = f"check the permissions of {path}"
         return f"{what} {path}: not readable by {who} ({hint})"
     return None
 
