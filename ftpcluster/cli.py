@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
@@ -257,7 +258,7 @@ def cmd_user(args: argparse.Namespace, cfg: config_mod.Config) -> int:
                 set_password(path, args.name, password)
                 print(f"changed the password of {args.name} in {path}; {live}")
                 return 0
-            home = str(cfg.resolve(args.home)) if not args.home.startswith("/") else args.home
+            home = os.path.abspath(args.home)  # a command-line path: relative to the current folder
             new = add_user(path, args.name, password, home, args.read_only, owner=cfg.server.user)
             print(f"{'added' if new else 'updated'} user {args.name} (home {home}{', read-only' if args.read_only else ''}) in {path}; {live}")
         else:

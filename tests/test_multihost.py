@@ -352,7 +352,27 @@ def test_tls_session_resumes_when_the_balancer_moves_the_client(cluster: Cluster
         cluster.wait_status(a, "UP")
 
 
-# ------------------------------------------------------------------ (4) a host cut off
+# ------------------------------------------------------------------ (4) the walkthrough's check
+def test_cluster_check_passes_against_the_topology(cluster: Cluster) -> None:
+    """deploy/README.md's last step, `ftpcluster cluster check`, run on host 1 as an
+    operator would: memcached, both hosts and their key, ban propagation, TLS
+    resumption through the balancer."""
+    h1 = cluster.host(1)
+    prefix = cluster.topo.exec_prefix("ftp1") if cluster.topo else []
+    cmd = [*prefix, sys.executable, "-m", "ftpcluster.cli", "cluster", "check", "--config", str(h1.srv.config),
+           "--balancer", f"{cluster.lb}:{cluster.control_port}", "--expect-hosts", "2", "--source", h1.addr, "--json"]  # fmt: skip
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=str(REPO))
+    report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"checks": [], "raw": r.stdout + r.stderr}
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert r.returncode == 0 and report.get("ok"), (failed, report)
+    names = [c["check"] for c in report["checks"]]
+    assert sum(n.startswith("ban propagation to ") for n in names) == 2, names
+    assert sum(n.startswith("TLS resumption on ") for n in names) == 3, names  # both hosts and the balancer
+    print(f"\n[{cluster.mode}] cluster check passed in {time.monotonic() - t0:.1f}s: " + "; ".join(f"{c['check']}: {c['detail']}" for c in report["checks"]))
+
+
+# ------------------------------------------------------------------ (5) a host cut off
 def test_host_cut_off_is_routed_around(cluster: Cluster, record_property: Any) -> None:
     if cluster.topo is None:
         pytest.skip("cutting a host off the network needs network namespaces")
