@@ -22,7 +22,7 @@ import pytest
 from ftpcluster import __version__, config as config_mod
 from ftpcluster.config_doc import all_keys, render_init, render_markdown
 
-from .support_server import PASSWORD, Server, cli, make_server, wait_for
+from .support_server import PASSWORD, Server, cli, make_server, wait_for, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = os.geteuid() == 0
@@ -93,18 +93,20 @@ def test_config_check_names_the_file_and_the_fix(tmp_path: Path) -> None:
     users = srv.dir / "users.toml"
     users.write_text("[[users]\nname = ")
     r = cli("config", "check", config=srv.config)
-    assert r.returncode == 1 and f"[server] users_file: {users}" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"[server] users_file: bad users file {users}" in r.stderr, r.stderr
+
+
+def _problems(config: Path) -> list[str]:
+    """What `config check` reports, in-process (the CLI path is covered above)."""
+    from ftpcluster.supervisor.preflight import problems
+
+    return problems(config_mod.load(str(config)), create=False)
 
 
 @pytest.mark.skipif(not ROOT or _service_account() is None, reason="needs root and an unprivileged account")
 def test_config_check_reads_files_as_the_service_user(tmp_path: Path) -> None:
     account, group = _service_account()  # type: ignore[misc]
-    srv = make_server(tmp_path / "b", tls=True, server={"user": account})
-    r = cli("config", "check", config=srv.config)
-    closed = next(p for p in reversed(srv.dir.parents) if not p.stat().st_mode & 0o001)  # pytest's 0700 folder
-    assert r.returncode == 1 and f"the folder {closed} is closed to it" in r.stderr, r.stderr
-    base = Path(tempfile.mkdtemp(prefix="ftpcluster-operator-", dir="/tmp"))  # every folder above it open
-    base.chmod(0o755)
+    base = Path(tempfile.mkdtemp(prefix="ftpcluster-operator-", dir="/tmp"))  # pytest's folders are 0700
     try:
         _as_service_user(base, account, group)
     finally:
@@ -112,47 +114,52 @@ def test_config_check_reads_files_as_the_service_user(tmp_path: Path) -> None:
 
 
 def _as_service_user(base: Path, account: str, group: str) -> None:
+    gid = grp.getgrnam(group).gr_gid
     srv = make_server(base / "b", tls=True, server={"user": account})
+    users, key = srv.dir / "users.toml", srv.dir / "certs" / "key.pem"
     for p in (srv.dir, srv.dir / "certs"):
         p.chmod(0o755)
-    users = srv.dir / "users.toml"
+    found = "\n".join(_problems(srv.config))
+    assert f"the folder {base} is closed to it" in found, found  # mkdtemp made it 0700
+    base.chmod(0o755)
     assert users.stat().st_mode & 0o777 == 0o600  # a new users file is owner-only (root here)
     r = cli("config", "check", config=srv.config)
     assert r.returncode == 1
     assert f"[server] users_file {users}: not readable by the service user {account}" in r.stderr, r.stderr
-    assert f"chgrp {group} {users}" in r.stderr
-    assert f"[tls] private_key {srv.dir / 'certs' / 'key.pem'}: not readable" in r.stderr
-    for p in (users, srv.dir / "certs" / "key.pem"):
-        os.chown(p, 0, grp.getgrnam(group).gr_gid)
+    assert f"chgrp {group} {users}; chmod 0640 {users}" in r.stderr
+    assert f"[tls] private_key {key}: not readable" in r.stderr
+    for p in (users, key):
+        os.chown(p, 0, gid)
         p.chmod(0o640)
-    r = cli("config", "check", config=srv.config)
-    assert r.returncode == 0, r.stderr
+    assert _problems(srv.config) == []
     # user add keeps that owner, group and mode, and the new home belongs to the service user.
     home = srv.dir / "homes" / "bob"
     r = cli("user", "add", "bob", "--home", str(home), "--password-stdin", config=srv.config, input="pw-bob\n")
     assert r.returncode == 0 and r.stdout.startswith("added user bob"), r.stdout + r.stderr
     st = users.stat()
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, grp.getgrnam(group).gr_gid, 0o640)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o640)
     assert home.stat().st_uid == pwd.getpwnam(account).pw_uid
-    r = cli("user", "passwd", "bob", "--password-stdin", config=srv.config, input="pw-bob2\n")
-    assert r.returncode == 0 and users.stat().st_mode & 0o777 == 0o640
-    assert cli("config", "check", config=srv.config).returncode == 0
+    assert _problems(srv.config) == []
 
 
 def test_user_add_keeps_mode_and_group(tmp_path: Path) -> None:
-    srv = make_server(tmp_path / "c")
-    users = srv.dir / "users.toml"
+    from ftpcluster.users import add_user, del_user, set_password
+
+    config = tmp_path / "ftpcluster.toml"
+    write_config(config, {"server": {"users_file": "users.toml"}, "tls": {"enabled": False}})
+    users = tmp_path / "users.toml"
+    add_user(users, "alice", "pw", str(tmp_path / "homes" / "alice"))
     gid = next((g for g in os.getgroups() if g != os.getegid()), None) if not ROOT else grp.getgrnam("nogroup").gr_gid if _has_group("nogroup") else 1
     if gid is not None:
         os.chown(users, -1, gid)
     users.chmod(0o640)
     before = users.stat()
-    for args, stdin in ((("add", "carol", "--home", str(srv.dir / "homes" / "carol"), "--password-stdin"), "pw\n"),
-                        (("passwd", "carol", "--password-stdin"), "pw2\n"), (("del", "carol"), None)):  # fmt: skip
-        r = cli("user", *args, config=srv.config, input=stdin)
-        assert r.returncode == 0, r.stderr
+    r = cli("user", "add", "carol", "--home", str(tmp_path / "homes" / "carol"), "--password-stdin", config=config, input="pw\n")
+    assert r.returncode == 0, r.stderr
+    for change in (lambda: None, lambda: set_password(users, "carol", "pw2"), lambda: del_user(users, "carol")):
+        change()
         after = users.stat()
-        assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (before.st_uid, before.st_gid, 0o640), args
+        assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (before.st_uid, before.st_gid, 0o640)
     assert after.st_ino != before.st_ino  # replaced (temp file + rename), never rewritten in place
 
 
@@ -237,3 +244,41 @@ def test_version_and_usage_errors() -> None:
     assert (r.returncode, r.stdout) == (0, f"ftpcluster {__version__}\n")
     r = cli("permit", "host")
     assert r.returncode == 2
+
+
+def test_cluster_check_reports_a_different_key_and_a_lone_host(tmp_path: Path) -> None:
+    from ftpcluster.cluster_check import check_hosts
+
+    from ftpcluster.certs import generate_session_key
+    from ftpcluster.cluster.host_registry import key_fingerprint
+
+    config = tmp_path / "ftpcluster.toml"
+    write_config(config, {"tls": {"session_key_file": "session.key"}})
+    generate_session_key(tmp_path / "session.key")
+    cfg = config_mod.load(str(config))
+
+    mine = key_fingerprint(cfg)
+    hosts = [{"host": "a", "address": "10.0.0.11", "port": 21, "key": mine}, {"host": "b", "address": "10.0.0.12", "port": 21, "key": "0123456789ab"}]
+    results = {r.check: r for r in check_hosts(cfg, hosts, expect=3)}
+    assert not results["hosts"].ok and "expected 3" in results["hosts"].detail
+    assert not results["session keys"].ok and "b has 0123456789ab" in results["session keys"].detail
+    assert all(r.ok for r in check_hosts(cfg, hosts[:1], expect=1))
+    # Without memcached there is no cluster to check: exit 1, said plainly.
+    r = cli("cluster", "check", config=config)
+    assert r.returncode == 1 and "[memcache] enabled = false" in r.stdout
+
+
+def test_console_logs_on_a_terminal() -> None:
+    import subprocess
+    import sys
+
+    code = "from ftpcluster import config as c; print(c.from_dict({}).log.format, c.from_dict({'log': {'format': 'json'}}).log.format)"
+    master, slave = os.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-c", code], stderr=slave, stdout=subprocess.PIPE, text=True, cwd=str(REPO), timeout=30)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.stdout.split() == ["console", "json"]  # a terminal gets console text unless the file says json
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=30)
+    assert r.stdout.split() == ["json", "json"]

@@ -122,7 +122,7 @@ def problems(cfg: Config, create: bool = True) -> list[str]:
             try:
                 load_users(users)
             except (UserError, OSError, ValueError) as e:
-                out.append(f"[server] users_file: {e}")
+                out.append(f"[server] users_file: bad users file {e}")
     if cfg.tls.enabled:
         out += _tls_problems(cfg, acct, embedded)
     return out

@@ -42,6 +42,10 @@ def render_status(st: dict[str, Any]) -> str:
         for s in mc.get("servers", []):
             state = "up" if s.get("up") else "DOWN"
             lines.append(f"memcached   {s['address']:24} {state:5} errors {s.get('errors', 0)}")
+    cl = st.get("cluster")
+    if cl:
+        lines.append(f"cluster     host {cl.get('host_id')}, session key {cl.get('key_fingerprint') or '-'}, "
+                     f"{len(cl.get('hosts', []))} hosts in memcached")  # fmt: skip
     t = st.get("totals")
     if t:
         lines.append("")
