@@ -192,14 +192,14 @@ def cmd_ban(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 
 def _where(cfg: config_mod.Config) -> str:
-    """Which hosts a ban or permit reaches: the hosts this supervisor last saw in memcached."""
+    """Which hosts a ban or permit reaches: those the supervisor last saw in memcached."""
     if not cfg.ban_uses_memcache:
         return "on this host"
     try:
-        hosts = _control(cfg, {"cmd": "status"}, timeout=5)["status"].get("cluster", {}).get("hosts", [])
+        n = len(_control(cfg, {"cmd": "status"}, timeout=5)["status"].get("cluster", {}).get("hosts", []))
     except (CommandError, KeyError, AttributeError):
-        hosts = []
-    return f"on {len(hosts)} hosts" if len(hosts) > 1 else "on this host and every host sharing memcached"
+        n = 0
+    return f"on {n} hosts" if n > 1 else "on this host and every host sharing memcached"
 
 
 def cmd_permit(args: argparse.Namespace, cfg: config_mod.Config) -> int:

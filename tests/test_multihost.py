@@ -296,7 +296,7 @@ def test_ban_on_one_host_refuses_the_client_on_both(cluster: Cluster) -> None:
     try:
         for ip in banned:
             r = cli("ban", "host", ip, "--for", "10m", "--reason", "multihost", config=h1.srv.config)
-            assert r.returncode == 0, r.stderr
+            assert r.returncode == 0 and r.stdout == f"banned host {ip} for 10m on 2 hosts\n", r.stdout + r.stderr
 
         def refused() -> dict[str, str] | None:
             got = cluster.client("greet_many", host=cluster.lb, port=cluster.control_port, sources=banned)

@@ -21,6 +21,7 @@ from ..config import Config, parse_hostport
 from .memcache_ring import Ring
 
 PUBLISH_EVERY = 5.0
+READ_EVERY = 1.0
 RECORD_TTL = 30
 FORGET_AFTER = 60.0
 MAX_VALUE = 4096
@@ -81,7 +82,7 @@ class HostRegistry:
         self.cfg = cfg
         self.host_id = host_id
         self.ring = Ring(cfg)
-        self.next_publish = 0.0
+        self.next_publish = self.next_read = 0.0
         self.hosts: list[dict[str, Any]] = []  # what the last read found, for status
         _, port = cfg.listen_address
         imp = cfg.implicit_tls_address
@@ -92,15 +93,17 @@ class HostRegistry:
         }  # fmt: skip
 
     def tick(self, now: float) -> None:
-        if now < self.next_publish:
+        if now < self.next_read:
             return
-        self.next_publish = now + PUBLISH_EVERY
+        self.next_read = now + READ_EVERY
         self.ring.probe(now)
-        wall = time.time()
-        value = json.dumps({**self.record, "time": wall}, separators=(",", ":")).encode()
-        self.ring.set(f"host:{self.host_id}", value, RECORD_TTL)
-        self.ring.update("hosts", lambda raw: _index_update(raw, self.host_id, wall))
-        self.hosts = read_hosts(self.ring)
+        if now >= self.next_publish:
+            self.next_publish = now + PUBLISH_EVERY
+            wall = time.time()
+            value = json.dumps({**self.record, "time": wall}, separators=(",", ":")).encode()
+            self.ring.set(f"host:{self.host_id}", value, RECORD_TTL)
+            self.ring.update("hosts", lambda raw: _index_update(raw, self.host_id, wall))
+        self.hosts = read_hosts(self.ring)  # fresh for `status` and the hosts a ban reaches
 
     def status(self) -> dict[str, Any]:
         return {"cluster": {"host_id": self.host_id, "key_fingerprint": self.record["key"],
