@@ -127,8 +127,11 @@ def cmd_start(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         cfg.server.nodes = args.nodes
     code = start(cfg, daemon=args.daemon)
     if code == 0 and args.daemon:
-        st = _control(cfg, {"cmd": "status"})["status"]
-        print(f"started: supervisor pid {st['supervisor_pid']}, {len(st['nodes'])} nodes accepting on {', '.join(st['listen'])}")
+        try:
+            st = _control(cfg, {"cmd": "status"})["status"]
+            print(f"started: supervisor pid {st['supervisor_pid']}, {len(st['nodes'])} nodes accepting on {', '.join(st['listen'])}")
+        except (CommandError, KeyError):
+            print(f"started: {cfg.server.nodes} nodes accepting on {cfg.server.listen}")  # it runs; only the status read failed
     return code
 
 
