@@ -264,6 +264,7 @@ ESCAPES = [
     "dangling_out",
     "in_link/../out_link/secret.txt",
 ]
+LINKS = {"out_link", "file_link", "dangling_out"}  # entries of the home that point outside
 COMMANDS = ["CWD {}", "RETR {}", "SIZE {}", "MDTM {}", "LIST {}", "NLST {}", "MLST {}", "MLSD {}", "STAT {}",
             "STOR {}", "APPE {}", "STOU {}", "MKD {}/new", "RMD {}", "DELE {}", "RNFR {}", "SITE CHMOD 777 {}",
             "MFMT 20200101000000 {}"]
@@ -276,12 +277,16 @@ def test_path_escapes_refused(jail: tuple[Server, Path]) -> None:
     c.login()
     for path in ESCAPES:
         for template in COMMANDS:
+            if path in LINKS and template in ("DELE {}", "RNFR {}"):
+                continue  # these act on the link itself: test_symlinks_act_on_the_link
             line = template.format(path)
             code = c.cmd(line.encode("utf-8"))
             assert code == 550, (line, code)
     # The RNTO side: a valid source, an escaping target.
     (node.home / "src.txt").write_bytes(b"s")
     for path in ESCAPES:
+        if path in LINKS:
+            continue  # RNTO onto a link's name replaces the link (rename(2)), inside the home
         assert c.cmd("RNFR src.txt") == 350
         assert c.cmd(f"RNTO {path}".encode()) == 550, path
     assert (node.home / "src.txt").exists()
@@ -292,6 +297,53 @@ def test_path_escapes_refused(jail: tuple[Server, Path]) -> None:
     assert c.cmd("SIZE ok.txt") == 213
     assert c.cmd("CWD /sub/..") == 250
     c.close()
+
+
+def test_symlinks_act_on_the_link(jail: tuple[Server, Path]) -> None:
+    """DELE/RNFR/RMD act on a symlink itself, never on its target; a listing shows a link
+    that leaves the home as a link (its own lstat), never the target's size or mode."""
+    node, outside = jail
+    home = node.home
+    (home / "victim.txt").write_bytes(b"inside target")
+    (home / "in_file_link").symlink_to(home / "victim.txt")
+    c = Raw(node)
+    c.login()
+    # LIST/MLSD/STAT: the 6-byte secret behind file_link and the folder behind out_link stay hidden.
+    body = _listing(c, "LIST").decode()
+    rows = {line.split()[-1]: line for line in body.splitlines()}
+    for name in LINKS:
+        assert rows[name].startswith("l"), rows[name]
+    assert " 6 " not in rows["file_link"] and rows["in_file_link"].startswith("-"), rows
+    facts = {line.split("; ", 1)[1]: line for line in _listing(c, "MLSD").decode().splitlines()}
+    assert all("type=OS.unix=symlink" in facts[name] for name in LINKS), facts
+    assert "size=6;" not in facts["file_link"] and "type=file" in facts["in_file_link"]
+    code, text = c.reply_to("STAT /")
+    assert code == 213 and b" 6 " not in [ln for ln in text.split(b"\n") if ln.endswith(b"file_link")][0]
+    # DELE removes the link, inside or out; the target stays.
+    assert c.cmd("DELE in_file_link") == 250
+    assert c.cmd("DELE file_link") == 250
+    assert (home / "victim.txt").read_bytes() == b"inside target"
+    assert (outside / "secret.txt").read_bytes() == b"secret"
+    assert not os.path.lexists(home / "in_file_link") and not os.path.lexists(home / "file_link")
+    # RMD of a link to a directory: refused (not a directory); the directory stays.
+    assert c.cmd("RMD in_link") == 550 and (home / "sub").is_dir()
+    # RNFR/RNTO rename the link; the renamed link still cannot be followed out.
+    assert c.cmd("RNFR dangling_out") == 350
+    assert c.cmd("RNTO moved_link") == 250
+    assert os.readlink(home / "moved_link") == str(outside / "does-not-exist")
+    assert c.cmd("RETR moved_link") == 550
+    c.close()
+
+
+def _listing(c: Raw, cmd: str) -> bytes:
+    data = c.pasv()
+    assert c.cmd(cmd) == 150
+    body = b""
+    while chunk := data.recv(65536):
+        body += chunk
+    data.close()
+    assert c.reply()[0] == 226
+    return body
 
 
 def test_read_only_user(server_factory: Callable[..., Server], tmp_path: Path) -> None:

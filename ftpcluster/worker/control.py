@@ -8,6 +8,7 @@ session small."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,10 @@ class ControlConnection(asyncio.Protocol):
         self.closing = False
         self.tls_object: Any = None  # ssl.SSLObject of the control connection once TLS is on
         self._tls_early: list[bytes] | None = None  # set while AUTH TLS switches the transport
+        self._outputs: collections.deque[Output] = collections.deque()
+        self._performing = False
+        self._write_paused = False  # the client does not read our replies
+        self._read_paused = False  # we stopped reading (client not reading, or commands backlogged)
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,23 +91,53 @@ class ControlConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client does not read our replies: stop reading its commands too.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._write_paused = True
+        self._flow()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+        self._write_paused = False
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read from the client only while it reads our replies and the session has room
+        for its commands (pipelined commands wait in the socket, not in memory)."""
+        if self.transport is None or self.closing or self._tls_early is not None or self.transport.is_closing():
+            return  # during AUTH TLS the TLS switch owns reading
+        backlogged = self.session is not None and self.session.backlogged
+        pause = self._write_paused or backlogged
+        if pause != self._read_paused:
+            self._read_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     # ------------------------------------------------------------ outputs
     def perform(self, outputs: list[Output]) -> None:
-        for out in outputs:
-            if isinstance(out, Reply):
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.write(out.encode())
-            elif isinstance(out, Event):
-                self.node.publish(out, self)
-            else:
-                self._act(out)
+        """Write replies, publish events, start actions, in order. An action whose result
+        is known at once (PASV) reports back through perform() again: those outputs go
+        first (depth-first, as a nested call would) but from this loop, so a long run of
+        pipelined PASV commands cannot grow the stack."""
+        if self._performing:
+            self._outputs.extendleft(reversed(outputs))
+            return
+        self._performing = True
+        queue = self._outputs
+        queue.extend(outputs)
+        try:
+            while queue:
+                out = queue.popleft()
+                if isinstance(out, Reply):
+                    if self.transport is not None and not self.transport.is_closing():
+                        self.transport.write(out.encode())
+                elif isinstance(out, Event):
+                    self.node.publish(out, self)
+                else:
+                    self._act(out)
+        finally:
+            self._performing = False
+            queue.clear()
+        self._flow()
 
     def _act(self, action: Any) -> None:
         s = self.session
@@ -210,6 +245,7 @@ class ControlConnection(asyncio.Protocol):
         if new is None:
             return
         self.transport = new  # type: ignore[assignment]
+        self._read_paused = False  # the TLS transport reads from the start
         self.tls_object = new.get_extra_info("ssl_object")
         self.node.publish(Event("tls_established", {"resumed": bool(self.tls_object and self.tls_object.session_reused)}), self)
         self._report(self.session.tls_done())

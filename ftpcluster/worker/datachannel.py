@@ -19,7 +19,6 @@ from .passive import PassivePorts
 from .protocol import Transfer, TransferResult
 
 CHUNK = 256 * 1024
-MAX_FOREIGN = 16  # connections from other addresses dropped before giving up
 
 TLSWrap = Callable[[socket.socket], Awaitable[DataStream]]
 
@@ -136,11 +135,11 @@ class DataChannel:
                 sock.setblocking(False)
                 _no_delay(sock)
                 return sock
-            # Data-connection theft attempt: someone else raced to the port.
+            # Data-connection theft attempt, or a port scan: someone else raced to the
+            # port. Close theirs and keep waiting for the owner (until data_timeout):
+            # giving up after N strangers would let anyone abort someone else's transfer.
             self.foreign_rejected += 1
             sock.close()
-            if self.foreign_rejected >= MAX_FOREIGN:
-                raise ConnectionError("too many foreign data connections")
 
 
 def _discard(got: Any) -> None:

@@ -92,6 +92,22 @@ class Home:
             raise PathError("no such file or directory")
         return Resolved(virtual, real)
 
+    def resolve_entry(self, cwd: str, arg: str, must_exist: bool = False) -> Resolved:
+        """Confine `arg` as a directory entry, without following a final symlink: what
+        DELE, RMD and RNFR/RNTO act on (the link itself, like rm and mv, wherever it
+        points). The parent must resolve inside the home; `real` is the link's own path."""
+        virtual = self.normalize(cwd, arg)
+        if virtual == "/":
+            return self.resolve(cwd, arg, must_exist)
+        parent, name = posixpath.split(virtual)
+        real_parent = os.path.realpath(self.real_of(parent))
+        if not self.inside(real_parent):
+            raise PathError("path leads outside the home directory")
+        real = os.path.join(real_parent, name)
+        if must_exist and not os.path.lexists(real):
+            raise PathError("no such file or directory")
+        return Resolved(virtual, real)
+
     def to_virtual(self, real: str) -> str:
         if real == self.root:
             return "/"

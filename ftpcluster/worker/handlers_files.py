@@ -13,6 +13,7 @@ from .commands import Arg, command
 from .fs import PathError
 from .handlers_nav import quote_path
 from .listing import mlsx_line
+from .numbers import is_ascii_number
 
 if TYPE_CHECKING:
     from .session import Session
@@ -27,7 +28,7 @@ def mkd(s: Session, arg: str) -> None:
 
 @command("RMD", arg=Arg.REQUIRED, help="RMD <dir>: remove an empty directory", write=True, aliases=("XRMD",))
 def rmd(s: Session, arg: str) -> None:
-    r = s.resolve(arg, must_exist=True)
+    r = s.resolve_entry(arg, must_exist=True)  # a symlink to a directory: ENOTDIR, the target stays
     if r.virtual == "/":
         raise PathError("Cannot remove the home directory")
     os.rmdir(r.real)
@@ -36,8 +37,8 @@ def rmd(s: Session, arg: str) -> None:
 
 @command("DELE", arg=Arg.REQUIRED, help="DELE <file>: delete a file", write=True)
 def dele(s: Session, arg: str) -> None:
-    r = s.resolve(arg, must_exist=True)
-    if os.path.isdir(r.real):
+    r = s.resolve_entry(arg, must_exist=True)  # a symlink: remove the link, never its target
+    if not os.path.islink(r.real) and os.path.isdir(r.real):
         raise PathError("Is a directory: use RMD")
     os.unlink(r.real)
     s.emit("delete", path=r.virtual)
@@ -46,7 +47,7 @@ def dele(s: Session, arg: str) -> None:
 
 @command("RNFR", arg=Arg.REQUIRED, help="RNFR <path>: rename from", write=True)
 def rnfr(s: Session, arg: str) -> None:
-    r = s.resolve(arg, must_exist=True)
+    r = s.resolve_entry(arg, must_exist=True)  # renames a symlink itself, like mv
     if r.virtual == "/":
         raise PathError("Cannot rename the home directory")
     s.rename_from = r
@@ -59,7 +60,7 @@ def rnto(s: Session, arg: str) -> None:
     if src is None:
         s.reply(503, "RNFR required first")
         return
-    dst = s.resolve(arg)
+    dst = s.resolve_entry(arg)  # an existing symlink there is replaced, its target untouched
     if dst.virtual == "/":
         raise PathError("Invalid target")
     os.rename(src.real, dst.real)
@@ -89,7 +90,7 @@ def mdtm(s: Session, arg: str) -> None:
 def parse_mfmt_time(text: str) -> float | None:
     """YYYYMMDDHHMMSS[.sss] in UTC (RFC 3659 time-val)."""
     main, _, frac = text.partition(".")
-    if len(main) != 14 or not main.isdigit() or (frac and not frac.isdigit()):
+    if len(main) != 14 or not is_ascii_number(main) or (frac and not is_ascii_number(frac)):
         return None
     try:
         t = time.strptime(main, "%Y%m%d%H%M%S")
@@ -129,10 +130,7 @@ def site(s: Session, arg: str) -> None:
             s.reply(550, "Permission denied: read-only account")
             return
         mode_s, _, path = rest.strip().partition(" ")
-        try:
-            mode = int(mode_s, 8)
-        except ValueError:
-            mode = -1
+        mode = int(mode_s, 8) if mode_s and all(c in "01234567" for c in mode_s) and len(mode_s) <= 4 else -1
         if not path or not 0 <= mode <= 0o777:
             s.reply(501, "Syntax: SITE CHMOD <octal mode 0-777> <path>")
             return

@@ -87,7 +87,7 @@ def stat_(s: Session, arg: str) -> None:
         return
     r = s.resolve(split_list_arg(arg), must_exist=True)
     body: list[str] = []
-    for chunk in list_lines(r.real, os.path.basename(r.virtual) or "/"):
+    for chunk in list_lines(r.real, os.path.basename(r.virtual) or "/", root=s.home.root if s.home else ""):
         body.extend(line for line in chunk.decode("utf-8", "surrogateescape").split("\r\n") if line)
         if len(body) > 10_000:
             break

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .commands import Arg, command
+from .numbers import is_ascii_number
 from .protocol import StartTLS
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def pbsz(s: Session, arg: str) -> None:
     if not s.tls_control:
         s.reply(503, "PBSZ needs a TLS control channel: use AUTH TLS first")
         return
-    if not arg.isdigit():
+    if not is_ascii_number(arg):
         s.reply(501, "PBSZ needs a number")
         return
     s.pbsz = True

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .commands import Arg, command
 from .fs import TEMP_PREFIX, PathError
 from .listing import list_lines, mlsd_lines, nlst_lines
+from .numbers import ascii_int
 from .protocol import AbortTransfer, ClosePassive, OpenPassive, SetActive, Transfer, TransferResult
 
 if TYPE_CHECKING:
@@ -50,10 +51,11 @@ def stru(s: Session, arg: str) -> None:
 
 @command("REST", arg=Arg.REQUIRED, help="REST <offset>: resume the next RETR or STOR there")
 def rest(s: Session, arg: str) -> None:
-    if not arg.isdigit() or len(arg) > 19:
+    offset = ascii_int(arg)
+    if offset is None:
         s.reply(501, "REST needs a non-negative byte offset")
         return
-    s.rest = int(arg)
+    s.rest = offset
     s.reply(350, f"Restarting at {s.rest}; send RETR or STOR")
 
 
@@ -121,11 +123,10 @@ def _check_active_target(s: Session, host: str, port: int) -> bool:
 
 @command("PORT", arg=Arg.REQUIRED, help="PORT h1,h2,h3,h4,p1,p2: active mode")
 def port(s: Session, arg: str) -> None:
-    parts = arg.split(",")
-    if len(parts) != 6 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+    nums = [ascii_int(p.strip(), 3) for p in arg.split(",")]
+    if len(nums) != 6 or not all(n is not None and n <= 255 for n in nums):
         s.reply(501, "Syntax: PORT h1,h2,h3,h4,p1,p2")
         return
-    nums = [int(p) for p in parts]
     host = ".".join(str(n) for n in nums[:4])
     port_no = nums[4] * 256 + nums[5]
     if _check_active_target(s, host, port_no):
@@ -142,10 +143,10 @@ def eprt(s: Session, arg: str) -> None:
         return
     d = arg[0]
     fields = arg.split(d)
-    if len(fields) != 5 or fields[0] or fields[4] or fields[1] not in ("1", "2") or not fields[3].isdigit():
+    port_no = ascii_int(fields[3], 5) if len(fields) == 5 else None
+    if len(fields) != 5 or fields[0] or fields[4] or fields[1] not in ("1", "2") or port_no is None:
         s.reply(501, "Syntax: EPRT |proto|address|port|")
         return
-    port_no = int(fields[3]) if len(fields[3]) <= 5 else 70000
     if not 0 < port_no <= 65535:
         s.reply(501, "Bad port")
         return
@@ -272,13 +273,13 @@ def _listing(s: Session, arg: str, kind: str) -> None:
         if not os.path.isdir(r.real):
             s.reply(501, "MLSD needs a directory")
             return
-        lines = mlsd_lines(r.real, s.mlst_facts, writable)
+        lines = mlsd_lines(r.real, s.mlst_facts, writable, root=s.home.root)  # type: ignore[union-attr]
     elif kind == "NLST":
         lines = nlst_lines(r.real, name)
     else:
         if os.path.isdir(r.real) and not os.access(r.real, os.R_OK | os.X_OK):
             raise PathError("Permission denied")
-        lines = list_lines(r.real, name)
+        lines = list_lines(r.real, name, root=s.home.root)  # type: ignore[union-attr]
     t = Transfer("send_lines", lines=lines, ascii=True, virtual=r.virtual, command=kind)
     _start(s, t, f"Here comes the listing of {r.virtual}")
 

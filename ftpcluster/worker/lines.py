@@ -2,11 +2,13 @@
 
 Bounded like h11's buffer: a line longer than `max_line` is dropped (the caller
 answers 500) and the rest of it is discarded up to the next LF, so a client
-cannot make us buffer without limit."""
+cannot make us buffer without limit. Lines are taken one at a time
+(`next_line`), so a session that is busy can leave a pipelined burst unsplit
+here while the connection stops reading (back-pressure) instead of queueing it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TOO_LONG = object()  # marker yielded in place of an over-long line
 
@@ -14,41 +16,49 @@ TOO_LONG = object()  # marker yielded in place of an over-long line
 @dataclass
 class LineBuffer:
     max_line: int = 4096
-    _buf: bytearray | None = None
+    _buf: bytearray = field(default_factory=bytearray)
+    _start: int = 0  # bytes before this offset were already taken
     _discarding: bool = False
 
-    def __post_init__(self) -> None:
-        self._buf = bytearray()
+    def append(self, data: bytes) -> None:
+        if self._start:
+            del self._buf[: self._start]
+            self._start = 0
+        self._buf += data
 
-    def feed(self, data: bytes) -> list[bytes | object]:
-        """Return complete lines (without CR LF) and TOO_LONG markers."""
-        out: list[bytes | object] = []
+    def next_line(self) -> bytes | object | None:
+        """One line (without CR LF), TOO_LONG, or None when no complete line is buffered."""
         buf = self._buf
-        assert buf is not None
-        buf += data
-        start = 0
         while True:
+            start = self._start
             nl = buf.find(b"\n", start)
             if nl < 0:
-                break
+                if len(buf) - start > self.max_line:
+                    # Over-long line still arriving: report once, then drop until LF.
+                    buf.clear()
+                    self._start = 0
+                    if not self._discarding:
+                        self._discarding = True
+                        return TOO_LONG
+                return None
+            self._start = nl + 1
             if self._discarding:
                 self._discarding = False
-            elif nl - start > self.max_line:
-                out.append(TOO_LONG)
-            else:
-                line = bytes(buf[start:nl])
-                out.append(line[:-1] if line.endswith(b"\r") else line)
-            start = nl + 1
-        del buf[:start]
-        if len(buf) > self.max_line:
-            # Over-long line still arriving: report once, then drop until LF.
-            if not self._discarding:
-                out.append(TOO_LONG)
-                self._discarding = True
-            buf.clear()
+                continue
+            if nl - start > self.max_line:
+                return TOO_LONG
+            end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+            return bytes(buf[start:end])
+
+    def feed(self, data: bytes) -> list[bytes | object]:
+        """Append `data` and return every complete line (and TOO_LONG marker)."""
+        self.append(data)
+        out: list[bytes | object] = []
+        while (line := self.next_line()) is not None:
+            out.append(line)
         return out
 
     @property
     def pending(self) -> int:
-        assert self._buf is not None
-        return len(self._buf)
+        """Bytes buffered and not yet taken as lines."""
+        return len(self._buf) - self._start

@@ -16,18 +16,26 @@ _SIX_MONTHS = 180 * 86400
 CHUNK = 64 * 1024
 
 
-def _entries(real_dir: str) -> Iterator[tuple[str, os.stat_result]]:
+def _entries(real_dir: str, root: str = "") -> Iterator[tuple[str, os.stat_result]]:
+    """(name, stat) of each entry. A symlink whose target is inside `root` (the home)
+    shows its target's facts; one that leaves the home (or dangles) shows its own lstat,
+    so a listing never reveals the size, mode or type of anything outside the home."""
     with os.scandir(real_dir) as it:
         for entry in it:
             if entry.name.startswith(TEMP_PREFIX):
                 continue
             try:
-                yield entry.name, entry.stat(follow_symlinks=True)
+                follow = not entry.is_symlink() or _inside(root, os.path.realpath(entry.path))
+                yield entry.name, entry.stat(follow_symlinks=follow)
             except OSError:
                 try:
                     yield entry.name, entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
+
+
+def _inside(root: str, real: str) -> bool:
+    return bool(root) and (real == root or real.startswith(root.rstrip("/") + "/"))
 
 
 def _chunks(lines: Iterator[bytes]) -> Iterator[bytes]:
@@ -63,13 +71,14 @@ def ls_line(name: str, st: os.stat_result, now: float | None = None) -> bytes:
     )
 
 
-def list_lines(real: str, name_if_file: str) -> Iterator[bytes]:
-    """LIST of a directory, or of one file when `real` is a file."""
+def list_lines(real: str, name_if_file: str, root: str = "") -> Iterator[bytes]:
+    """LIST of a directory, or of one file when `real` is a file. `root`: the home
+    (symlinks leading outside it are listed as links; without it, every link is)."""
     now = time.time()
     if not os.path.isdir(real):
         yield ls_line(name_if_file, os.stat(real), now)
         return
-    yield from _chunks(ls_line(n, st, now) for n, st in sorted(_entries(real)))
+    yield from _chunks(ls_line(n, st, now) for n, st in sorted(_entries(real, root)))
 
 
 def nlst_lines(real: str, name_if_file: str) -> Iterator[bytes]:
@@ -81,6 +90,8 @@ def nlst_lines(real: str, name_if_file: str) -> Iterator[bytes]:
 
 def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, kind: str | None = None) -> bytes:
     is_dir = stat.S_ISDIR(st.st_mode)
+    if kind is None and stat.S_ISLNK(st.st_mode):
+        kind = "OS.unix=symlink"  # a link leaving the home: only DELE/RNFR apply to it
     parts = []
     if "type" in facts:
         parts.append(f"type={kind or ('dir' if is_dir else 'file')}")
@@ -89,7 +100,9 @@ def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, k
     if "modify" in facts:
         parts.append("modify=" + time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime)))
     if "perm" in facts:
-        if is_dir:
+        if kind == "OS.unix=symlink":
+            perm = "df" if writable else ""
+        elif is_dir:
             perm = "elcmfp" if writable else "el"
         else:
             perm = "radfw" if writable else "r"
@@ -99,6 +112,6 @@ def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, k
     return _enc(";".join(parts) + "; " + name) + b"\r\n"
 
 
-def mlsd_lines(real: str, facts: list[str], writable: bool) -> Iterator[bytes]:
+def mlsd_lines(real: str, facts: list[str], writable: bool, root: str = "") -> Iterator[bytes]:
     yield mlsx_line(".", os.stat(real), facts, writable, kind="cdir")
-    yield from _chunks(mlsx_line(n, st, facts, writable) for n, st in sorted(_entries(real)))
+    yield from _chunks(mlsx_line(n, st, facts, writable) for n, st in sorted(_entries(real, root)))

@@ -20,7 +20,7 @@ from .fs import Home, PathError, Resolved
 from .lines import TOO_LONG, LineBuffer
 from .protocol import Action, Close, Event, Output, Reply, Transfer, TransferResult
 
-MAX_QUEUED_LINES = 32
+MAX_QUEUED_LINES = 32  # queued behind an asynchronous step; then the connection stops reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,21 +105,32 @@ class Session:
 
     def receive_data(self, data: bytes) -> list[Output]:
         """Bytes from the control connection; returns what to send and do."""
-        for line in self._lines.feed(data):
-            if self.closed or self._tls_pending:
-                # After AUTH TLS nothing sent in the clear may be taken as a command
-                # (STARTTLS command injection, CVE-2011-0411).
-                break
-            if self.waiting is not None:
-                if line is not TOO_LONG and self._is_urgent(line):
-                    self._dispatch(line)
-                elif len(self._queue) >= MAX_QUEUED_LINES:
-                    self.close(421, "Too many commands queued; closing control connection")
-                else:
-                    self._queue.append(line)
-            else:
-                self._dispatch(line)
+        self._lines.append(data)
+        self._pump()
         return self._take()
+
+    @property
+    def backlogged(self) -> bool:
+        """The I/O layer should stop reading: commands wait behind an asynchronous step
+        (a password check, a transfer) and the queue is full. Pipelining is allowed
+        (RFC 959), so the rest waits in the socket, not in memory, and nothing is lost."""
+        return len(self._queue) >= MAX_QUEUED_LINES and not self.closed
+
+    def _pump(self) -> None:
+        """Take buffered lines: run them, or queue them while an asynchronous step is
+        outstanding (urgent ones run at once); stop taking lines once the queue is full."""
+        while not (self.closed or self._tls_pending) and len(self._queue) < MAX_QUEUED_LINES:
+            # After AUTH TLS nothing sent in the clear may be taken as a command
+            # (STARTTLS command injection, CVE-2011-0411): tls_done() drops the buffer.
+            line = self._lines.next_line()
+            if line is None:
+                return
+            if self.waiting is None:
+                self._dispatch(line)
+            elif line is not TOO_LONG and self._is_urgent(line):
+                self._dispatch(line)
+            else:
+                self._queue.append(line)
 
     def _is_urgent(self, line: bytes | object) -> bool:
         verb = _verb_of(line)  # type: ignore[arg-type]
@@ -127,9 +138,11 @@ class Session:
         return spec is not None and spec.urgent
 
     def _resume(self) -> None:
-        """An async step finished: run queued commands until one blocks again."""
-        while self._queue and self.waiting is None and not self.closed:
+        """An async step finished: run queued commands until one blocks again, then
+        take more of what was left in the line buffer."""
+        while self._queue and self.waiting is None and not (self.closed or self._tls_pending):
             self._dispatch(self._queue.popleft())
+        self._pump()
 
     def _dispatch(self, line: bytes | object) -> None:
         if line is TOO_LONG:
@@ -160,6 +173,11 @@ class Session:
             self.reply(550, str(e))
         except OSError as e:
             self.reply(*os_error_reply(e))
+        except Exception as e:  # a bug: answer, log it once with its traceback, go on
+            import traceback
+
+            self.reply(451, "Local error in processing")
+            self.emit("handler_error", command=verb, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
 
     def _allowed(self, spec: CommandSpec, arg: str) -> bool:
         if spec.arg is Arg.REQUIRED and not arg:
@@ -219,6 +237,7 @@ class Session:
         self.tls_control = True
         self._tls_pending = False
         self._lines = LineBuffer(self.settings.max_line)
+        self._queue.clear()  # sent in the clear behind AUTH TLS: never commands
         return self._take()
 
     def timed_out(self, what: str) -> list[Output]:
@@ -233,6 +252,11 @@ class Session:
     def resolve(self, arg: str, must_exist: bool = False) -> Resolved:
         assert self.home is not None
         return self.home.resolve(self.cwd, arg, must_exist)
+
+    def resolve_entry(self, arg: str, must_exist: bool = False) -> Resolved:
+        """The directory entry itself, a final symlink not followed (DELE, RMD, RNFR, RNTO)."""
+        assert self.home is not None
+        return self.home.resolve_entry(self.cwd, arg, must_exist)
 
     def begin_wait(self, what: str) -> None:
         self.waiting = what

@@ -33,6 +33,7 @@ _LEVELS: dict[str, tuple[str, str]] = {
     "RootLogin": ("warning", "root login attempt"),
     "banned": ("warning", "session ended by ban"),
     "passive_exhausted": ("warning", "passive port range exhausted"),
+    "handler_error": ("error", "command handler failed"),
 }
 
 
