@@ -79,6 +79,7 @@ class ServerConfig:
     data_timeout: float = 30.0
     no_transfer_timeout: float = 0.0  # logged in this long without a transfer: 421 (ProFTPD's TimeoutNoTransfer); 0 = off
     max_sessions_per_node: int = 2000
+    max_passive_per_host: int = 64  # passive listeners one client address may hold open on a node; 0 = no limit
     max_line_length: int = 4096
     atomic_uploads: bool = True
     banner: str = "ftpcluster ready"

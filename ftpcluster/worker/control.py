@@ -181,7 +181,7 @@ class ControlConnection(asyncio.Protocol):
 
     def _channel(self) -> DataChannel:
         if self.data is None:
-            self.data = DataChannel(asyncio.get_running_loop(), self.node.data_timeout)
+            self.data = DataChannel(asyncio.get_running_loop(), self.node.data_timeout, self.node.passive_held, self.client_ip)
         return self.data
 
     # ------------------------------------------------------------ actions
@@ -199,6 +199,12 @@ class ControlConnection(asyncio.Protocol):
         local = self.transport.get_extra_info("sockname")[0]
         channel = self._channel()
         channel.allowed_peers = self.node.data_peers(self)
+        channel.close()  # this session's previous listener does not count against the limit
+        limit = self.node.cfg.server.max_passive_per_host
+        if limit and self.node.passive_held[self.client_ip] >= limit:
+            self.node.publish(Event("passive_limit", {"held": limit}), self)
+            self.perform(s.passive_failed(f"Can't open passive connection: {limit} passive ports already open from your address"))
+            return
         try:
             early = self.node.tls.data_wrapper(self) if (s.prot_private and self.node.tls is not None) else None
             port = channel.open_passive(self.node.passive_ports, local, early)
@@ -275,6 +281,11 @@ class ControlConnection(asyncio.Protocol):
         s = self.session
         if s is None or self.closing:
             return
+        data = self.data
+        if data is not None and self.transfer_task is None and data.passive_unused_for(now) > data.timeout:
+            # PASV/EPSV and then no transfer command: give the port back (no hoarding).
+            data.close()
+            s.passive_expired()
         if s.user is None and now - self.started > login_timeout:
             self.perform(s.timed_out("login"))
         elif self.transfer_task is None and idle_timeout and now - self.last_activity > idle_timeout:

@@ -7,6 +7,7 @@ are renamed on success (atomic), so a failed or aborted upload leaves nothing.""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import os
@@ -14,7 +15,7 @@ import socket
 import time
 from typing import Any, Awaitable, Callable, ClassVar
 
-from .datastream import DataStream, PlainStream
+from .datastream import DataStream, PlainStream, tcp_progress
 from .passive import PassivePorts
 from .protocol import Transfer, TransferResult
 
@@ -48,10 +49,16 @@ class DataChannel:
     # headers (`[proxy_protocol] passive`): (sock, addr) -> the real client ip, None = drop.
     proxy_reader: ClassVar[Callable[[socket.socket, Any], Awaitable[str | None]] | None] = None
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float,
+                 held: collections.Counter[str] | None = None, holder: str = "") -> None:  # fmt: skip
         self.loop = loop
         self.timeout = timeout
         self.listener: socket.socket | None = None
+        self.listening_since = 0.0  # monotonic time the passive listener opened
+        # Passive listeners open per client address on this node (`held[holder]`), so one
+        # address cannot hold the whole passive range.
+        self.held = held
+        self.holder = holder
         self.active: tuple[str, int] | None = None
         self.foreign_rejected = 0
         # Who may connect to the passive port: the control client, or (no PROXY on data) the balancer.
@@ -66,6 +73,9 @@ class DataChannel:
         self.close()
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         self.listener = ports.open(bind_host, family)
+        self.listening_since = time.monotonic()
+        if self.held is not None:
+            self.held[self.holder] += 1
         self.pending = self.loop.create_task(self._accept_early(early_wrap))
         return self.listener.getsockname()[1]
 
@@ -90,7 +100,18 @@ class DataChannel:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+            if self.held is not None:
+                self.held[self.holder] -= 1
+                if self.held[self.holder] <= 0:
+                    del self.held[self.holder]
         self.active = None
+
+    def passive_unused_for(self, now: float) -> float:
+        """Seconds a passive listener (or its early-accepted connection) has waited for a
+        transfer command; 0 when there is none."""
+        if self.listener is None and self.pending is None:
+            return 0.0
+        return now - self.listening_since
 
     async def connect(self) -> "socket.socket | DataStream":
         """The data socket (or TLS stream, when it was wrapped early), from the
@@ -303,18 +324,23 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
 
 
 async def _watch(work: Awaitable[int], stream: DataStream, timeout: float) -> int:
-    """Run `work`, failing with TimeoutError when no byte moves for `timeout` seconds."""
+    """Run `work`, failing with TimeoutError when no byte moves for `timeout` seconds.
+    A byte moved is one our side sent or received (`stream.moved`) or one the kernel
+    saw acknowledged or arrive (`tcp_progress`): a slow reader is never cut off while
+    it keeps reading, even during a long blocking sendfile call."""
+    loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout) as cm:
         task = asyncio.ensure_future(work)
-        last = -1
+        last = stream.moved + tcp_progress(stream.sock)
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=min(timeout, 1.0))
+                done, _ = await asyncio.wait({task}, timeout=min(timeout / 4, 1.0))
                 if done:
                     return task.result()
-                if stream.moved != last:
-                    last = stream.moved
-                    cm.reschedule(asyncio.get_running_loop().time() + timeout)
+                now = stream.moved + tcp_progress(stream.sock)
+                if now != last:
+                    last = now
+                    cm.reschedule(loop.time() + timeout)
         finally:
             if not task.done():
                 task.cancel()

@@ -9,6 +9,7 @@ before TLS starts."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
@@ -66,6 +67,7 @@ class NodeServer:
         self._inflight: dict[bytes, asyncio.Future[Any]] = {}
         low, high = ctx.passive_range or cfg.passive_range
         self.passive_ports = PassivePorts(low, high)
+        self.passive_held: collections.Counter[str] = collections.Counter()  # client ip -> open passive listeners
         self.masquerade = cfg.server.masquerade_address
         self.data_timeout = cfg.server.data_timeout
         self.stopping = False

@@ -232,6 +232,11 @@ class Session:
         self._resume()
         return self._take()
 
+    def passive_expired(self) -> None:
+        """The I/O layer closed a passive listener no transfer used within data_timeout:
+        the next transfer command needs a new PASV/EPSV (425 otherwise)."""
+        self.data_ready = False
+
     def tls_done(self) -> list[Output]:
         """The control connection is now TLS (after AUTH TLS)."""
         self.tls_control = True

@@ -1,0 +1,235 @@
+"""The data channel under slow networks and careless clients, over real sockets
+against one module-scoped server (data_timeout 2 s):
+
+- readers at 64 KB/s and 1 MB/s get whole files, on the event-loop sendfile path
+  and on the threaded one: data_timeout means "no byte moved", not "took long";
+- an unused PASV/EPSV port comes back after data_timeout, and one address cannot
+  hold more than max_passive_per_host of them;
+- strangers connecting to someone's passive port are closed; the owner's
+  transfer still works;
+- 100 commands pipelined behind PASS (and behind PASV) all get their replies;
+- odd Unicode digits in REST/PORT/EPRT get 501 and the session goes on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .support_server import Server, make_server, wait_for
+from .test_bad_input import Raw, node_pid
+
+DATA_TIMEOUT = 2.0
+THREAD_MIN = 1 << 20  # FTPCLUSTER_SENDFILE_THREAD_MIN for this server: 1 MB files take the threaded path
+PASSIVE_PER_HOST = 4
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = make_server(tmp_path_factory.mktemp("abuse"), server={
+        "data_timeout": f"{DATA_TIMEOUT}s", "max_passive_per_host": PASSIVE_PER_HOST})  # fmt: skip
+    old = os.environ.get("FTPCLUSTER_SENDFILE_THREAD_MIN")
+    os.environ["FTPCLUSTER_SENDFILE_THREAD_MIN"] = str(THREAD_MIN)
+    try:
+        s.start(nodes=1)
+    finally:
+        if old is None:
+            del os.environ["FTPCLUSTER_SENDFILE_THREAD_MIN"]
+        else:
+            os.environ["FTPCLUSTER_SENDFILE_THREAD_MIN"] = old
+    s.home.mkdir(parents=True, exist_ok=True)
+    pid = node_pid(s)
+    yield s
+    assert node_pid(s) == pid, "the node process was replaced: the worker crashed"
+    s.stop()
+
+
+def _slow_read(sock: socket.socket, rate: float, limit: float) -> bytes:
+    """Read at about `rate` bytes/s (small receive buffer, like a slow link)."""
+    got = bytearray()
+    start = time.monotonic()
+    sock.settimeout(limit)
+    while time.monotonic() - start < limit:
+        ahead = start + len(got) / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(min(ahead, 0.05))
+            continue
+        chunk = sock.recv(8192)
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+def _epsv_socket(c: Raw, rcvbuf: int = 0) -> socket.socket:
+    code, text = c.reply_to("EPSV")
+    assert code == 229, text
+    port = int(text.split(b"|")[3])
+    d = socket.socket()
+    if rcvbuf:
+        d.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    d.connect(("127.0.0.1", port))
+    return d
+
+
+def test_slow_readers_get_whole_files(srv: Server) -> None:
+    """64 KB/s over the loop path (160 KB file) and 1 MB/s over the threaded sendfile path
+    (2.5 MB, one sendfile call for the whole file): each takes about 2.5 s, longer than
+    data_timeout, and neither is cut."""
+    files = {"small.bin": (160 << 10, 64 << 10), "big.bin": (THREAD_MIN * 5 // 2, 1 << 20)}
+    for name, (size, _) in files.items():
+        (srv.home / name).write_bytes(os.urandom(1024) * (size // 1024))
+    results: dict[str, tuple[int, int, bytes]] = {}
+
+    def fetch(name: str, rate: int) -> None:
+        c = Raw(srv, timeout=20)
+        c.login()
+        assert c.cmd("TYPE I") == 200
+        d = _epsv_socket(c, rcvbuf=16384)
+        assert c.cmd(f"RETR {name}") == 150
+        got = _slow_read(d, rate, limit=15)
+        d.close()
+        results[name] = (len(got), *c.reply())
+        c.close()
+
+    threads = [threading.Thread(target=fetch, args=(n, r)) for n, (_, r) in files.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for name, (size, _) in files.items():
+        n, code, text = results[name]
+        assert (n, code) == (size, 226), (name, n, text)
+
+
+def test_watchdog_sees_a_slow_reader_inside_one_sendfile_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No server process: the threaded sendfile path (THREAD_MIN forced to 0) sends a
+    160 KB file in one blocking call (datastream.BLOCK is far bigger) to a 64 KB/s
+    reader, about 2.5 s, under a 1 s data timeout. The watchdog must see the bytes the
+    reader takes (kernel counters) although the call has not returned yet."""
+    import asyncio
+
+    from ftpcluster.worker import datastream
+    from ftpcluster.worker.datachannel import CHUNK, _watch
+
+    size = 160 << 10
+    assert datastream.BLOCK > size
+    monkeypatch.setattr(datastream, "THREAD_MIN", 0)
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(size))
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        reader.connect(ls.getsockname())
+        sender, _ = ls.accept()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    sender.setblocking(False)
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(_slow_read(reader, 64 << 10, limit=10)))
+    t.start()
+
+    async def send() -> int:
+        stream = datastream.PlainStream(sender, asyncio.get_running_loop())
+        with open(path, "rb") as f:
+            n = await _watch(stream.send_file(f.fileno(), 0, CHUNK), stream, 1.0)
+        await stream.close()
+        return n
+
+    try:
+        sent = asyncio.run(send())
+    finally:
+        t.join(15)
+        reader.close()
+    assert sent == size and len(got[0]) == size
+
+
+def test_unused_passive_ports_come_back(srv: Server) -> None:
+    """PASV/EPSV nobody uses: closed after data_timeout. One address holds at most
+    max_passive_per_host listeners on a node (425 beyond), however many sessions it opens."""
+    hoarders = [Raw(srv) for _ in range(PASSIVE_PER_HOST + 1)]
+    ports = []
+    for c in hoarders:
+        c.login()
+    for c in hoarders[:PASSIVE_PER_HOST]:
+        code, text = c.reply_to("EPSV")
+        assert code == 229, text
+        ports.append(int(text.split(b"|")[3]))
+    last = hoarders[-1]
+    code, text = last.reply_to("EPSV")
+    assert code == 425 and b"from your address" in text, text
+    # NOOP keeps the sessions alive, not their ports.
+    assert wait_for(lambda: last.cmd("NOOP") == 200 and last.reply_to("EPSV")[0] == 229, timeout=DATA_TIMEOUT + 6)
+
+    def closed(port: int) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) != 0
+
+    assert all(closed(p) for p in ports)
+    # The session that held an expired port is told to ask again, and can.
+    assert hoarders[0].cmd("RETR nothing") in (425, 550)
+    assert hoarders[0].cmd("NOOP") == 200
+    for c in hoarders:
+        c.close()
+
+
+def test_strangers_do_not_abort_the_owner(srv: Server) -> None:
+    """32 connections from another address (127.0.0.2) to the owner's passive port are
+    closed; the owner then connects and gets the file."""
+    (srv.home / "mine.txt").write_bytes(b"mine" * 1000)
+    c = Raw(srv)
+    c.login()
+    code, text = c.reply_to("EPSV")
+    assert code == 229, text
+    port = int(text.split(b"|")[3])
+    refused = 0
+    for _ in range(32):
+        s = socket.socket()
+        s.settimeout(5)
+        s.bind(("127.0.0.2", 0))
+        try:
+            s.connect(("127.0.0.1", port))
+            refused += s.recv(10) == b""  # closed by the server, nothing sent
+        except OSError:
+            refused += 1
+        finally:
+            s.close()
+    assert refused == 32
+    assert c.cmd("TYPE I") == 200
+    d = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert c.cmd("RETR mine.txt") == 150
+    data = b""
+    while chunk := d.recv(65536):
+        data += chunk
+    d.close()
+    assert data == b"mine" * 1000
+    assert c.reply()[0] == 226
+    c.close()
+
+
+def test_pipelined_commands_all_answered(srv: Server) -> None:
+    """100 commands behind PASS, then 100 behind PASV, in one send each: 102 and 101 replies."""
+    c = Raw(srv)
+    c.send(f"USER {srv.user}\r\nPASS {srv.password}\r\n".encode() + b"PWD\r\n" * 100)
+    codes = [c.reply()[0] for _ in range(102)]
+    assert codes == [331, 230] + [257] * 100
+    c.send(b"EPSV\r\n" + b"TYPE I\r\n" * 100)
+    codes = [c.reply()[0] for _ in range(101)]
+    assert codes == [229] + [200] * 100
+    assert c.cmd("NOOP") == 200
+    c.close()
+
+
+def test_odd_digits_get_501(srv: Server) -> None:
+    c = Raw(srv)
+    c.login()
+    for line in ("REST ²", "PORT 127,0,0,1,²,1", "EPRT |1|127.0.0.1|²|"):
+        assert c.cmd(line.encode()) == 501, line
+    assert c.cmd("NOOP") == 200
+    c.close()
