@@ -105,6 +105,7 @@ class TLSConfig:
     # ours
     session_context: str = ""  # "" = the memcache namespace
     handshake_timeout: float = 10.0
+    max_handshakes_per_host: int = 32  # implicit-TLS handshakes in flight per client address on a node; 0 = no limit
     session_lifetime: float = 3600.0
     session_cache_size: int = 8192  # entries in the host's shared-memory cache (1 KB each)
 

@@ -223,11 +223,15 @@ class ControlConnection(asyncio.Protocol):
     async def _transfer(self, t: Transfer) -> None:
         channel = self._channel()
         tls_wrap = self.node.tls.data_wrapper(self) if (t.protected and self.node.tls is not None) else None
+        if t.temp_path:
+            self.node.uploads.started(t.temp_path)  # found again if this node dies mid-upload
         try:
             result = await run_transfer(channel, t, tls_wrap)
         except asyncio.CancelledError:
             result = TransferResult("aborted")
         finally:
+            if t.temp_path:
+                self.node.uploads.finished()
             self.transfer_task = None
             self.last_activity = self.last_transfer = time.monotonic()  # the idle clock starts when the transfer ends
         if self.session is not None:

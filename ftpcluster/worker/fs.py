@@ -9,12 +9,20 @@ Refusals are `PathError`, which the session answers with 550."""
 from __future__ import annotations
 
 import os
-import time
 import posixpath
+import secrets
+import time
 from dataclasses import dataclass
 
 # Names we create for atomic uploads; hidden from listings and not addressable.
 TEMP_PREFIX = ".ftpcluster-upload."
+
+
+def temp_upload_name() -> str:
+    """A hidden temporary name for an atomic upload that says which process owns it
+    (`.ftpcluster-upload.<pid>.<random>`), so a crashed node's leftovers can be told
+    from a live sibling's uploads in flight (upload_journal.py)."""
+    return f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(8)}"
 
 
 class PathError(Exception):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import stat
 from typing import TYPE_CHECKING
 
 from .commands import Arg, command
-from .fs import TEMP_PREFIX, PathError
+from .fs import PathError, temp_upload_name
 from .listing import list_lines, mlsd_lines, nlst_lines
 from .numbers import ascii_int
 from .protocol import AbortTransfer, ClosePassive, OpenPassive, SetActive, Transfer, TransferResult
@@ -225,7 +224,7 @@ def _store(s: Session, arg: str, append: bool, unique: bool) -> None:
     if offset and os.path.exists(r.real) and offset > os.path.getsize(r.real):
         s.reply(554, "REST offset beyond the end of the file")
         return
-    temp = "" if in_place else os.path.join(parent, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+    temp = "" if in_place else os.path.join(parent, temp_upload_name())
     cmd = "APPE" if append else "STOU" if unique else "STOR"
     t = Transfer(
         "receive_file",

@@ -28,6 +28,7 @@ from .control import ControlConnection
 from .passive import PassivePorts
 from .protocol import Event
 from .session import SessionSettings
+from .upload_journal import UploadJournal
 
 log = structlog.get_logger("ftpcluster.worker")
 
@@ -68,6 +69,7 @@ class NodeServer:
         low, high = ctx.passive_range or cfg.passive_range
         self.passive_ports = PassivePorts(low, high)
         self.passive_held: collections.Counter[str] = collections.Counter()  # client ip -> open passive listeners
+        self.uploads = UploadJournal(cfg.state_dir / "uploads")
         self.masquerade = cfg.server.masquerade_address
         self.data_timeout = cfg.server.data_timeout
         self.stopping = False
@@ -75,6 +77,10 @@ class NodeServer:
         self.stopped = asyncio.Event()
         self.sessions_total = 0
         self.rejected_total = 0
+        # Accepted connections that are not sessions yet (implicit-TLS handshake, PROXY
+        # header): they hold memory like sessions, so they count against the node's limit.
+        self.connecting = 0
+        self.handshaking: collections.Counter[str] = collections.Counter()  # client ip -> implicit-TLS handshakes
         self._ids = itertools.count(1)
         self._listeners: list[tuple[socket.socket, bool]] = []
         self.tls: Any = None
@@ -168,20 +174,30 @@ class NodeServer:
         if ip.startswith("::ffff:"):
             ip = ip[7:]
         msg = self.refusal_for(ip)
-        if msg is None and len(self.sessions) >= self.cfg.server.max_sessions_per_node:
+        if msg is None and len(self.sessions) + self.connecting >= self.cfg.server.max_sessions_per_node:
             msg = "421 Too many connections on this node, try again later"
         if msg is not None:
-            # Cheap path: no protocol object, no TLS, no log line; counted instead.
-            self.rejected_total += 1
-            with contextlib.suppress(OSError):
-                sock.setblocking(False)
-                sock.send(msg.encode("utf-8", "replace") + b"\r\n")
-            sock.close()
+            self._refuse(sock, msg)
             return
         sock.setblocking(False)  # TCP_NODELAY and SO_OOBINLINE (ABOR's urgent byte) come from the listener
+        self.connecting += 1
         self.track(self.loop.create_task(self._connect(sock, (ip, addr[1]), implicit)))
 
+    def _refuse(self, sock: socket.socket, msg: str) -> None:
+        """Cheap path: no protocol object, no TLS, no log line; counted instead."""
+        self.rejected_total += 1
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send(msg.encode("utf-8", "replace") + b"\r\n")
+        sock.close()
+
     async def _connect(self, sock: socket.socket, client: tuple[str, int], implicit: bool) -> None:
+        try:
+            await self._connect_counted(sock, client, implicit)
+        finally:
+            self.connecting -= 1
+
+    async def _connect_counted(self, sock: socket.socket, client: tuple[str, int], implicit: bool) -> None:
         info: dict[str, Any] = {}
         hook = getattr(self, "proxy_hook", None)
         if hook is not None:
@@ -193,19 +209,27 @@ class NodeServer:
             if client[0] != real_ip:  # bans were checked on the balancer's address; now on the client's
                 msg = self.refusal_for(client[0])
                 if msg is not None:
-                    self.rejected_total += 1
-                    with contextlib.suppress(OSError):
-                        sock.send(msg.encode("utf-8", "replace") + b"\r\n")
-                    sock.close()
+                    self._refuse(sock, msg)
                     return
+        ip = client[0]
+        limit = self.cfg.tls.max_handshakes_per_host
+        if implicit and limit and self.handshaking[ip] >= limit:
+            self._refuse(sock, "421 Too many TLS handshakes from your address, try again later")
+            return
         try:
             if implicit:
-                await self.loop.connect_accepted_socket(
-                    lambda: ControlConnection(self, client, True, info),
-                    sock,
-                    ssl=self.tls.context,
-                    ssl_handshake_timeout=self.tls.handshake_timeout,
-                )
+                self.handshaking[ip] += 1
+                try:
+                    await self.loop.connect_accepted_socket(
+                        lambda: ControlConnection(self, client, True, info),
+                        sock,
+                        ssl=self.tls.context,
+                        ssl_handshake_timeout=self.tls.handshake_timeout,
+                    )
+                finally:
+                    self.handshaking[ip] -= 1
+                    if self.handshaking[ip] <= 0:
+                        del self.handshaking[ip]
             else:
                 await self.loop.connect_accepted_socket(lambda: ControlConnection(self, client, False, info), sock)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
@@ -381,6 +405,7 @@ async def serve(ctx: NodeContext) -> int:
     from .users_watch import watch_users
 
     server.track(loop.create_task(watch_users(server)))
+    server.uploads.open()  # removes temporary upload files of nodes that died
     server.start_accepting()
     log.debug("node accepting", node=ctx.node_id, pid=os.getpid())
     await server.housekeeping()
@@ -390,6 +415,7 @@ async def serve(ctx: NodeContext) -> int:
         task.cancel()
     await asyncio.sleep(0)
     server.executor.shutdown(wait=False, cancel_futures=True)
+    server.uploads.close()
     return 0
 
 
