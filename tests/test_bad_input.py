@@ -299,53 +299,6 @@ def test_path_escapes_refused(jail: tuple[Server, Path]) -> None:
     c.close()
 
 
-def test_symlinks_act_on_the_link(jail: tuple[Server, Path]) -> None:
-    """DELE/RNFR/RMD act on a symlink itself, never on its target; a listing shows a link
-    that leaves the home as a link (its own lstat), never the target's size or mode."""
-    node, outside = jail
-    home = node.home
-    (home / "victim.txt").write_bytes(b"inside target")
-    (home / "in_file_link").symlink_to(home / "victim.txt")
-    c = Raw(node)
-    c.login()
-    # LIST/MLSD/STAT: the 6-byte secret behind file_link and the folder behind out_link stay hidden.
-    body = _listing(c, "LIST").decode()
-    rows = {line.split()[-1]: line for line in body.splitlines()}
-    for name in LINKS:
-        assert rows[name].startswith("l"), rows[name]
-    assert " 6 " not in rows["file_link"] and rows["in_file_link"].startswith("-"), rows
-    facts = {line.split("; ", 1)[1]: line for line in _listing(c, "MLSD").decode().splitlines()}
-    assert all("type=OS.unix=symlink" in facts[name] for name in LINKS), facts
-    assert "size=6;" not in facts["file_link"] and "type=file" in facts["in_file_link"]
-    code, text = c.reply_to("STAT /")
-    assert code == 213 and b" 6 " not in [ln for ln in text.split(b"\n") if ln.endswith(b"file_link")][0]
-    # DELE removes the link, inside or out; the target stays.
-    assert c.cmd("DELE in_file_link") == 250
-    assert c.cmd("DELE file_link") == 250
-    assert (home / "victim.txt").read_bytes() == b"inside target"
-    assert (outside / "secret.txt").read_bytes() == b"secret"
-    assert not os.path.lexists(home / "in_file_link") and not os.path.lexists(home / "file_link")
-    # RMD of a link to a directory: refused (not a directory); the directory stays.
-    assert c.cmd("RMD in_link") == 550 and (home / "sub").is_dir()
-    # RNFR/RNTO rename the link; the renamed link still cannot be followed out.
-    assert c.cmd("RNFR dangling_out") == 350
-    assert c.cmd("RNTO moved_link") == 250
-    assert os.readlink(home / "moved_link") == str(outside / "does-not-exist")
-    assert c.cmd("RETR moved_link") == 550
-    c.close()
-
-
-def _listing(c: Raw, cmd: str) -> bytes:
-    data = c.pasv()
-    assert c.cmd(cmd) == 150
-    body = b""
-    while chunk := data.recv(65536):
-        body += chunk
-    data.close()
-    assert c.reply()[0] == 226
-    return body
-
-
 def test_read_only_user(server_factory: Callable[..., Server], tmp_path: Path) -> None:
     srv = server_factory(start=False)
     bob_home = tmp_path / "bob"

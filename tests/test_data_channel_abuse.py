@@ -8,7 +8,8 @@ against one module-scoped server (data_timeout 2 s):
 - strangers connecting to someone's passive port are closed; the owner's
   transfer still works;
 - 100 commands pipelined behind PASS (and behind PASV) all get their replies;
-- odd Unicode digits in REST/PORT/EPRT get 501 and the session goes on."""
+- odd Unicode digits in REST/PORT/EPRT get 501 and the session goes on;
+- DELE/RMD/RNFR act on a symlink itself; listings show links leaving the home as links."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from .support_server import Server, make_server, wait_for
-from .test_bad_input import Raw, node_pid
+from .test_bad_input import LINKS, Raw, node_pid
 
 DATA_TIMEOUT = 2.0
 THREAD_MIN = 1 << 20  # FTPCLUSTER_SENDFILE_THREAD_MIN for this server: 1 MB files take the threaded path
@@ -109,15 +110,15 @@ def test_slow_readers_get_whole_files(srv: Server) -> None:
 
 def test_watchdog_sees_a_slow_reader_inside_one_sendfile_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No server process: the threaded sendfile path (THREAD_MIN forced to 0) sends a
-    160 KB file in one blocking call (datastream.BLOCK is far bigger) to a 64 KB/s
-    reader, about 2.5 s, under a 1 s data timeout. The watchdog must see the bytes the
+    96 KB file in one blocking call (datastream.BLOCK is far bigger) to a 64 KB/s
+    reader, about 1.5 s, under a 0.6 s data timeout. The watchdog must see the bytes the
     reader takes (kernel counters) although the call has not returned yet."""
     import asyncio
 
     from ftpcluster.worker import datastream
     from ftpcluster.worker.datachannel import CHUNK, _watch
 
-    size = 160 << 10
+    size = 96 << 10
     assert datastream.BLOCK > size
     monkeypatch.setattr(datastream, "THREAD_MIN", 0)
     path = tmp_path / "f.bin"
@@ -138,7 +139,7 @@ def test_watchdog_sees_a_slow_reader_inside_one_sendfile_call(tmp_path: Path, mo
     async def send() -> int:
         stream = datastream.PlainStream(sender, asyncio.get_running_loop())
         with open(path, "rb") as f:
-            n = await _watch(stream.send_file(f.fileno(), 0, CHUNK), stream, 1.0)
+            n = await _watch(stream.send_file(f.fileno(), 0, CHUNK), stream, 0.6)
         await stream.close()
         return n
 
@@ -224,6 +225,61 @@ def test_pipelined_commands_all_answered(srv: Server) -> None:
     assert codes == [229] + [200] * 100
     assert c.cmd("NOOP") == 200
     c.close()
+
+
+def test_symlinks_act_on_the_link(srv: Server) -> None:
+    """DELE/RNFR/RMD act on a symlink itself, never on its target; a listing shows a link
+    that leaves the home as a link (its own lstat), never the target's size or mode."""
+    node, home = srv, srv.home / "links"
+    outside = srv.dir / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"secret")
+    (home / "sub").mkdir(parents=True)
+    (home / "out_link").symlink_to(outside)
+    (home / "file_link").symlink_to(outside / "secret.txt")
+    (home / "dangling_out").symlink_to(outside / "does-not-exist")
+    (home / "in_link").symlink_to(home / "sub")
+    (home / "victim.txt").write_bytes(b"inside target")
+    (home / "in_file_link").symlink_to(home / "victim.txt")
+    c = Raw(node)
+    c.login()
+    assert c.cmd("CWD links") == 250
+    # LIST/MLSD/STAT: the 6-byte secret behind file_link and the folder behind out_link stay hidden.
+    body = _listing(c, "LIST").decode()
+    rows = {line.split()[-1]: line for line in body.splitlines()}
+    for name in LINKS:
+        assert rows[name].startswith("l"), rows[name]
+    assert " 6 " not in rows["file_link"] and rows["in_file_link"].startswith("-"), rows
+    facts = {line.split("; ", 1)[1]: line for line in _listing(c, "MLSD").decode().splitlines()}
+    assert all("type=OS.unix=symlink" in facts[name] for name in LINKS), facts
+    assert "size=6;" not in facts["file_link"] and "type=file" in facts["in_file_link"]
+    code, text = c.reply_to("STAT .")
+    assert code == 213 and b" 6 " not in [ln for ln in text.split(b"\n") if ln.endswith(b"file_link")][0]
+    # DELE removes the link, inside or out; the target stays.
+    assert c.cmd("DELE in_file_link") == 250
+    assert c.cmd("DELE file_link") == 250
+    assert (home / "victim.txt").read_bytes() == b"inside target"
+    assert (outside / "secret.txt").read_bytes() == b"secret"
+    assert not os.path.lexists(home / "in_file_link") and not os.path.lexists(home / "file_link")
+    # RMD of a link to a directory: refused (not a directory); the directory stays.
+    assert c.cmd("RMD in_link") == 550 and (home / "sub").is_dir()
+    # RNFR/RNTO rename the link; the renamed link still cannot be followed out.
+    assert c.cmd("RNFR dangling_out") == 350
+    assert c.cmd("RNTO moved_link") == 250
+    assert os.readlink(home / "moved_link") == str(outside / "does-not-exist")
+    assert c.cmd("RETR moved_link") == 550
+    c.close()
+
+
+def _listing(c: Raw, cmd: str) -> bytes:
+    data = c.pasv()
+    assert c.cmd(cmd) == 150
+    body = b""
+    while chunk := data.recv(65536):
+        body += chunk
+    data.close()
+    assert c.reply()[0] == 226
+    return body
 
 
 def test_odd_digits_get_501(srv: Server) -> None:

@@ -141,7 +141,7 @@ class Driver:
         return sum(1 for r in self.replies if r.code >= 200)
 
 
-@settings(FUZZ, max_examples=250)
+@settings(FUZZ, max_examples=150)
 @given(lines=st.lists(any_line, max_size=25), login=st.booleans(), tls=st.booleans())
 def test_every_line_gets_exactly_one_reply(base: Path, lines: list[bytes], login: bool, tls: bool) -> None:
     d = Driver(_home(base), SessionSettings(tls_available=tls, max_login_attempts=1000))
@@ -164,7 +164,7 @@ PIPELINE_VERBS = ["NOOP", "PWD", "TYPE I", "SYST", "STAT", "SIZE f.txt", "MLST f
                   "CWD d", "CDUP", "HELP", "FEAT", "BOGUS", "STOR up.bin", "USER alice", "PASS pw"]
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
 @given(lines=st.lists(st.one_of(st.sampled_from(PIPELINE_VERBS).map(str.encode), command_line), min_size=1, max_size=120),
        cuts=st.lists(st.integers(0, 10_000), max_size=4))
 def test_pipelined_lines_all_answered(base: Path, lines: list[bytes], cuts: list[int]) -> None:
