@@ -107,6 +107,7 @@ class TLSConfig:
     handshake_timeout: float = 10.0
     max_handshakes_per_host: int = 32  # implicit-TLS handshakes in flight per client address on a node; 0 = no limit
     session_lifetime: float = 3600.0
+    session_key_overlap: float = 86400.0  # a rotated-out cluster key is still accepted this long
     session_cache_size: int = 8192  # entries in the host's shared-memory cache (1 KB each)
 
 
@@ -180,6 +181,7 @@ _DURATIONS = {
     ("server", "graceful_timeout"),
     ("tls", "handshake_timeout"),
     ("tls", "session_lifetime"),
+    ("tls", "session_key_overlap"),
     ("memcache", "timeout"),
     ("memcache", "probe_interval"),
     ("memcache", "sync_interval"),

@@ -192,6 +192,15 @@ def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] =
         cfg["tls"].update({"certificate": "certs/cert.pem", "private_key": "certs/key.pem"})
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    if "memcache" in sections and "session_key_file" not in cfg["tls"]:
+        # What hosts share through memcached carries a MAC under the cluster key: the
+        # hosts of one test (siblings under one tmp_path) get the same key file.
+        from ftpcluster.cluster.session_seal import generate_key_file
+
+        key = tmp.parent / "cluster.key"
+        if not key.exists():
+            generate_key_file(key)
+        cfg["tls"]["session_key_file"] = str(key)
     config = tmp / "ftpcluster.toml"
     write_config(config, cfg)
     home = tmp / "homes" / "alice"

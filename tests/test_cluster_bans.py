@@ -33,7 +33,9 @@ def test_manual_ban_and_permit_reach_the_other_host(server_factory, memcached):
     key = "get ftpcluster:v1:ban:host:127.0.0.30"
     stored = [m.command(key) for m in mcs]
     assert sum(r.startswith(b"VALUE") for r in stored) == 2  # both replicas, versioned and namespaced keys
-    value = json.loads(stored[0].split(b"\r\n")[1] if stored[0].startswith(b"VALUE") else stored[1].split(b"\r\n")[1])
+    raw = stored[0].split(b"\r\n")[1] if stored[0].startswith(b"VALUE") else stored[1].split(b"\r\n")[1]
+    assert raw.startswith(b"m1.")  # a MAC under the cluster key, then the readable record
+    value = json.loads(raw.split(b".", 3)[3])
     assert value["reason"] == "abuse" and value["kind"] == "host" and value["expires_at"] > time.time()
     b2 = {(b["name"], b["origin"]) for b in bans_json(h2)}
     assert ("127.0.0.30", "cluster") in b2
@@ -41,7 +43,8 @@ def test_manual_ban_and_permit_reach_the_other_host(server_factory, memcached):
     assert cli("permit", "host", "127.0.0.30", config=h2.config).returncode == 0
     assert wait_for(lambda: greet(h1, "127.0.0.30").startswith(b"220"), timeout=10)
     assert greet(h2, "127.0.0.30").startswith(b"220")
-    assert not any(m.command(key).startswith(b"VALUE") for m in mcs)  # deleted on every replica
+    # A permit is a MAC'd removal record on every replica (a deleted key would not lift it)
+    assert all(b'"removed":true' in m.command(key) for m in mcs)
 
 
 def test_automatic_ban_on_one_host_refused_on_the_other(server_factory, memcached):

@@ -120,8 +120,11 @@ class BanEngine:
 
     def permit(self, kind: str, name: str) -> bool:
         kind = store_kind(kind, name)
+        # The removal names the lifted ban's creation time (the cluster lifts that ban,
+        # never a later one); a name not held here: every ban made until now.
+        held = next((b for b in self.active() if b.kind == kind and b.name == name), None)
         found = self.table.remove(kind, name)
-        gone = Ban(kind, name, None)
+        gone = Ban(kind, name, None, created=held.created if held is not None else time.time())
         for hook in self.on_change:
             hook("remove", gone)
         return found

@@ -14,8 +14,15 @@ Design (the connection path never talks to memcached; it reads the host table):
 - Local bans (made by this host's nodes or operator) are published by diffing
   the host table against what was published, so nodes need no memcached for
   bans at all.
-- Everything read back is validated (size, fields, types, names): the cache is
-  not trusted input.
+- Everything read back is validated (size, fields, types, names), and every
+  record, log entry and index shard carries a MAC under the cluster key bound
+  to its key name (record_mac.py): anyone can write to memcached, so a value
+  without a valid MAC is ignored and counted. A permit is a MAC'd statement
+  too (a removal record under the ban's key, and a log entry), never the mere
+  absence of a record: deleting keys can delay what hosts learn, not lift a
+  ban. A removal names the `created` time of the ban it lifts, so replaying an
+  old removal cannot lift a later ban, and a host remembers what it saw lifted
+  so replaying the lifted ban's old record does not bring it back.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import structlog
 from .ban_names import BanNameError, validate_ban_name
 from .ban_table import KINDS, Ban
 from .memcache_ring import Ring
+from .record_mac import RecordMac, server_of
 
 log = structlog.get_logger("ftpcluster.ban")
 trace = structlog.get_logger("ftpcluster.trace.memcache")
@@ -38,6 +46,8 @@ LOG_TTL = 86400
 MAX_VALUE = 2048
 BATCH = 500
 GAP_WAIT = 2.0
+REMOVAL_TTL = 7 * 86400  # a removal record outlives the log: hosts that missed the entry still see it
+MAX_LIFTED = 10000
 FULL_EVERY = 30.0  # seconds between full reloads from the index (a safety net)  # seconds a missing log entry may take to appear before a full reload
 
 
@@ -79,9 +89,28 @@ def decode(raw: Any, now: float | None = None) -> Ban | None:
                bool(d.get("manual")), ohost[:32])  # fmt: skip
 
 
+def encode_removal(kind: str, name: str, upto: float, origin_host: str) -> bytes:
+    """A permit: lifts the ban `kind:name` created at or before `upto`."""
+    return json.dumps({"v": 1, "removed": True, "kind": kind, "name": name, "upto": upto, "origin_host": origin_host},
+                      separators=(",", ":")).encode()  # fmt: skip
+
+
+def decode_removal(d: Any) -> tuple[str, str, float] | None:
+    """(kind, name, upto) of a removal (a record's or a log entry's dict), or None."""
+    if not isinstance(d, dict):
+        return None
+    kind, name, upto = d.get("kind"), d.get("name"), d.get("upto")
+    if kind not in KINDS or not isinstance(name, str) or not isinstance(upto, (int, float)) or isinstance(upto, bool):
+        return None
+    return kind, name, float(upto)
+
+
 class BanSync:
-    def __init__(self, engine: Any, ring: Ring, host_id: str, count: Any = None) -> None:
+    def __init__(self, engine: Any, ring: Ring, host_id: str, mac: RecordMac, count: Any = None) -> None:
         self.count = count or (lambda name, labels: None)
+        self.mac = mac
+        self.lifted: dict[tuple[str, str], float] = {}  # removals seen: (kind, name) -> upto
+        self.rejected_seq = 0
         self.engine = engine  # BanEngine of the supervisor
         self.ring = ring
         self.host_id = host_id
@@ -90,7 +119,7 @@ class BanSync:
         self.seen_gen = -1
         self.seen_rejoins = 0
         self.dirty = False  # a write that no server took: redo it when servers answer
-        self.pending_removals: set[tuple[str, str]] = set()
+        self.pending_removals: dict[tuple[str, str], float] = {}  # -> upto
         self.pending_log: list[dict[str, Any]] = []
         self.next_full = 0.0
         self.applied = 0
@@ -102,35 +131,49 @@ class BanSync:
         if op == "add" and ban.origin == "local":
             self.publish(ban)
         elif op == "remove":
-            self.unpublish(ban.kind, ban.name)
+            self.unpublish(ban.kind, ban.name, ban.created or time.time())
 
     def publish(self, ban: Ban) -> None:
         ttl = 0 if ban.expires_at is None else max(1, int(ban.expires_at - time.time()) + 1)
         key = f"ban:{ban.kind}:{ban.name}"
-        if self.ring.set(key, encode(ban), ttl) == 0:
+        if self.ring.set(key, self.mac.seal(key, encode(ban)), ttl) == 0:
             self.dirty = True  # no server took it: published again once one answers
             return
         self.published[(ban.kind, ban.name)] = ban.expires_at
-        entry = f"{ban.kind}:{ban.name}"
-        self.ring.update(f"banidx:{_shard(ban.kind, ban.name)}", lambda v: _index_add(v, entry))
+        self._index_update(ban.kind, ban.name, add=True)
         self._log({"op": "add", "ban": json.loads(encode(ban))})
         trace.debug("ban published", ban_kind=ban.kind, ban=ban.name)
 
-    def unpublish(self, kind: str, name: str) -> None:
+    def unpublish(self, kind: str, name: str, upto: float) -> None:
         self.published.pop((kind, name), None)
+        self._remember_lifted(kind, name, upto)
         if not self.ring.any_up():
-            self.pending_removals.add((kind, name))
+            self.pending_removals[(kind, name)] = upto
             self.dirty = True
             return
-        self.pending_removals.discard((kind, name))
-        self.ring.delete(f"ban:{kind}:{name}")
-        entry = f"{kind}:{name}"
-        self.ring.update(f"banidx:{_shard(kind, name)}", lambda v: _index_remove(v, entry))
-        self._log({"op": "remove", "kind": kind, "name": name, "origin_host": self.host_id})
+        self.pending_removals.pop((kind, name), None)
+        key = f"ban:{kind}:{name}"
+        self.ring.set(key, self.mac.seal(key, encode_removal(kind, name, upto, self.host_id)), REMOVAL_TTL)
+        self._index_update(kind, name, add=False)
+        self._log({"op": "remove", "kind": kind, "name": name, "upto": upto, "origin_host": self.host_id})
+
+    def _index_update(self, kind: str, name: str, add: bool) -> None:
+        shard, entry = f"banidx:{_shard(kind, name)}", f"{kind}:{name}"
+
+        def change(raw: bytes | None) -> bytes:
+            items = _index_parse(self.mac.open("banidx", shard, raw, server_of(self.ring, shard)))
+            if add:
+                items.add(entry)
+            else:
+                items.discard(entry)
+            return self.mac.seal(shard, json.dumps(sorted(items)).encode())
+
+        self.ring.update(shard, change)
 
     def _log(self, entry: dict[str, Any]) -> None:
         seq = self.ring.incr("banseq", 1)
-        if seq is None or not self.ring.set(f"banlog:{seq}", json.dumps(entry, separators=(",", ":")).encode(), LOG_TTL):
+        name = f"banlog:{seq}"
+        if seq is None or not self.ring.set(name, self.mac.seal(name, json.dumps(entry, separators=(",", ":")).encode()), LOG_TTL):
             self.pending_log.append(entry)  # written again when a server answers
             self.dirty = True
 
@@ -150,8 +193,8 @@ class BanSync:
         if gen == self.seen_gen and not (self.dirty and self.ring.any_up()):
             return
         self.seen_gen, self.dirty = gen, False
-        for kind, name in list(self.pending_removals):
-            self.unpublish(kind, name)
+        for (kind, name), upto in list(self.pending_removals.items()):
+            self.unpublish(kind, name, upto)
         retry, self.pending_log = self.pending_log[-1000:], []
         for entry in retry:
             self._log(entry)
@@ -186,9 +229,10 @@ class BanSync:
             names = [f"banlog:{i}" for i in range(self.last_seq + 1, upto + 1)]
             got = self.ring.get_many(names)
             for n in names:
-                if n not in got:
+                payload = self._open_log(n, got.get(n))
+                if payload is None:  # missing, or forged (the real entry may still overwrite it)
                     break
-                self._apply(got[n])
+                self._apply(payload)
                 self.last_seq += 1
             else:
                 self.gap_since = None
@@ -203,6 +247,17 @@ class BanSync:
                 self.last_seq, self.gap_since = seq, None
             return
 
+    def _open_log(self, name: str, raw: bytes | None) -> bytes | None:
+        if raw is None:
+            return None
+        payload = self.mac.verify(name, raw)
+        if payload is None:
+            seq = int(name.rpartition(":")[2])
+            if seq != self.rejected_seq:  # read again until the gap wait ends: count it once
+                self.rejected_seq = seq
+                self.mac.reject("banlog", server_of(self.ring, name))
+        return payload
+
     def _apply(self, raw: bytes) -> None:
         try:
             entry = json.loads(raw)
@@ -215,11 +270,30 @@ class BanSync:
             if ban is not None and ban.origin_host != self.host_id:
                 self._put(ban)
         elif entry.get("op") == "remove" and entry.get("origin_host") != self.host_id:
-            kind, name = entry.get("kind"), entry.get("name")
-            if kind in KINDS and isinstance(name, str):
-                self.engine.table.remove(kind, name)
+            removal = decode_removal(entry)
+            if removal is not None:
+                self._lift(*removal)
+
+    def _remember_lifted(self, kind: str, name: str, upto: float) -> None:
+        key = (kind, name)
+        self.lifted[key] = max(upto, self.lifted.pop(key, upto))
+        while len(self.lifted) > MAX_LIFTED:
+            del self.lifted[next(iter(self.lifted))]
+
+    def _lift(self, kind: str, name: str, upto: float, current: Ban | None = None) -> bool:
+        """Apply a removal: only to the ban it named (created at or before `upto`)."""
+        self._remember_lifted(kind, name, upto)
+        if current is None:
+            current = next((b for b in self.engine.active() if b.kind == kind and b.name == name), None)
+        if current is None or current.created > upto:
+            return False
+        self.engine.table.remove(kind, name)
+        self.published.pop((kind, name), None)
+        return True
 
     def _put(self, ban: Ban) -> None:
+        if ban.created <= self.lifted.get((ban.kind, ban.name), float("-inf")):
+            return  # an old record of a ban that was lifted (a replay)
         current = self.engine.view.users.get(ban.name) if ban.kind in ("user", "userhost") else None
         if current is not None and current.expires_at == ban.expires_at:
             return
@@ -227,45 +301,59 @@ class BanSync:
             self.applied += 1
             self.count("ftpcluster_bans_added_total", ("user" if ban.kind == "userhost" else ban.kind, "cluster"))
 
-    def full_load(self) -> None:
-        """Every ban the cluster has in force; cluster bans it no longer has are dropped."""
+    def _read_index(self) -> set[str]:
         entries: set[str] = set()
         for i in range(SHARDS):
-            raw = self.ring.get(f"banidx:{i}")
-            entries |= _index_parse(raw)
-        got = self.ring.get_many(f"ban:{e}" for e in entries) if entries else {}
-        live: set[tuple[str, str]] = set()
-        for name, raw in got.items():
-            ban = decode(raw)
-            if ban is None:
+            name = f"banidx:{i}"
+            entries |= _index_parse(self.mac.open("banidx", name, self.ring.get(name), server_of(self.ring, name)))
+        return entries
+
+    def _read_records(self, names: Any) -> dict[str, Any]:
+        """Verified ban records by key name: a Ban, or a removal (kind, name, upto)."""
+        out: dict[str, Any] = {}
+        for name, raw in self.ring.get_many(names).items():
+            payload = self.mac.open("ban", name, raw, server_of(self.ring, name))
+            try:
+                d = json.loads(payload) if payload is not None else None
+            except ValueError:
                 continue
-            live.add((ban.kind, ban.name))
-            if ban.origin_host != self.host_id:
-                self._put(ban)
+            if isinstance(d, dict) and d.get("removed") is True:
+                removal = decode_removal(d)
+                if removal is not None:
+                    out[name] = removal
+            elif payload is not None:
+                ban = decode(payload)
+                if ban is not None:
+                    out[name] = ban
+        return out
+
+    def full_load(self) -> None:
+        """Every ban the cluster has in force, and the removals of bans this host still holds.
+        A ban whose record is simply gone stays until it expires: only a MAC'd removal lifts it."""
+        entries = self._read_index()
+        got = self._read_records(f"ban:{e}" for e in entries) if entries else {}
+        live: set[tuple[str, str]] = set()
+        for item in got.values():
+            if isinstance(item, Ban):
+                live.add((item.kind, item.name))
+                if item.origin_host != self.host_id:
+                    self._put(item)
         if not self.ring.any_up():
-            return  # do not drop anything on an outage
-        for b in self.engine.active():
-            gone = (b.kind, b.name) not in live
-            if gone and b.origin == "local":  # the index may lag: ask for the key itself
-                gone = (b.kind, b.name) in self.published and self.ring.get(f"ban:{b.kind}:{b.name}") is None
-            # Cluster bans no longer in the cluster, and local ones we published that
-            # someone lifted (a permit on another host) are dropped here too.
-            if gone and (b.origin == "cluster" or (b.kind, b.name) in self.published):
-                self.engine.table.remove(b.kind, b.name)
-                self.published.pop((b.kind, b.name), None)
+            return
+        # Bans held here that the index no longer names (a permit elsewhere, or keys an
+        # attacker deleted): ask for their records; a removal lifts, nothing else does.
+        held = {f"ban:{b.kind}:{b.name}": b for b in self.engine.active()
+                if (b.kind, b.name) not in live and (b.origin == "cluster" or (b.kind, b.name) in self.published)}  # fmt: skip
+        for name, item in (self._read_records(held) if held else {}).items():
+            if isinstance(item, tuple):
+                self._lift(*item, current=held[name])
         (log.info if self.last_seq is None else trace.debug)("cluster bans loaded", count=len(live))
 
     def cluster_bans(self) -> list[dict[str, Any]]:
         """For `bans --json`: bans that exist in memcached (origin cluster)."""
-        out = []
-        entries: set[str] = set()
-        for i in range(SHARDS):
-            entries |= _index_parse(self.ring.get(f"banidx:{i}"))
-        for _, raw in (self.ring.get_many(f"ban:{e}" for e in entries) if entries else {}).items():
-            ban = decode(raw)
-            if ban is not None:
-                out.append(ban.to_json())
-        return out
+        entries = self._read_index()
+        got = self._read_records(f"ban:{e}" for e in entries) if entries else {}
+        return [b.to_json() for b in got.values() if isinstance(b, Ban)]
 
 
 def _index_parse(raw: bytes | None) -> set[str]:
@@ -277,14 +365,3 @@ def _index_parse(raw: bytes | None) -> set[str]:
         return set()
     return {x for x in items if isinstance(x, str) and len(x) < 200} if isinstance(items, list) else set()
 
-
-def _index_add(raw: bytes | None, entry: str) -> bytes:
-    items = _index_parse(raw)
-    items.add(entry)
-    return json.dumps(sorted(items)).encode()
-
-
-def _index_remove(raw: bytes | None, entry: str) -> bytes:
-    items = _index_parse(raw)
-    items.discard(entry)
-    return json.dumps(sorted(items)).encode()

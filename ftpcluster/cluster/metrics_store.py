@@ -39,6 +39,8 @@ BAN_EVENTS = (
     "MaxClientsPerHost", "MaxClientsPerUser", "MaxHostsPerUser", "TimeoutIdle", "TimeoutLogin", "TimeoutNoTransfer",
     "UnhandledCommand", "BadProtocol", "EmptyPassword", "RootLogin", "TLSHandshake",
 )  # fmt: skip
+# what memcached serves that must carry a MAC (record_mac.py); "tls" = a sealed session that did not open
+RECORD_KINDS = ("ban", "banlog", "banidx", "tlsuser", "tls")
 
 
 def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -> list[MetricDef]:
@@ -71,6 +73,9 @@ def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -
             tuple((s, o) for s in servers for o in ops),
         ),
         MetricDef("ftpcluster_memcache_errors_total", "counter", "memcached errors", ("server",), tuple((s,) for s in servers)),
+        MetricDef("ftpcluster_memcache_rejected_total", "counter",
+                  "Records read from memcached and ignored: no valid MAC under the cluster key", ("kind",),
+                  tuple((k,) for k in RECORD_KINDS)),  # fmt: skip
         MetricDef("ftpcluster_memcache_up", "gauge", "1 when the server is in the ring", ("server",), tuple((s,) for s in servers)),
         MetricDef("ftpcluster_tls_handshakes_total", "counter", "TLS handshakes", ("type",), (("full",), ("resumed",), ("failed",))),
         MetricDef(

@@ -5,7 +5,10 @@ last few per user, in the host's shared memory and, with memcached, under a
 per-user key); when a user or user@host ban appears, the supervisor deletes
 those sessions from both levels, so a banned user's client cannot resume them
 anywhere. Sessions resumed through tickets carry no id and cannot be revoked
-this way: they expire with the ticket key epoch (an hour)."""
+this way: they expire with the ticket key epoch (an hour).
+
+The list in memcached carries a MAC (record_mac.py, kind "tlsuser"): a forged
+list cannot make a ban on one user delete other users' sessions."""
 
 from __future__ import annotations
 
@@ -48,11 +51,15 @@ def remember(l1: Any, user: str, session_id: bytes, ttl: float) -> bytes:
     return packed
 
 
-def revoke_user(user: str, l1: Any, ring: Any = None) -> int:
-    """Delete every remembered session of `user` from L1 and L2; returns how many ids."""
+def revoke_user(user: str, l1: Any, ring: Any = None, mac: Any = None) -> int:
+    """Delete every remembered session of `user` from L1 and L2 (`ring` with its
+    RecordMac `mac`); returns how many ids."""
+    from .record_mac import server_of
+
     ids = set(unpack_ids(l1.get(user_key(user)) if l1 is not None else None))
-    if ring is not None:
-        ids |= set(unpack_ids(ring.get(memcache_name(user))))
+    if ring is not None and mac is not None:
+        name = memcache_name(user)
+        ids |= set(unpack_ids(mac.open("tlsuser", name, ring.get(name), server_of(ring, name))))
     for sid in ids:
         if l1 is not None:
             l1.delete(sid)

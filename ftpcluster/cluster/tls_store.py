@@ -10,7 +10,8 @@ ejected), and copies a hit into L1.
 Entries in memcached hold the master secret, so they are sealed (AES-GCM under
 the cluster key, the session id as associated data): whoever reads memcached
 reads nothing, and an entry moved to another id does not open. A value that
-fails to open is a miss. Entries are bounded (`MAX_ENTRY`)."""
+fails to open is a miss (counted as rejected, kind "tls"). Entries are bounded
+(`MAX_ENTRY`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from .memcache_ring import Ring
+from .record_mac import RecordMac, server_of
 from .session_seal import Sealer
 
 MAX_ENTRY = 10 * 1024
@@ -39,20 +41,31 @@ class TwoLevelStore:
         self._executor: ThreadPoolExecutor | None = None
         self._writer: Ring | None = None
         self._lock = threading.Lock()
-        self._from_thread: Counter[tuple[str, ...]] = Counter()
+        self._from_thread: Counter[tuple[str, tuple[str, ...]]] = Counter()
         self.pending = 0
+        # one per thread: the loop's reads, the store thread's list merges
+        self.mac: RecordMac | None = None
+        self._thread_mac: RecordMac | None = None
+        if self.ring is not None and sealer is not None:
+            overlap = cfg.tls.session_key_overlap
+            self.mac = RecordMac(sealer.secrets, self.ring.prefix, overlap, count)
+            self._thread_mac = RecordMac(sealer.secrets, self.ring.prefix, overlap, self._count_from_thread)
 
     @staticmethod
     def _key(session_id: bytes) -> str:
         return "tls:" + session_id.hex()
 
+    def _count_from_thread(self, name: str, labels: tuple[str, ...]) -> None:
+        with self._lock:
+            self._from_thread[(name, labels)] += 1
+
     def _flush_counts(self) -> None:
         if self._from_thread:
             with self._lock:
                 counts, self._from_thread = self._from_thread, Counter()
-            for labels, n in counts.items():
+            for (name, labels), n in counts.items():
                 for _ in range(n):
-                    self.count(CACHE_METRIC, labels)
+                    self.count(name, labels)
 
     # ------------------------------------------------------------ SessionBackend
     def lookup(self, session_id: bytes) -> bytes | None:
@@ -71,6 +84,8 @@ class TwoLevelStore:
         der = self.sealer.open(raw, aad=session_id)
         if der is None:
             self.count(CACHE_METRIC, ("L2", "error"))
+            if self.mac is not None:
+                self.mac.reject("tls", server_of(self.ring, self._key(session_id)))
             return None
         self.count(CACHE_METRIC, ("L2", "hit"))
         if self.l1 is not None:
@@ -115,8 +130,14 @@ class TwoLevelStore:
         """The user's list in memcached is the union of every host's (gets/cas)."""
         from .tls_revoke import pack_ids, unpack_ids
 
-        mine = unpack_ids(packed)
-        self._write_ring().update(key, lambda old: pack_ids([i for i in unpack_ids(old) if i not in mine] + mine), ttl)
+        mine, mac, ring = unpack_ids(packed), self._thread_mac, self._write_ring()
+        assert mac is not None
+
+        def merge(old: bytes | None) -> bytes:
+            theirs = unpack_ids(mac.open("tlsuser", key, old, server_of(ring, key)))
+            return mac.seal(key, pack_ids([i for i in theirs if i not in mine] + mine))
+
+        ring.update(key, merge, ttl)
         with self._lock:
             self.pending -= 1
 
@@ -126,4 +147,4 @@ class TwoLevelStore:
         with self._lock:
             self.pending -= 1
             if counted or not ok:
-                self._from_thread[("L2", "store" if ok else "error")] += 1
+                self._from_thread[(CACHE_METRIC, ("L2", "store" if ok else "error"))] += 1

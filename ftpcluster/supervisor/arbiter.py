@@ -120,8 +120,9 @@ class Arbiter:
 
         cache = self.shared.get("tls_cache")
         ring = self.bans.ring if self.bans is not None and self.cfg.tls.session_cache == "memcache" else None
-        if cache is not None or ring is not None:
-            n = revoke_user(user, cache, ring)
+        mac = self.bans.mac if ring is not None else None
+        if cache is not None or mac is not None:
+            n = revoke_user(user, cache, ring if mac is not None else None, mac)
             if n:
                 log.info("TLS sessions revoked", user=user, sessions=n)
 

@@ -44,15 +44,22 @@ class BanAdmin:
         self.engine.table.purge()
         self.ring: Any = None
         self.sync: Any = None
+        self.mac: Any = None  # RecordMac: what this host writes to memcached and believes back
         self.next_sync = 0.0
         if cfg.memcache.enabled:
             from ..cluster.memcache_ring import Ring
+            from ..cluster.record_mac import load_record_mac
+            from ..cluster.session_seal import SealError
 
             self.ring = Ring(cfg, count=self._count)
-            if cfg.ban.cache == "memcache":
+            try:
+                self.mac = load_record_mac(cfg, self.ring.prefix, count=self._count)
+            except SealError as e:
+                log.error("no cluster key: nothing is shared through memcached", error=str(e))
+            if cfg.ban.cache == "memcache" and self.mac is not None:
                 from ..cluster.ban_sync import BanSync
 
-                self.sync = BanSync(self.engine, self.ring, host_id(cfg), count=self._count)
+                self.sync = BanSync(self.engine, self.ring, host_id(cfg), self.mac, count=self._count)
                 self.extra_bans.append(self.sync.cluster_bans)
 
     def _count(self, name: str, labels: tuple[str, ...]) -> None:

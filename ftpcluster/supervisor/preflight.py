@@ -125,6 +125,9 @@ def problems(cfg: Config, create: bool = True) -> list[str]:
                 out.append(f"[server] users_file: bad users file {e}")
     if cfg.tls.enabled:
         out += _tls_problems(cfg, acct, embedded)
+    tls_checked_key = cfg.tls.enabled and (cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache")
+    if _bans_share_memcached(cfg) and not tls_checked_key:
+        out += _key_problems(cfg, acct, embedded)
     return out
 
 
@@ -143,21 +146,32 @@ def _tls_problems(cfg: Config, acct: Account, embedded: bool) -> list[str]:
         except (ssl.SSLError, OSError) as e:
             out.append(f"[tls] certificate {cert} / private_key {key}: do not load ({e}); {fix}")
     if cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache":
-        from ..cluster.session_seal import SealError, load_sealer
-
-        path = cfg.resolve(cfg.tls.session_key_file)
-        gen = "ftpcluster key generate" + ("" if cfg.is_embedded else f" --config {cfg.path}")
-        if embedded and not path.exists():
-            return out
-        bad = _readable(acct, path, "[tls] session_key_file", f"create it with: {gen}; the same file on every host")
-        if bad:
-            out.append(bad)
-        else:
-            try:
-                load_sealer(path)
-            except SealError as e:
-                out.append(f"[tls] session_key_file: {e} (create a new one with: {gen})")
+        out += _key_problems(cfg, acct, embedded)
     return out
+
+
+def _bans_share_memcached(cfg: Config) -> bool:
+    """Bans in memcached carry a MAC under the cluster key (memcached is not trusted)."""
+    return cfg.memcache.enabled and cfg.ban.enabled and cfg.ban.cache == "memcache"
+
+
+def _key_problems(cfg: Config, acct: Account, embedded: bool) -> list[str]:
+    """The cluster key (`[tls] session_key_file`): TLS sessions and tickets, and the MACs
+    of everything in memcached."""
+    from ..cluster.session_seal import SealError, load_sealer
+
+    path = cfg.resolve(cfg.tls.session_key_file)
+    gen = "ftpcluster key generate" + ("" if cfg.is_embedded else f" --config {cfg.path}")
+    if embedded and not path.exists():
+        return []
+    bad = _readable(acct, path, "[tls] session_key_file", f"create it with: {gen}; the same file on every host")
+    if bad:
+        return [bad]
+    try:
+        load_sealer(path)
+    except SealError as e:
+        return [f"[tls] session_key_file: {e} (create a new one with: {gen})"]
+    return []
 
 
 def check(cfg: Config) -> None:

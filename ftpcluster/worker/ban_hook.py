@@ -58,10 +58,12 @@ class NodeBans:
         if self._counters is None:
             from ..cluster.cluster_counters import ClusterCounters
             from ..cluster.memcache_ring import Ring
+            from ..cluster.record_mac import load_record_mac
 
             loop = self.server.loop
             ring = Ring(self.server.cfg, count=lambda n, l: loop.call_soon_threadsafe(self._count, n, l))
-            self._counters = ClusterCounters(ring)
+            # SealError without a cluster key: the count fails, the host count alone decides
+            self._counters = ClusterCounters(ring, load_record_mac(self.server.cfg, ring.prefix).counter_name)
         return self._counters
 
     def count_cluster(self, name: str, ip: str, user: str) -> None:

@@ -153,7 +153,7 @@ class TLSService:
         sealer = None
         if cfg.tls.session_cache == "memcache" and cfg.memcache.enabled:
             try:
-                sealer = load_sealer(cfg.resolve(cfg.tls.session_key_file))
+                sealer = load_sealer(cfg.resolve(cfg.tls.session_key_file), cfg.tls.session_key_overlap)
             except SealError as e:
                 self._warn("memcached TLS session store", str(e))
         return TwoLevelStore(cfg, l1, sealer, self.count)
