@@ -313,18 +313,16 @@ class BanSync:
         out: dict[str, Any] = {}
         for name, raw in self.ring.get_many(names).items():
             payload = self.mac.open("ban", name, raw, server_of(self.ring, name))
-            try:
-                d = json.loads(payload) if payload is not None else None
-            except ValueError:
+            if payload is None:
                 continue
-            if isinstance(d, dict) and d.get("removed") is True:
-                removal = decode_removal(d)
-                if removal is not None:
-                    out[name] = removal
-            elif payload is not None:
-                ban = decode(payload)
-                if ban is not None:
-                    out[name] = ban
+            item: Any = decode(payload)
+            if item is None and b'"removed":true' in payload:  # rare: parse again as a removal
+                try:
+                    item = decode_removal(json.loads(payload))
+                except ValueError:
+                    continue
+            if item is not None:
+                out[name] = item
         return out
 
     def full_load(self) -> None:
