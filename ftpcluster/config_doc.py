@@ -50,12 +50,13 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "required": ("off | control (USER/PASS need AUTH TLS) | data (transfers need PROT P) | both.", "TLSRequired"),
         "session_cache": ("off | local (this host's shared memory) | memcache (plus sealed sessions in memcached: resumption on every host).", "TLSSessionCache"),
         "session_tickets": ("off | local | cluster (ticket keys derived from session_key_file, the same on every host).", "TLSSessionTickets"),
-        "session_key_file": ("Cluster secret that seals cached sessions and derives ticket keys; the same file on every host. `ftpcluster key generate` writes or rotates it.", "TLSSessionTicketKeys"),
+        "session_key_file": ("Cluster secret that seals cached sessions, derives ticket keys and the MAC keys of everything in memcached (required when bans use memcached); the same file on every host. `ftpcluster key generate` writes or rotates it.", "TLSSessionTicketKeys"),
         "require_data_session_reuse": ("A protected data connection must resume its own control connection's TLS session (else 522).", "TLSOptions (without NoSessionReuseRequired)"),
         "session_context": ('TLS session id context; "" = the memcache namespace (all hosts agree).', ""),
         "handshake_timeout": ("A TLS handshake must finish within this.", "TLSTimeoutHandshake"),
         "max_handshakes_per_host": ("Implicit-TLS handshakes in flight per client address on a node (421 beyond); 0 = no limit.", ""),
         "session_lifetime": ("How long a cached session or ticket resumes.", "TLSSessionCache (timeout)"),
+        "session_key_overlap": ("After `ftpcluster key generate` rotates the cluster key, the previous key is still accepted this long (sessions, ban records, log entries it sealed or MACed), then refused even if still in the file.", ""),
         "session_cache_size": ("Entries in the host's shared-memory session cache (about 1 KB each).", "TLSSessionCache (size)"),
     },
     "memcache": {
@@ -224,6 +225,54 @@ password = "$argon2id$..."   # a hash (argon2id; bcrypt accepted), never plain t
 home = "/srv/ftp/alice"      # relative paths: relative to the users file
 read_only = false
 ```
+""",
+    "memcache": """
+## Trust model: memcached
+
+memcached has no authentication: anything that can reach it can read, write
+and delete any key. ftpcluster therefore treats it as an untrusted, unreliable
+cache. Everything a host writes there and later believes carries a MAC under
+the cluster key (`[tls] session_key_file`, the same file on every host): ban
+records, permits (a removal record under the ban's key plus a change-log
+entry), change-log entries (`banlog:<seq>`), index shards (`banidx:<n>`) and
+the per-user TLS session lists used to revoke a banned user's sessions. The
+MAC binds a record to its full key name (namespace included), so a valid record
+copied to another key or a later sequence number is refused, as is an edited
+one (a changed expiry) or one made under another cluster's key. TLS sessions
+are sealed (AES-GCM) under the same key. A value without a valid MAC is ignored
+as if it were missing, counted in `ftpcluster_memcache_rejected_total{kind}`
+(`ban`, `banlog`, `banidx`, `tlsuser`, `tls`) and logged at most once a minute
+with the server it came from. Event counters (memcached `incr`, which cannot
+carry a MAC) live under key names that are a keyed hash of event, target and
+client, and a counter only ever makes a rule fire for the address or user it
+was derived from.
+
+So an attacker on the memcached network can at most deny the cache: delete,
+evict or garble keys, or stop memcached, which delays or stops what hosts learn
+from each other (every host keeps enforcing the bans it has; only a MAC'd
+permit lifts a ban, a missing record never does), turns TLS resumption across
+hosts into full handshakes, and lowers cluster-wide event counts to per-host
+ones. It cannot ban, permit, extend a ban or read a TLS session. What is left:
+ban records are MACed, not encrypted, so it can read who is banned and why; it
+can list counter keys and increment them, which can only bring forward a rule
+for an address that is itself producing those events (it cannot tell which
+address a key belongs to without correlating it with that client's traffic);
+and it can replay a record it saw under that record's own key until the
+record's own expiry, e.g. an old index shard and ban record that bring back a
+lifted ban on a host started after the permit. Keep memcached on a private
+network anyway (bound to an internal address, UDP off, firewalled to the FTP
+hosts): the cache is an availability dependency and its contents are not
+secret.
+
+Rotating the cluster key: run `ftpcluster key generate` on one host (the new
+key goes first, the previous one stays with a `retired=<unix time>` stamp),
+copy the file to every host and `ftpcluster reload` each one within the
+overlap. A reloaded host writes under the new key and accepts both, and
+rewrites its own bans under the new key at once; a host not yet reloaded does
+not accept what reloaded hosts write (it keeps the bans it has and catches up
+at its reload). Counter names change with the key, so event counts restart
+from zero at the rotation. Hosts running a version without MACs cannot share
+bans with hosts running this one: upgrade every host.
 """,
     "ban": """
 A rule: `{ event = "MaxLoginAttempts", threshold = 2, window = "10m", duration = "1h" }`:
