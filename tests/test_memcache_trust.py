@@ -236,6 +236,22 @@ def test_forged_records_and_index_ignored_by_a_host_started_later(cluster):
     h3.stop()
 
 
+def test_forged_revocation_list_cannot_delete_other_sessions(cluster):
+    """A user ban revokes the sessions on the user's list; a forged list naming another
+    user's session is ignored, so that session stays."""
+    from ftpcluster.cluster.tls_revoke import memcache_name, pack_ids
+
+    c = cluster
+    h1 = c.hosts[0]
+    sid = bytes(range(32))
+    c.set("tls:" + sid.hex(), b"stands for another user's sealed session")
+    c.set(memcache_name("mallory"), pack_ids([sid]))
+    base = c.rejected(h1, "tlsuser")
+    assert cli("ban", "user", "mallory", "--for", "1h", config=h1.config).returncode == 0
+    assert wait_for(lambda: c.rejected(h1, "tlsuser") > base, timeout=10)
+    assert c.get("tls:" + sid.hex()) is not None
+
+
 @pytest.mark.skipif(not have("openssl"), reason="openssl not installed")
 def test_key_rotation_keeps_bans_and_sessions(cluster, tmp_path):
     c = cluster

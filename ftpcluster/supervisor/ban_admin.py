@@ -54,8 +54,9 @@ class BanAdmin:
             self.ring = Ring(cfg, count=self._count)
             try:
                 self.mac = load_record_mac(cfg, self.ring.prefix, count=self._count)
-            except SealError as e:
-                log.error("no cluster key: nothing is shared through memcached", error=str(e))
+            except SealError as e:  # start and reload refuse this when bans use memcached (preflight)
+                if cfg.ban.cache == "memcache":
+                    log.error("no cluster key: bans are not shared through memcached", error=str(e))
             if cfg.ban.cache == "memcache" and self.mac is not None:
                 from ..cluster.ban_sync import BanSync
 
