@@ -82,12 +82,16 @@ def check_memcached(cfg: Config) -> list[Result]:
     return out
 
 
-def check_hosts(cfg: Config, hosts: list[dict[str, Any]], expect: int) -> list[Result]:
+def check_hosts(cfg: Config, hosts: list[dict[str, Any]], expect: int, rejected: int = 0) -> list[Result]:
+    """`rejected`: host records in memcached without a valid MAC under this host's key
+    (a host with another [tls] session_key_file, or forged), which are not listed."""
     from .cluster.host_registry import key_fingerprint
 
     names = ", ".join(f"{h['address']}:{h['port']} ({h['host']})" for h in hosts) or "none"
-    out = [Result("hosts", len(hosts) >= max(expect, 1), f"{len(hosts)} host(s) in memcached: {names}"
-                  + (f"; expected {expect}" if len(hosts) < expect else ""))]  # fmt: skip
+    foreign = (f"; {rejected} record(s) not MACed under this host's cluster key ignored (a host with another "
+               "[tls] session_key_file, or forged): copy the key file from one host to all, then reload") if rejected else ""  # fmt: skip
+    out = [Result("hosts", len(hosts) >= max(expect, 1) and not rejected, f"{len(hosts)} host(s) in memcached: {names}"
+                  + (f"; expected {expect}" if len(hosts) < expect else "") + foreign)]  # fmt: skip
     if cfg.tls.enabled:
         mine = key_fingerprint(cfg)
         keys = {h["host"]: h.get("key") or "" for h in hosts}
@@ -191,14 +195,21 @@ def run(cfg: Config, control: Callable[[dict[str, Any]], dict[str, Any]], balanc
         return [Result("memcached", False, "[memcache] enabled = false: this host is not part of a cluster")]
     from .cluster.host_registry import read_hosts
     from .cluster.memcache_ring import Ring
+    from .cluster.record_mac import load_record_mac
+    from .cluster.session_seal import SealError
 
     results = check_memcached(cfg)
     ring = Ring(cfg)
+    rejected: list[str] = []
     try:
-        hosts = read_hosts(ring)
+        mac = load_record_mac(cfg, ring.prefix, count=lambda name, labels: rejected.append(labels[0]))
+        mac.log_every = 1e9  # said in the result instead
+        hosts = read_hosts(ring, mac)
+    except SealError as e:
+        return results + [Result("hosts", False, f"no cluster key: {e} (ftpcluster key generate, the same file on every host)")]
     finally:
         ring.close()
-    results += check_hosts(cfg, hosts, expect)
+    results += check_hosts(cfg, hosts, expect, rejected=len(rejected))
     if hosts and cfg.ban_uses_memcache:
         results += check_ban(cfg, hosts, control, source)
     elif hosts:

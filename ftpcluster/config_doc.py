@@ -50,7 +50,7 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "required": ("off | control (USER/PASS need AUTH TLS) | data (transfers need PROT P) | both.", "TLSRequired"),
         "session_cache": ("off | local (this host's shared memory) | memcache (plus sealed sessions in memcached: resumption on every host).", "TLSSessionCache"),
         "session_tickets": ("off | local | cluster (ticket keys derived from session_key_file, the same on every host).", "TLSSessionTickets"),
-        "session_key_file": ("Cluster secret that seals cached sessions, derives ticket keys and the MAC keys of everything in memcached (required when bans use memcached); the same file on every host. `ftpcluster key generate` writes or rotates it.", "TLSSessionTicketKeys"),
+        "session_key_file": ("Cluster secret that seals cached sessions, derives ticket keys and the MAC keys of everything in memcached (required with [memcache] enabled); the same file on every host. `ftpcluster key generate` writes or rotates it.", "TLSSessionTicketKeys"),
         "require_data_session_reuse": ("A protected data connection must resume its own control connection's TLS session (else 522).", "TLSOptions (without NoSessionReuseRequired)"),
         "session_context": ('TLS session id context; "" = the memcache namespace (all hosts agree).', ""),
         "handshake_timeout": ("A TLS handshake must finish within this.", "TLSTimeoutHandshake"),
@@ -234,14 +234,15 @@ and delete any key. ftpcluster therefore treats it as an untrusted, unreliable
 cache. Everything a host writes there and later believes carries a MAC under
 the cluster key (`[tls] session_key_file`, the same file on every host): ban
 records, permits (a removal record under the ban's key plus a change-log
-entry), change-log entries (`banlog:<seq>`), index shards (`banidx:<n>`) and
-the per-user TLS session lists used to revoke a banned user's sessions. The
+entry), change-log entries (`banlog:<seq>`), index shards (`banidx:<n>`),
+the per-user TLS session lists used to revoke a banned user's sessions and the
+host records `cluster check` reads (`host:<id>`, `hosts`). The
 MAC binds a record to its full key name (namespace included), so a valid record
 copied to another key or a later sequence number is refused, as is an edited
 one (a changed expiry) or one made under another cluster's key. TLS sessions
 are sealed (AES-GCM) under the same key. A value without a valid MAC is ignored
 as if it were missing, counted in `ftpcluster_memcache_rejected_total{kind}`
-(`ban`, `banlog`, `banidx`, `tlsuser`, `tls`) and logged at most once a minute
+(`ban`, `banlog`, `banidx`, `tlsuser`, `tls`, `host`) and logged at most once a minute
 with the server it came from. Event counters (memcached `incr`, which cannot
 carry a MAC) live under key names that are a keyed hash of event, target and
 client, and a counter only ever makes a rule fire for the address or user it

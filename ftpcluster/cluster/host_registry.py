@@ -7,7 +7,10 @@ the key) and probe each one directly.
   key, version, time}; TTL 30 s, so a stopped host disappears.
 - `hosts`: JSON {host id: last seen}, updated with gets/cas; entries not seen
   for a minute are dropped on the next update.
-Everything read back is validated: the cache is not trusted input."""
+Everything read back is validated, and both carry a MAC under the cluster key
+(record_mac.py, kind "host"): a host record anyone could write would point
+`cluster check` at addresses of their choosing. A host with another cluster
+key is therefore not listed; its records count as rejected."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any
 from .. import __version__
 from ..config import Config, parse_hostport
 from .memcache_ring import Ring
+from .record_mac import Count, RecordMac, load_record_mac, server_of
 
 PUBLISH_EVERY = 5.0
 READ_EVERY = 1.0
@@ -78,10 +82,17 @@ class HostRegistry:
     """The supervisor's side: publish this host's record now and then (its own Ring:
     a Ring belongs to one thread)."""
 
-    def __init__(self, cfg: Config, host_id: str) -> None:
+    def __init__(self, cfg: Config, host_id: str, count: Count | None = None) -> None:
+        from .session_seal import SealError
+
         self.cfg = cfg
         self.host_id = host_id
         self.ring = Ring(cfg)
+        self.mac: RecordMac | None = None
+        try:
+            self.mac = load_record_mac(cfg, self.ring.prefix, count)
+        except SealError:
+            pass  # start refuses [memcache] without a cluster key (preflight); nothing to publish
         self.next_publish = self.next_read = 0.0
         self.hosts: list[dict[str, Any]] = []  # what the last read found, for status
         _, port = cfg.listen_address
@@ -97,13 +108,18 @@ class HostRegistry:
             return
         self.next_read = now + READ_EVERY
         self.ring.probe(now)
+        mac = self.mac
+        if mac is None:
+            return
         if now >= self.next_publish:
             self.next_publish = now + PUBLISH_EVERY
             wall = time.time()
             value = json.dumps({**self.record, "time": wall}, separators=(",", ":")).encode()
-            self.ring.set(f"host:{self.host_id}", value, RECORD_TTL)
-            self.ring.update("hosts", lambda raw: _index_update(raw, self.host_id, wall))
-        self.hosts = read_hosts(self.ring)  # fresh for `status` and the hosts a ban reaches
+            name = f"host:{self.host_id}"
+            self.ring.set(name, mac.seal(name, value), RECORD_TTL)
+            self.ring.update("hosts", lambda raw: mac.seal("hosts", _index_update(
+                mac.open("host", "hosts", raw, server_of(self.ring, "hosts")), self.host_id, wall)))  # fmt: skip
+        self.hosts = read_hosts(self.ring, mac)  # fresh for `status` and the hosts a ban reaches
 
     def status(self) -> dict[str, Any]:
         return {"cluster": {"host_id": self.host_id, "key_fingerprint": self.record["key"],
@@ -113,16 +129,17 @@ class HostRegistry:
         self.ring.close()
 
 
-def read_hosts(ring: Ring) -> list[dict[str, Any]]:
-    """Every host record in force, validated."""
-    index = _parse(ring.get("hosts"), MAX_VALUE * 8)
+def read_hosts(ring: Ring, mac: RecordMac) -> list[dict[str, Any]]:
+    """Every host record in force, validated and MACed under this cluster's key."""
+    index = _parse(mac.open("host", "hosts", ring.get("hosts"), server_of(ring, "hosts")), MAX_VALUE * 8)
     if not isinstance(index, dict):
         return []
     names = [k for k in list(index)[:MAX_HOSTS] if isinstance(k, str) and 0 < len(k) <= 64]
     got = ring.get_many(f"host:{n}" for n in names)
     out = []
     for name in names:
-        rec = _parse(got.get(f"host:{name}"))
+        key = f"host:{name}"
+        rec = _parse(mac.open("host", key, got.get(key), server_of(ring, key)))
         if not isinstance(rec, dict) or rec.get("v") != 1 or rec.get("host") != name:
             continue
         if not isinstance(rec.get("address"), str) or not isinstance(rec.get("port"), int):

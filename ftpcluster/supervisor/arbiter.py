@@ -112,7 +112,7 @@ class Arbiter:
             from ..cluster.ban_layout import host_id
             from ..cluster.host_registry import HostRegistry
 
-            self.registry = HostRegistry(cfg, host_id(cfg))
+            self.registry = HostRegistry(cfg, host_id(cfg), count=lambda n, l: self.metrics_writer.inc(n, l))
 
     def _revoke_tls(self, user: str) -> None:
         """A banned user's cached TLS sessions go, on this host and in memcached."""

@@ -126,7 +126,7 @@ def problems(cfg: Config, create: bool = True) -> list[str]:
     if cfg.tls.enabled:
         out += _tls_problems(cfg, acct, embedded)
     tls_checked_key = cfg.tls.enabled and (cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache")
-    if _bans_share_memcached(cfg) and not tls_checked_key:
+    if cfg.memcache.enabled and not tls_checked_key:  # what hosts share there carries a MAC under the key
         out += _key_problems(cfg, acct, embedded)
     return out
 
@@ -148,11 +148,6 @@ def _tls_problems(cfg: Config, acct: Account, embedded: bool) -> list[str]:
     if cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache":
         out += _key_problems(cfg, acct, embedded)
     return out
-
-
-def _bans_share_memcached(cfg: Config) -> bool:
-    """Bans in memcached carry a MAC under the cluster key (memcached is not trusted)."""
-    return cfg.memcache.enabled and cfg.ban.enabled and cfg.ban.cache == "memcache"
 
 
 def _key_problems(cfg: Config, acct: Account, embedded: bool) -> list[str]:
