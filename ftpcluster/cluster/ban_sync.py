@@ -10,7 +10,7 @@ Design (the connection path never talks to memcached; it reads the host table):
 - A sharded index (`banidx:<0..15>`, updated with gets/cas) names every ban key,
   so a host that starts later, or finds a gap in the log (evicted entries, a
   counter that went back after a failover), reloads every ban still in force
-  and drops cluster bans that are gone (a permit it missed).
+  and applies the removal records of bans it holds (a permit it missed).
 - Local bans (made by this host's nodes or operator) are published by diffing
   the host table against what was published, so nodes need no memcached for
   bans at all.
