@@ -296,6 +296,8 @@ AuthGroupFile {tmp}/group
 RequireValidShell off
 DefaultRoot ~
 AllowOverwrite on
+# APPE (and REST STOR) are refused with 451 otherwise; the other peers allow them.
+AllowStoreRestart on
 Umask 022
 
 ModulePath {MODULES}

@@ -1,0 +1,227 @@
+"""A stock FTP/FTPS client as most users run one: Python's ftplib, Nagle's algorithm
+left on. `nodelay=True` gives the same client with TCP_NODELAY on every socket, the
+reference a stall is measured against (delayed-ACK stalls hit only Nagle clients).
+
+Beyond what ftplib ships: it offers a saved TLS session on the control connection
+(resumed login), reuses the control session on data connections (what servers that
+require session reuse need), and speaks implicit TLS. None of that changes how the
+client writes to its sockets."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import socket
+import ssl
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+def client_context(maxv: ssl.TLSVersion | None = None, tickets: bool = True) -> ssl.SSLContext:
+    """Unverified (self-signed loopback peers); `tickets=False` makes TLS 1.2 resume
+    through the server's session-id cache instead of a ticket."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if maxv is not None:
+        ctx.minimum_version = ctx.maximum_version = maxv
+    if not tickets:
+        ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+class StockFTP(ftplib.FTP_TLS):
+    """ftplib.FTP_TLS; plain FTP as long as auth() is not called."""
+
+    def __init__(self, nodelay: bool = False, context: ssl.SSLContext | None = None, offer: Any = None,
+                 implicit: bool = False, timeout: float = 10) -> None:  # fmt: skip
+        super().__init__(context=context or client_context(), timeout=timeout)
+        self.nodelay, self.offer, self.implicit = nodelay, offer, implicit
+
+    def _tune(self, sock: socket.socket) -> None:
+        if self.nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connect(self, host: str = "", port: int = 0, timeout: float = -999, source_address: Any = None) -> str:  # type: ignore[override]
+        if not self.implicit:
+            self.sock = socket.create_connection((host, port), self.timeout)
+            self._tune(self.sock)
+            self.host, self.port, self.af = host, port, self.sock.family
+            self.file = self.sock.makefile("r", encoding=self.encoding)
+            self.welcome = self.getresp()
+            return self.welcome
+        raw = socket.create_connection((host, port), self.timeout)
+        self._tune(raw)
+        self.host, self.port, self.af = host, port, raw.family
+        self.sock = self.context.wrap_socket(raw, server_hostname=host, session=self.offer)
+        self.file = self.sock.makefile("r", encoding=self.encoding)
+        self.welcome = self.getresp()
+        return self.welcome
+
+    def auth(self) -> str:
+        """FTP_TLS.auth, offering `self.offer` (a session saved from an earlier login)."""
+        resp = self.voidcmd("AUTH TLS")
+        self.sock = self.context.wrap_socket(self.sock, server_hostname=self.host, session=self.offer)
+        self.file = self.sock.makefile("r", encoding=self.encoding)
+        return resp
+
+    def ntransfercmd(self, cmd: str, rest: Any = None) -> tuple[socket.socket, int | None]:
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        self._tune(conn)  # nothing was written on it yet
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+    @property
+    def session(self) -> Any:
+        return self.sock.session if isinstance(self.sock, ssl.SSLSocket) else None
+
+    @property
+    def resumed(self) -> bool:
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.session_reused
+
+
+def login(host: str, port: int, user: str, password: str, *, nodelay: bool = False, tls: bool = True,
+          context: ssl.SSLContext | None = None, offer: Any = None, implicit: bool = False,
+          timeout: float = 10) -> tuple[StockFTP, float]:  # fmt: skip
+    """A logged-in client and the seconds from connect to the 230 reply."""
+    f = StockFTP(nodelay, context, offer, implicit, timeout)
+    t0 = time.perf_counter()
+    try:
+        f.connect(host, port)
+        if tls and not implicit:
+            f.auth()
+        f.sendcmd(f"USER {user}")
+        f.voidcmd(f"PASS {password}")
+    except BaseException:
+        f.close()
+        raise
+    return f, time.perf_counter() - t0
+
+
+def quit(f: StockFTP) -> None:
+    try:
+        f.quit()
+    except (OSError, EOFError, ftplib.Error):
+        f.close()
+
+
+def timed(op: Any, *args: Any) -> float:
+    t0 = time.perf_counter()
+    op(*args)
+    return time.perf_counter() - t0
+
+
+# One transfer each, as ftplib does them (PASV or EPSV, the command, data, 226).
+def stor(f: StockFTP, name: str, data: bytes, cmd: str = "STOR") -> None:
+    f.storbinary(f"{cmd} {name}".strip(), io.BytesIO(data))
+
+
+def retr(f: StockFTP, name: str, rest: int | None = None) -> bytes:
+    out: list[bytes] = []
+    f.retrbinary(f"RETR {name}", out.append, rest=rest)
+    return b"".join(out)
+
+
+def listing(f: StockFTP) -> list[str]:
+    lines: list[str] = []
+    f.retrlines("LIST", lines.append)
+    return lines
+
+
+# ------------------------------------------------------------------ stall cases
+V12, V13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
+KB = b"x" * 1024
+
+
+@dataclass
+class Target:
+    """Where the cases run. `cache_port`: a server of the same kind with TLS tickets
+    off (resumption through its session-id cache, TLS 1.3 stateful tickets)."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    implicit_port: int | None = None
+    cache_port: int | None = None
+    resumed: dict[str, list[bool]] = field(default_factory=dict)  # case -> did each login resume
+
+
+Case = Callable[[bool], float]  # nodelay -> seconds of one operation
+
+
+def login_case(t: Target, name: str, maxv: ssl.TLSVersion, *, resume: bool, implicit: bool = False,
+               cache: bool = False) -> Case:  # fmt: skip
+    """One login (connect to 230) per call; with `resume`, each client variant offers
+    the session its previous login ended with (a TLS 1.3 ticket is used once)."""
+    port = t.implicit_port if implicit else (t.cache_port if cache and t.cache_port else t.port)
+    assert port is not None
+    ctx = {False: client_context(maxv, tickets=not cache), True: client_context(maxv, tickets=not cache)}
+    saved: dict[bool, Any] = {}
+
+    def run(nodelay: bool) -> float:
+        f, secs = login(t.host, port, t.user, t.password, nodelay=nodelay, context=ctx[nodelay],
+                        offer=saved.get(nodelay) if resume else None, implicit=implicit)  # fmt: skip
+        if resume and nodelay in saved:
+            t.resumed.setdefault(name, []).append(f.resumed)
+        saved[nodelay] = f.session
+        quit(f)
+        return secs
+
+    if resume:  # a first login per variant to have something to offer
+        run(False), run(True)
+    return run
+
+
+def transfer_cases(t: Target, prefix: str, maxv: ssl.TLSVersion | None) -> tuple[dict[str, Case], Callable[[], None]]:
+    """Transfers on one logged-in session per client variant (PROT P when `maxv`,
+    plain otherwise); returns the cases and a function that logs both out."""
+    sessions = {}
+    for nodelay in (False, True):
+        f, _ = login(t.host, t.port, t.user, t.password, nodelay=nodelay, tls=maxv is not None,
+                     context=client_context(maxv) if maxv else None)  # fmt: skip
+        if maxv is not None:
+            f.prot_p()
+        f.voidcmd("TYPE I")
+        stor(f, f"seed-{nodelay:d}.bin", KB)
+        sessions[nodelay] = f
+
+    def epsv(nodelay: bool) -> None:
+        f = sessions[nodelay]
+        af, f.af = f.af, socket.AF_INET6  # ftplib sends EPSV (229) to IPv6 servers only
+        try:
+            retr(f, f"seed-{nodelay:d}.bin")
+        finally:
+            f.af = af
+
+    ops: dict[str, Callable[[bool], Any]] = {
+        "STOR 1 KB": lambda nd: stor(sessions[nd], f"up-{nd:d}.bin", KB),
+        "APPE 1 KB": lambda nd: stor(sessions[nd], f"app-{nd:d}.bin", KB, "APPE"),
+        "STOU 1 KB": lambda nd: stor(sessions[nd], "", KB, "STOU"),
+        "RETR 1 KB": lambda nd: retr(sessions[nd], f"seed-{nd:d}.bin"),
+        "REST+RETR": lambda nd: retr(sessions[nd], f"seed-{nd:d}.bin", rest=512),
+        "LIST": lambda nd: listing(sessions[nd]),
+        "EPSV+RETR": epsv,
+    }
+    cases = {f"{prefix} {k}": (lambda op: lambda nd: timed(op, nd))(op) for k, op in ops.items()}
+
+    def close() -> None:
+        for f in sessions.values():
+            quit(f)
+
+    return cases, close
+
+
+def measure(cases: dict[str, Case], n: int) -> dict[str, tuple[float, float]]:
+    """name -> (stock median, nodelay median) seconds, the two interleaved."""
+    out = {}
+    for name, case in cases.items():
+        got: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(n):
+            for nodelay in (False, True):
+                got[nodelay].append(case(nodelay))
+        out[name] = (statistics.median(got[False]), statistics.median(got[True]))
+    return out
