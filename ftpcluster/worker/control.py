@@ -29,6 +29,7 @@ from .protocol import (
     TransferResult,
     VerifyPassword,
 )
+from .quickack import ack_now
 from .session import Session, User
 
 if TYPE_CHECKING:
@@ -256,6 +257,7 @@ class ControlConnection(asyncio.Protocol):
             return
         self.transport = new  # type: ignore[assignment]
         self._read_paused = False  # the TLS transport reads from the start
+        ack_now(new.get_extra_info("socket"))  # the client's USER may wait on it (see quickack.py)
         self.tls_object = new.get_extra_info("ssl_object")
         self.node.publish(Event("tls_established", {"resumed": bool(self.tls_object and self.tls_object.session_reused)}), self)
         self._report(self.session.tls_done())

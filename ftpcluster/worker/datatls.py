@@ -19,6 +19,7 @@ import ssl
 from typing import Any, Callable
 
 from .datachannel import DataRefused
+from .quickack import ack_now
 
 
 class TLSStream:
@@ -58,6 +59,11 @@ class TLSStream:
 
     async def handshake(self) -> None:
         await self._retry(self.sock.do_handshake)
+        # The client speaks last (its Finished: TLS 1.2 resumed, and TLS 1.3 since data
+        # connections issue no ticket), then writes its data (STOR): with Nagle on, that
+        # waits for our ACK. Once is enough: we never write on an upload, so Linux then
+        # ACKs each small record (and close_notify) as we read it. See quickack.py.
+        ack_now(self.sock)
 
     async def send_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
