@@ -134,6 +134,8 @@ def listing(f: StockFTP) -> list[str]:
 # ------------------------------------------------------------------ stall cases
 V12, V13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 KB = b"x" * 1024
+# STOR/APPE/STOU: the client writes first on the data connection; RETR/LIST: we do.
+TRANSFERS = ("STOR 1 KB", "APPE 1 KB", "STOU 1 KB", "RETR 1 KB", "REST+RETR", "LIST", "EPSV+RETR")
 
 
 @dataclass
@@ -197,7 +199,7 @@ def transfer_cases(t: Target, prefix: str, maxv: ssl.TLSVersion | None) -> tuple
         finally:
             f.af = af
 
-    ops: dict[str, Callable[[bool], Any]] = {
+    ops: dict[str, Callable[[bool], Any]] = {  # the keys are TRANSFERS
         "STOR 1 KB": lambda nd: stor(sessions[nd], f"up-{nd:d}.bin", KB),
         "APPE 1 KB": lambda nd: stor(sessions[nd], f"app-{nd:d}.bin", KB, "APPE"),
         "STOU 1 KB": lambda nd: stor(sessions[nd], "", KB, "STOU"),
@@ -213,6 +215,44 @@ def transfer_cases(t: Target, prefix: str, maxv: ssl.TLSVersion | None) -> tuple
             quit(f)
 
     return cases, close
+
+
+def case_names(implicit: bool, cache: bool) -> list[str]:
+    """The cases `build_cases` makes for a target with an implicit-TLS listener and/or
+    a tickets-off server (known before any server runs: test ids)."""
+    names = []
+    for vn in ("1.2", "1.3"):
+        names += [f"login explicit TLS {vn} full", f"login explicit TLS {vn} resumed ticket"]
+        if cache or vn == "1.2":  # TLS 1.2 can ask any server for its session-id cache
+            names.append(f"login explicit TLS {vn} resumed cache")
+        if implicit:
+            names += [f"login implicit TLS {vn} full", f"login implicit TLS {vn} resumed"]
+    for prefix in ("PROT P TLS 1.2", "PROT P TLS 1.3", "plain"):
+        names += [f"{prefix} {op}" for op in TRANSFERS]
+    return names
+
+
+def build_cases(t: Target) -> tuple[dict[str, Case], Callable[[], None]]:
+    """Every case of `case_names` for `t`, and a function ending the sessions they hold."""
+    implicit, cache = t.implicit_port is not None, t.cache_port is not None
+    cases: dict[str, Case] = {}
+    closers = []
+    for v, vn in ((V12, "1.2"), (V13, "1.3")):
+        for name in case_names(implicit, cache):
+            if not name.startswith("login") or f"TLS {vn}" not in name:
+                continue
+            cases[name] = login_case(t, name, v, resume="resumed" in name, implicit="implicit" in name,
+                                     cache="cache" in name)  # fmt: skip
+    for v, prefix in ((V12, "PROT P TLS 1.2"), (V13, "PROT P TLS 1.3"), (None, "plain")):
+        more, close = transfer_cases(t, prefix, v)
+        cases.update(more)
+        closers.append(close)
+
+    def close_all() -> None:
+        for close in closers:
+            close()
+
+    return {n: cases[n] for n in case_names(implicit, cache)}, close_all
 
 
 def measure(cases: dict[str, Case], n: int) -> dict[str, tuple[float, float]]:
