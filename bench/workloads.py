@@ -226,6 +226,11 @@ def idle_memory(peer: Peer, s: Settings) -> Sample:
 
 
 from .cluster import ban_propagation, ftps_cross_host  # noqa: E402 (it uses the types above)
+from . import stock  # noqa: E402 (the same)
+
+def _phase_rows(*phases: str) -> list[Extra]:
+    return [Extra(f"{p}_{q}_ms", f"{p} {q}", "ms", higher_is_better=False) for p in phases for q in ("p50", "p99")]
+
 
 # idle_memory first: right after start (and a short warm-up) the heap has not yet
 # grown from churn, so the sessions we hold have to allocate what they cost.
@@ -244,6 +249,19 @@ WORKLOADS: list[Workload] = [
              extra=[Extra("legit_p50_ms", "legit login p50 during flood", "ms", higher_is_better=False),
                     Extra("legit_p99_ms", "legit login p99 during flood", "ms", higher_is_better=False),
                     Extra("rejects_per_core_s", "rejects per server CPU-second", "/s")]),  # fmt: skip
+    # Driven by a client with Nagle on, as ftplib and most GUI clients are (the ones
+    # above set TCP_NODELAY): what delayed-ACK stalls would cost. Per-phase p50/p99 in details.
+    Workload("stock_ftps_resumed_12", "stock client (Nagle on): FTPS sessions/s, resumed TLS 1.2, c=8", "/s",
+             stock.stock_resumed_12, targets=[("pyftpdlib", 1.5)], extra=_phase_rows("session", "login")),
+    Workload("stock_ftps_resumed_13", "stock client (Nagle on): FTPS sessions/s, resumed TLS 1.3, c=8", "/s",
+             stock.stock_resumed_13, targets=[("pyftpdlib", 1.5)], extra=_phase_rows("session", "login")),
+    Workload("stock_stor_1k", "stock client: 1 KB STOR/s over PROT P, one session", "/s", stock.stock_stor_1k,
+             op="STOR", extra=_phase_rows("op", "open", "data")),
+    Workload("stock_retr_1k", "stock client: 1 KB RETR/s over PROT P, one session", "/s", stock.stock_retr_1k,
+             op="RETR", extra=_phase_rows("op", "open", "data")),
+    Workload("stock_small_files", "stock client: FTPS sessions/s of 20x4 KB STOR, LIST, 20x RETR; c=4", "/s",
+             stock.stock_small_files, targets=[("pyftpdlib", 1.5)],
+             extra=_phase_rows("session", "login", "stor_data", "retr_open")),
     Workload("ban_propagation", "ban propagation host A -> B, p99", "s", ban_propagation, higher_is_better=False,
              targets=[("absolute", 1.0)], extra=[Extra("p50_s", "ban propagation p50", "s", higher_is_better=False)]),
     Workload("ftps_cross_host", "FTPS cross-host sessions/s, cluster tickets", "/s", ftps_cross_host,
