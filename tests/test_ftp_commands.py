@@ -196,7 +196,7 @@ def test_site_chmod_and_help(server: Server) -> None:
     assert perm_code(f, "SITE CHMOD 600") == "501"
     assert perm_code(f, "SITE CHMOD 600 nope") == "550"
     assert code(f.sendcmd("SITE HELP")) == "214"
-    assert perm_code(f, "SITE NOPE") == "504"
+    assert perm_code(f, "SITE NOPE") == "500"
     f.quit()
 
 

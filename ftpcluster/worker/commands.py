@@ -30,6 +30,9 @@ class CommandSpec:
     help: str
     write: bool = False  # changes the filesystem: refused for read-only users
     urgent: bool = False  # handled even while a transfer runs (ABOR, STAT, QUIT, NOOP)
+    # Answered at once while a transfer runs, whose 226 follows (REIN, USER): a client
+    # that waits for the reply before it reads the data would deadlock otherwise.
+    in_transfer: bool = False
 
 
 COMMANDS: dict[str, CommandSpec] = {}
@@ -43,13 +46,14 @@ def command(
     help: str = "",
     write: bool = False,
     urgent: bool = False,
+    in_transfer: bool = False,
     aliases: tuple[str, ...] = (),
 ) -> Callable[[Handler], Handler]:
     """Register a handler for `verb` (and its X* aliases)."""
 
     def register(fn: Handler) -> Handler:
         for v in (verb, *aliases):
-            COMMANDS[v] = CommandSpec(v, fn, arg, auth, help or v, write, urgent)
+            COMMANDS[v] = CommandSpec(v, fn, arg, auth, help or v, write, urgent, in_transfer)
         return fn
 
     return register

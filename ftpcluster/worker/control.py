@@ -83,6 +83,8 @@ class ControlConnection(asyncio.Protocol):
             self.perform(self.session.receive_data(data))
 
     def eof_received(self) -> bool | None:
+        if self.session is not None and self.session.quitting and self.transfer_task is not None:
+            return True  # QUIT, then a half-close: the transfer still completes (RFC 959)
         self.abort("client closed the control connection")
         return None
 

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import ssl
 import time
 from typing import Any, Awaitable, Callable, ClassVar
 
@@ -312,7 +313,9 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
     except OSError as e:
         from .session import os_error_reply
 
-        if isinstance(e, (ConnectionError, BrokenPipeError)) or e.errno is None:
+        # A TLS record layer error mid-transfer (the client dropped or truncated the
+        # data connection) is the same 426 as a reset plain connection.
+        if isinstance(e, (ConnectionError, BrokenPipeError, ssl.SSLError)) or e.errno is None:
             return TransferResult("failed", code=426, message="Data connection closed; transfer aborted")
         code, text = os_error_reply(e)
         return TransferResult("failed", code=code, message=text)

@@ -18,7 +18,7 @@ def _control_tls_missing(s: Session) -> bool:
     return s.settings.tls_required in ("control", "both") and not s.tls_control
 
 
-@command("USER", arg=Arg.REQUIRED, auth=False, help="USER <name>: start a login")
+@command("USER", arg=Arg.REQUIRED, auth=False, in_transfer=True, help="USER <name>: start a login")
 def user(s: Session, arg: str) -> None:
     if _control_tls_missing(s):
         s.reply(530, "TLS required on the control channel: use AUTH TLS first")
@@ -92,7 +92,7 @@ def acct(s: Session, arg: str) -> None:
     s.reply(202, "ACCT not needed")
 
 
-@command("REIN", auth=False, help="REIN: log out and start over")
+@command("REIN", auth=False, in_transfer=True, help="REIN: log out and start over")
 def rein(s: Session, arg: str) -> None:
     s.reset_login()
     s.data_ready = False
@@ -103,6 +103,8 @@ def rein(s: Session, arg: str) -> None:
 @command("QUIT", auth=False, urgent=True, help="QUIT: end the session")
 def quit_(s: Session, arg: str) -> None:
     if s.waiting == "transfer":
-        # RFC 959: QUIT during a transfer waits for it; we end it to free the worker.
-        s.abort_requested = True
+        # RFC 959 section 4.1.1: the transfer completes and its reply comes first;
+        # finish_transfer then says 221 and closes.
+        s.quitting = True
+        return
     s.close(221, "Goodbye")

@@ -70,11 +70,15 @@ def rnto(s: Session, arg: str) -> None:
 
 @command("SIZE", arg=Arg.REQUIRED, help="SIZE <file>: size in bytes")
 def size(s: Session, arg: str) -> None:
-    # In ASCII mode the on-the-wire size may differ; like vsftpd we still give the file's size.
     r = s.resolve(arg, must_exist=True)
     st = os.stat(r.real)
     if not stat.S_ISREG(st.st_mode):
         raise PathError("Not a regular file")
+    if not s.binary:
+        # RFC 3659 section 4: SIZE is what the current TYPE would send. Under TYPE A
+        # that means reading the whole file on the control path; refuse like ProFTPD.
+        s.reply(550, "SIZE not allowed in ASCII mode; use TYPE I")
+        return
     s.reply(213, str(st.st_size))
 
 
@@ -116,7 +120,12 @@ def mlst(s: Session, arg: str) -> None:
     r = s.resolve(arg or ".", must_exist=True)
     st = os.stat(r.real)
     line = mlsx_line(r.virtual, st, s.mlst_facts, writable=not (s.user and s.user.read_only)).decode("utf-8", "surrogateescape")
-    s.reply(250, ["Listing " + r.virtual, " " + line.rstrip("\r\n").strip(), "End"])
+    # The reply encoder starts a middle line with one space: with the entry's own
+    # "facts SP path" that is exactly RFC 3659 section 7.2's " facts path".
+    s.reply(250, ["Listing " + r.virtual, line.rstrip("\r\n"), "End"])
+
+
+SITE_HELP = {"CHMOD": "CHMOD <octal mode> <path>", "HELP": "HELP [topic]"}
 
 
 @command("SITE", arg=Arg.REQUIRED, help="SITE CHMOD <mode> <path> | SITE HELP")
@@ -124,7 +133,13 @@ def site(s: Session, arg: str) -> None:
     sub, _, rest = arg.partition(" ")
     sub = sub.upper()
     if sub == "HELP":
-        s.reply(214, ["Site commands:", "CHMOD <octal mode> <path>", "HELP", "End"])
+        topic = rest.strip().upper()
+        if topic and topic not in SITE_HELP:
+            s.reply(501, f"SITE HELP: unknown topic {topic}")
+        elif topic:
+            s.reply(214, SITE_HELP[topic])
+        else:
+            s.reply(214, ["Site commands:", *SITE_HELP.values(), "End"])
     elif sub == "CHMOD":
         if s.user is not None and s.user.read_only:
             s.reply(550, "Permission denied: read-only account")
@@ -138,4 +153,4 @@ def site(s: Session, arg: str) -> None:
         os.chmod(r.real, mode)
         s.reply(200, "SITE CHMOD command successful")
     else:
-        s.reply(504, f"SITE {sub} not implemented")
+        s.reply(500, f"SITE {sub} not understood")

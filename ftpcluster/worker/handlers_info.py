@@ -48,7 +48,7 @@ def opts(s: Session, arg: str) -> None:
     elif name == "MLST":
         wanted = [f.lower() for f in value.split(";") if f]
         s.mlst_facts = [f for f in wanted if f in MLST_FACTS]
-        s.reply(200, "MLST OPTS " + "".join(f + ";" for f in s.mlst_facts))
+        s.reply(200, " ".join(["MLST OPTS", *(["".join(f + ";" for f in s.mlst_facts)] if s.mlst_facts else [])]))
     else:
         s.reply(501, f"OPTS {name} not understood")
 

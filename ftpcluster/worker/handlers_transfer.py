@@ -90,12 +90,20 @@ def epsv(s: Session, arg: str) -> None:
         s.epsv_all = True
         s.reply(200, "EPSV ALL accepted")
         return
-    if a not in ("", "1", "2"):
-        s.reply(522, "Network protocol not supported, use (1,2)")
+    if a not in ("", _net_prt(s)):
+        # RFC 2428 section 3: a protocol other than the control connection's is refused
+        # with 522 and the list of those we would accept (EPSV 2 on IPv4 included).
+        s.reply(522, f"Network protocol not supported, use ({_net_prt(s)})")
         return
     _new_data_channel(s)
     s.begin_wait("passive")
     s.act(OpenPassive(extended=True))
+
+
+def _net_prt(s: Session) -> str:
+    """RFC 2428 net-prt of the control connection: "1" IPv4 (mapped too), "2" IPv6."""
+    ip = s.client_ip
+    return "2" if ":" in ip and not ip.lower().startswith("::ffff:") else "1"
 
 
 def _check_active_target(s: Session, host: str, port: int) -> bool:
@@ -146,6 +154,9 @@ def eprt(s: Session, arg: str) -> None:
     if len(fields) != 5 or fields[0] or fields[4] or fields[1] not in ("1", "2") or port_no is None:
         s.reply(501, "Syntax: EPRT |proto|address|port|")
         return
+    if fields[1] != _net_prt(s):
+        s.reply(522, f"Network protocol not supported, use ({_net_prt(s)})")
+        return
     if not 0 < port_no <= 65535:
         s.reply(501, "Bad port")
         return
@@ -187,7 +198,7 @@ def retr(s: Session, arg: str) -> None:
     if not os.access(r.real, os.R_OK):
         raise PathError("Permission denied")
     if offset and not s.binary:
-        s.reply(550, "Resuming in ASCII mode is not supported; use TYPE I")
+        s.reply(554, "Resuming in ASCII mode is not supported; use TYPE I")
         return
     if offset > st.st_size:
         s.reply(554, "REST offset beyond the end of the file")
@@ -199,7 +210,10 @@ def retr(s: Session, arg: str) -> None:
 def _store(s: Session, arg: str, append: bool, unique: bool) -> None:
     offset, s.rest = s.rest, 0
     if offset and not s.binary:
-        s.reply(550, "Resuming in ASCII mode is not supported; use TYPE I")
+        s.reply(554, "Resuming in ASCII mode is not supported; use TYPE I")
+        return
+    if offset and unique:
+        s.reply(554, "REST offset beyond the end of the file: STOU makes a new, empty file")
         return
     if unique:
         base = s.resolve(arg or "ftp.upload")
@@ -221,7 +235,8 @@ def _store(s: Session, arg: str, append: bool, unique: bool) -> None:
         s.reply(553, "No such directory")
         return
     in_place = append or offset > 0 or unique or not s.settings.atomic_uploads
-    if offset and os.path.exists(r.real) and offset > os.path.getsize(r.real):
+    if offset and (not os.path.exists(r.real) or offset > os.path.getsize(r.real)):
+        # A missing file is empty: any offset is past its end (no zero-filled hole).
         s.reply(554, "REST offset beyond the end of the file")
         return
     temp = "" if in_place else os.path.join(parent, temp_upload_name())
@@ -337,3 +352,5 @@ def finish_transfer(s: Session, result: TransferResult) -> None:
     else:
         s.reply(result.code or 451, result.message or "Transfer failed")
     s.abort_requested = False
+    if s.quitting:
+        s.close(221, "Goodbye")

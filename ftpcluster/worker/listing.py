@@ -109,7 +109,8 @@ def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, k
         parts.append(f"perm={perm}")
     if "unix.mode" in facts:
         parts.append(f"unix.mode=0{stat.S_IMODE(st.st_mode):o}")
-    return _enc(";".join(parts) + "; " + name) + b"\r\n"
+    # RFC 3659 section 7.2: entry = [facts] SP pathname, where every fact ends in ";".
+    return _enc("".join(p + ";" for p in parts) + " " + name) + b"\r\n"
 
 
 def mlsd_lines(real: str, facts: list[str], writable: bool, root: str = "") -> Iterator[bytes]:

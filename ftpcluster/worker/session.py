@@ -77,6 +77,7 @@ class Session:
         self.waiting: str | None = None  # "auth" | "passive" | "transfer"
         self.transfer: Transfer | None = None
         self.abort_requested = False
+        self.quitting = False  # QUIT arrived during a transfer: 221 and close after its reply
         self._tls_pending = False
 
     # ------------------------------------------------------------ output API
@@ -135,7 +136,7 @@ class Session:
     def _is_urgent(self, line: bytes | object) -> bool:
         verb = _verb_of(line)  # type: ignore[arg-type]
         spec = self.commands.get(verb)
-        return spec is not None and spec.urgent
+        return spec is not None and (spec.urgent or (spec.in_transfer and self.waiting == "transfer"))
 
     def _resume(self) -> None:
         """An async step finished: run queued commands until one blocks again, then
@@ -150,6 +151,8 @@ class Session:
             self.emit("BadProtocol", reason="line too long")
             return
         assert isinstance(line, bytes)
+        if self.quitting:
+            return  # QUIT came during a transfer: nothing more is read
         verb, arg = parse_line(line)
         if verb is None:
             self.reply(500, "Syntax error: command unrecognized")
@@ -192,7 +195,7 @@ class Session:
         if spec.write and self.user is not None and self.user.read_only:
             self.reply(550, "Permission denied: read-only account")
             return False
-        if self.waiting == "transfer" and not spec.urgent:
+        if self.waiting == "transfer" and not (spec.urgent or spec.in_transfer):
             self.reply(450, "A transfer is in progress")
             return False
         return True
