@@ -51,3 +51,14 @@ def memcached():
     yield start
     for m in started:
         m.stop()
+
+
+@pytest.fixture(scope="session")
+def rfc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One plain server with explicit TLS available, shared by the RFC conformance
+    tests (test_conformance, test_rfc_edges) so their many small exchanges cost one
+    start. Data-session reuse is tested in test_ftps; here plain FTP_TLS must work."""
+    srv = make_server(tmp_path_factory.mktemp("rfc"), tls={"require_data_session_reuse": False})
+    srv.start()
+    yield srv
+    srv.stop(signal.SIGINT)

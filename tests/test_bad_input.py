@@ -217,7 +217,8 @@ def test_commands_out_of_order(node: Server) -> None:
     for bad in ("PORT", "PORT nonsense", "PORT 1,2,3", "PORT 1,2,3,4,5,6,7", "PORT 256,0,0,1,4,1",
                 "PORT 127,0,0,1,999,1", "PORT -1,0,0,1,4,1", "PORT a,b,c,d,e,f", "PORT 127.0.0.1:2000"):
         assert c.cmd(bad) == 501, bad
-    for bad in ("EPRT nonsense", "EPRT |3|127.0.0.1|2000|", "EPRT |1|127.0.0.1|99999|", "EPRT |1|127.0.0.1|x|",
+    assert c.cmd("EPRT |3|127.0.0.1|2000|") == 522  # RFC 2428: protocol not supported
+    for bad in ("EPRT nonsense", "EPRT |1|127.0.0.1|99999|", "EPRT |1|127.0.0.1|x|",
                 "EPRT |1|not-an-ip|2000|", "EPRT |1|127.0.0.1|0|", "EPRT ||||"):
         assert c.cmd(bad) == 501, bad
     assert c.cmd("RETR g") == 425  # no data connection was set up by any of that

@@ -102,7 +102,8 @@ def test_stat_server_and_path(server: Server) -> None:
     (server.home / "d").mkdir()
     (server.home / "d" / "inner.txt").write_bytes(b"x" * 7)
     listing = f.sendcmd("STAT d")
-    assert code(listing) == "213" and "inner.txt" in listing
+    assert code(listing) == "212" and "inner.txt" in listing  # directory status
+    assert code(f.sendcmd("STAT d/inner.txt")) == "213"  # file status
     assert perm_code(f, "STAT nope") == "550"
     f.quit()
 

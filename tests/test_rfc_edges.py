@@ -1,5 +1,5 @@
 """RFC edge behaviours that real clients meet (issue 18), one test per behaviour,
-all against one module-scoped server (plain FTP with explicit TLS available).
+all against one shared server (conftest `rfc_server`: plain FTP, explicit TLS available).
 
 Raw sockets where a client library would hide the exact reply (MLST's line
 format, the order of 226 and 221), ftplib and curl where a client's reaction
@@ -14,11 +14,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from .support_server import Server, have, make_server
+from ftpcluster.worker.protocol import OpenPassive, Reply
+from ftpcluster.worker.session import Session, SessionSettings, User
+
+from .support_server import Server, have
 from .test_bad_input import Raw, rst_close
 from .test_ftps import client_ctx
 
@@ -26,16 +28,13 @@ BIG = 48 * 1024 * 1024  # bigger than any socket buffers: a transfer that cannot
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # Data-session reuse is tested in test_ftps; here plain ftplib.FTP_TLS must work.
-    s = make_server(tmp_path_factory.mktemp("edges"), tls={"require_data_session_reuse": False})
-    s.start()
+def srv(rfc_server: Server) -> Server:
+    s = rfc_server
     (s.home / "f.txt").write_bytes(b"abc")
     (s.home / "lines.txt").write_bytes(b"one\ntwo\n")
     with open(s.home / "big.bin", "wb") as fh:
         fh.truncate(BIG)  # sparse
-    yield s
-    s.stop()
+    return s
 
 
 def login(srv: Server) -> Raw:
@@ -126,6 +125,10 @@ def test_rest_upload_past_end_or_of_missing_file_is_554(srv: Server) -> None:
     f.storbinary("STOR r.bin", io.BytesIO(b"45"), rest=4)
     f.storbinary("APPE r.bin", io.BytesIO(b"67"), rest=6)
     assert (srv.home / "r.bin").read_bytes() == b"01234567"
+    f.sendcmd("TYPE A")  # no restarts in ASCII: the offset of a CRLF stream is not a file offset
+    f.sendcmd("REST 2")
+    with pytest.raises(ftplib.error_perm, match="^554"):
+        f.retrlines("RETR lines.txt", lambda line: None)
     f.quit()
 
 
@@ -171,6 +174,8 @@ def test_rein_user_during_retr_answered_at_once(srv: Server, cmd: str, expect: i
     assert c.cmd("RETR big.bin") == 150
     data.settimeout(10)
     got = len(data.recv(65536))
+    code, text = c.reply_to("STAT")  # RFC 959: STAT during a transfer tells about it
+    assert code == 211 and b"Transfer in progress: RETR /big.bin" in text
     assert c.cmd(cmd) == expect  # the data is unread: the server is blocked sending it
     while chunk := data.recv(1 << 20):
         got += len(chunk)
@@ -185,17 +190,23 @@ def test_rein_user_during_retr_answered_at_once(srv: Server, cmd: str, expect: i
 
 
 # ---------------------------------------------------------------- 7. TLS data connection dropped
-def test_tls_data_connection_dropped_mid_retr_is_426(srv: Server) -> None:
-    f = ftplib.FTP_TLS(context=client_ctx(), timeout=10)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_data_connection_dropped_mid_retr_is_426(srv: Server, tls: bool) -> None:
+    f = ftplib.FTP_TLS(context=client_ctx(), timeout=10) if tls else ftplib.FTP(timeout=10)
     f.connect(srv.host, srv.port)
     f.login(srv.user, srv.password)
-    f.prot_p()
+    if tls:
+        f.prot_p()
     conn = f.transfercmd("RETR big.bin")
     assert len(conn.recv(65536)) > 0
     rst_close(conn)  # RST, no close_notify: a crashed client
     with pytest.raises(ftplib.error_temp, match="^426"):
         f.voidresp()
     assert f.voidcmd("NOOP").startswith("200")
+    # REIN keeps TLS on the control channel: the next login goes over the same TLS.
+    assert f.sendcmd("REIN").startswith("220")
+    assert f.sendcmd(f"USER {srv.user}").startswith("331")
+    assert f.sendcmd(f"PASS {srv.password}").startswith("230")
     f.quit()
 
 
@@ -209,3 +220,22 @@ def test_site_help_topics(srv: Server) -> None:
     with pytest.raises(ftplib.error_perm, match="^500"):
         f.sendcmd("SITE NOSUCH")
     f.quit()
+
+
+# ---------------------------------------------------------------- the same over IPv6
+def test_ipv6_control_connection_families(tmp_path: Path) -> None:
+    """On IPv6, EPSV 1 and EPRT |1| are the other family (522, use (2)); PASV cannot
+    carry an IPv6 address (RFC 2428 section 1) and is refused; EPSV/EPRT work.
+    Driven through the sans-IO session: the replies do not depend on a socket."""
+    s = Session(SessionSettings(), client_ip="::1")
+    s.receive_data(b"USER alice\r\nPASS x\r\n")
+    s.auth_done(User("alice", str(tmp_path)))
+
+    def reply(line: str) -> str:
+        return " ".join(o.encode().decode().strip() for o in s.receive_data(line.encode() + b"\r\n") if isinstance(o, Reply))
+
+    assert reply("EPSV 1") == "522 Network protocol not supported, use (2)"
+    assert reply("PASV").startswith("425")
+    assert reply("EPRT |1|127.0.0.1|50000|").startswith("522")
+    assert reply("EPRT |2|::1|50000|").startswith("200")
+    assert any(isinstance(o, OpenPassive) for o in s.receive_data(b"EPSV 2\r\n"))

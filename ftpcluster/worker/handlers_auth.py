@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .commands import Arg, command
 from .fs import Home
+from .handlers_info import MLST_FACTS
 from .protocol import ClosePassive, VerifyPassword
 
 if TYPE_CHECKING:
@@ -87,6 +88,15 @@ def finish_login(s: Session, user: User | None) -> None:
     s.reply(230, f"User {user.name} logged in" + (", read-only access" if user.read_only else ""))
 
 
+@command("HOST", arg=Arg.REQUIRED, auth=False, help="HOST <name>: virtual host (RFC 7151), before USER")
+def host(s: Session, arg: str) -> None:
+    if s.user is not None or s.pending_user is not None:
+        s.reply(503, "HOST must come before USER")
+        return
+    # One tree per user, no virtual hosts: every name reaches the same (default) host.
+    s.reply(220, f"Host {arg} accepted")
+
+
 @command("ACCT", arg=Arg.REQUIRED, auth=False, help="ACCT: not needed here")
 def acct(s: Session, arg: str) -> None:
     s.reply(202, "ACCT not needed")
@@ -95,6 +105,9 @@ def acct(s: Session, arg: str) -> None:
 @command("REIN", auth=False, in_transfer=True, help="REIN: log out and start over")
 def rein(s: Session, arg: str) -> None:
     s.reset_login()
+    # "All parameters reset to the defaults" (RFC 959); TLS on the control channel stays.
+    s.epsv_all = False
+    s.mlst_facts = list(MLST_FACTS)
     s.data_ready = False
     s.act(ClosePassive())
     s.reply(220, "Service ready for new user")

@@ -28,7 +28,7 @@ def noop(s: Session, arg: str) -> None:
 @command("FEAT", auth=False, help="FEAT: list extensions")
 def feat(s: Session, arg: str) -> None:
     facts = "".join(f"{f}{'*' if f in s.mlst_facts else ''};" for f in MLST_FACTS)
-    lines = ["Features:", "EPRT", "EPSV", "MDTM", "MFMT", "MLST " + facts, "REST STREAM", "SIZE", "TVFS", "UTF8"]
+    lines = ["Features:", "EPRT", "EPSV", "HOST", "MDTM", "MFMT", "MLST " + facts, "REST STREAM", "SIZE", "TVFS", "UTF8"]
     if s.settings.tls_available:
         lines[1:1] = ["AUTH TLS", "AUTH SSL", "PBSZ", "PROT"]
     lines.append("End")
@@ -86,9 +86,10 @@ def stat_(s: Session, arg: str) -> None:
         s.reply(450, "A transfer is in progress")
         return
     r = s.resolve(split_list_arg(arg), must_exist=True)
+    status = 212 if os.path.isdir(r.real) else 213  # RFC 959: directory / file status
     body: list[str] = []
     for chunk in list_lines(r.real, os.path.basename(r.virtual) or "/", root=s.home.root if s.home else ""):
         body.extend(line for line in chunk.decode("utf-8", "surrogateescape").split("\r\n") if line)
         if len(body) > 10_000:
             break
-    s.reply(213, [f"Status of {r.virtual}:", *body, "End of status"])
+    s.reply(status, [f"Status of {r.virtual}:", *body, "End of status"])

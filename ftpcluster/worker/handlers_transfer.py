@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .commands import Arg, command
 from .fs import PathError, temp_upload_name
 from .listing import list_lines, mlsd_lines, nlst_lines
-from .numbers import ascii_int
+from .numbers import ascii_int, is_ascii_number
 from .protocol import AbortTransfer, ClosePassive, OpenPassive, SetActive, Transfer, TransferResult
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ def epsv(s: Session, arg: str) -> None:
         s.epsv_all = True
         s.reply(200, "EPSV ALL accepted")
         return
+    if a and not is_ascii_number(a):
+        s.reply(501, "Syntax: EPSV [ALL|<net-prt>]")
+        return
     if a not in ("", _net_prt(s)):
         # RFC 2428 section 3: a protocol other than the control connection's is refused
         # with 522 and the list of those we would accept (EPSV 2 on IPv4 included).
@@ -151,7 +154,7 @@ def eprt(s: Session, arg: str) -> None:
     d = arg[0]
     fields = arg.split(d)
     port_no = ascii_int(fields[3], 5) if len(fields) == 5 else None
-    if len(fields) != 5 or fields[0] or fields[4] or fields[1] not in ("1", "2") or port_no is None:
+    if len(fields) != 5 or fields[0] or fields[4] or not fields[1] or port_no is None:
         s.reply(501, "Syntax: EPRT |proto|address|port|")
         return
     if fields[1] != _net_prt(s):
@@ -252,7 +255,9 @@ def _store(s: Session, arg: str, append: bool, unique: bool) -> None:
         virtual=r.virtual,
         command=cmd,
     )
-    text = f"FILE: {os.path.basename(r.virtual)}" if unique else f"Opening {_type_name(s)} mode data connection for {r.virtual}"
+    # RFC 1123 4.1.2.9: "FILE: pppp" names the file made; relative to the cwd when it is there.
+    made = os.path.basename(r.virtual) if os.path.dirname(r.virtual) == s.cwd else r.virtual
+    text = f"FILE: {made}" if unique else f"Opening {_type_name(s)} mode data connection for {r.virtual}"
     _start(s, t, text)
 
 

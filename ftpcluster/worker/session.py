@@ -162,7 +162,12 @@ class Session:
             self.emit("BadProtocol", command=verb)
             self.close(500, "This is an FTP server")
             return
+        if verb != "RNTO":
+            self.rename_from = None  # RFC 959: RNTO must come right after RNFR
         spec = self.commands.get(verb)
+        if spec is None and verb in _NOT_IMPLEMENTED:
+            self.reply(502, f"{verb} not implemented")
+            return
         if spec is None:
             self.reply(500, f"{verb} not understood")
             self.emit("UnhandledCommand", command=verb)
@@ -281,6 +286,11 @@ class Session:
 
 # Lines that show a client speaking another protocol on the FTP port (ProFTPD's BadProtocol).
 _FOREIGN_PROTOCOL = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "EHLO", "HELO", "SSH-2.0-OPENSSH"})
+
+
+# Verbs of RFC 959 and RFC 2228 that this server knows but does not implement: 502, not
+# "500 unrecognized". SMNT: one file system per user; ADAT MIC CONF ENC: unused by TLS (RFC 4217).
+_NOT_IMPLEMENTED = frozenset({"SMNT", "ADAT", "MIC", "CONF", "ENC"})
 
 
 def _verb_of(line: bytes) -> str:
