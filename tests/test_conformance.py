@@ -17,7 +17,8 @@ Step = tuple[str, int, str]
 ROWS: list[tuple[str, bool, list[Step]]] = [
     # ---- RFC 959 access control
     ("user-pass", False, [("PASS x", 503, ""), ("USER alice", 331, ""), ("PASS wrong", 530, ""), ("PASS x", 503, "")]),
-    ("user-again-starts-over", True, [("USER alice", 331, ""), ("PWD", 530, "")]),
+    ("user-again-starts-over", True, [("TYPE A", 200, ""), ("USER alice", 331, ""), ("PWD", 530, ""),
+                                      ("PASS s3cret-pw", 230, ""), ("SIZE f.txt", 550, "ASCII")]),  # TYPE stays
     ("acct", True, [("ACCT x", 202, ""), ("ACCT", 501, "")]),
     ("cwd-cdup", True, [("MKD d", 257, '"/d"'), ("CWD d", 250, ""), ("CDUP", 250, ""), ("CDUP", 250, ""),
                         ("CWD nope", 550, ""), ("CWD", 501, "")]),  # fmt: skip

@@ -189,6 +189,18 @@ def test_rein_user_during_retr_answered_at_once(srv: Server, cmd: str, expect: i
     c.close()
 
 
+def test_rein_before_the_data_connection_is_made_keeps_the_transfer(srv: Server) -> None:
+    c = login(srv)
+    code, text = c.reply_to("EPSV")
+    port = int(text.split(b"|")[3])
+    assert c.cmd("RETR f.txt") == 150
+    assert c.cmd("REIN") == 220
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as data:
+        assert data.makefile("rb").read() == b"abc"
+    assert c.reply()[0] == 226
+    c.close()
+
+
 # ---------------------------------------------------------------- 7. TLS data connection dropped
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_data_connection_dropped_mid_retr_is_426(srv: Server, tls: bool) -> None:

@@ -25,7 +25,7 @@ def user(s: Session, arg: str) -> None:
         s.reply(530, "TLS required on the control channel: use AUTH TLS first")
         return
     if s.user is not None:
-        # RFC 959 allows a new USER to start over; keep it simple and clear.
+        # RFC 959 allows a new USER to start over; transfer parameters (TYPE, PORT/PASV) stay.
         s.reset_login()
     s.pending_user = arg
     s.emit("user", user=arg)
@@ -106,10 +106,12 @@ def acct(s: Session, arg: str) -> None:
 def rein(s: Session, arg: str) -> None:
     s.reset_login()
     # "All parameters reset to the defaults" (RFC 959); TLS on the control channel stays.
+    s.binary = True
     s.epsv_all = False
     s.mlst_facts = list(MLST_FACTS)
-    s.data_ready = False
-    s.act(ClosePassive())
+    if s.waiting != "transfer":  # a running transfer keeps its data connection and completes
+        s.data_ready = False
+        s.act(ClosePassive())
     s.reply(220, "Service ready for new user")
 
 

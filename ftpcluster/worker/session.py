@@ -281,7 +281,6 @@ class Session:
         self.cwd = "/"
         self.rest = 0
         self.rename_from = None
-        self.binary = True
 
 
 # Lines that show a client speaking another protocol on the FTP port (ProFTPD's BadProtocol).
