@@ -189,6 +189,23 @@ def test_rein_user_during_retr_answered_at_once(srv: Server, cmd: str, expect: i
     c.close()
 
 
+def test_pipelined_commands_during_a_transfer_keep_their_order(srv: Server) -> None:
+    """PWD then REIN sent together during a transfer: PWD waits for the transfer, and
+    REIN waits behind it, so the replies come in the order of the commands."""
+    c = login(srv)
+    data = c.pasv()
+    assert c.cmd("RETR big.bin") == 150
+    c.send(b"PWD\r\nREIN\r\n")
+    got = 0
+    data.settimeout(10)
+    while chunk := data.recv(1 << 20):
+        got += len(chunk)
+    data.close()
+    assert got == BIG
+    assert [c.reply()[0] for _ in range(3)] == [226, 257, 220]
+    c.close()
+
+
 def test_rein_before_the_data_connection_is_made_keeps_the_transfer(srv: Server) -> None:
     c = login(srv)
     code, text = c.reply_to("EPSV")

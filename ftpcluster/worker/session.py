@@ -136,7 +136,10 @@ class Session:
     def _is_urgent(self, line: bytes | object) -> bool:
         verb = _verb_of(line)  # type: ignore[arg-type]
         spec = self.commands.get(verb)
-        return spec is not None and (spec.urgent or (spec.in_transfer and self.waiting == "transfer"))
+        if spec is None:
+            return False
+        # REIN/USER jump ahead only when nothing is queued: replies stay in command order.
+        return spec.urgent or (spec.in_transfer and self.waiting == "transfer" and not self._queue)
 
     def _resume(self) -> None:
         """An async step finished: run queued commands until one blocks again, then
