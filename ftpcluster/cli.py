@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(pl)
     pl.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("quota", help="disk quotas: bytes and files per user, shared by every host")
+    qsub = p.add_subparsers(dest="quota_command", required=True)
+    qs = qsub.add_parser("set", help="set a user's quota (in the users file; 0 = none)")
+    _add_config(qs)
+    qs.add_argument("name")
+    qs.add_argument("--bytes", required=True, metavar="SIZE", help="512K, 1M, 2G or bytes; 0 = no byte limit")
+    qs.add_argument("--files", type=int, metavar="N", help="at most N files; 0 = no file limit")
+    qw = qsub.add_parser("show", help="a user's usage and limits")
+    _add_config(qw)
+    qw.add_argument("name")
+    qw.add_argument("--json", action="store_true")
+    qr = qsub.add_parser("rescan", help="count the user's home again and store the result for every host")
+    _add_config(qr)
+    qr.add_argument("name")
+
     p = sub.add_parser("cert", help="certificates")
     csub = p.add_subparsers(dest="cert_command", required=True)
     pg = csub.add_parser("generate", help="write a self-signed certificate and key")
@@ -272,6 +287,63 @@ def cmd_user(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return 0
 
 
+def cmd_quota(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .cluster.quota_store import rescan_usage, show_usage
+    from .limits import LimitsError, limits_for
+    from .sizes import SizeError, format_size, parse_size
+    from .users import UserError, load_users, set_quota
+
+    import logging
+
+    import structlog
+
+    # memcached warnings (a server down) must not mix into stdout (JSON); the one line says it.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))  # fmt: skip
+    path = cfg.resolve(cfg.server.users_file)
+    try:
+        if args.quota_command == "set":
+            try:
+                parse_size(args.bytes)
+            except SizeError as e:
+                raise CommandError(f"--bytes: {e}") from None
+            if args.files is not None and args.files < 0:
+                raise CommandError("--files: must not be negative")
+            set_quota(path, args.name, args.bytes, args.files)
+        users = load_users(path)
+    except (UserError, OSError) as e:
+        raise CommandError(f"{e}" if isinstance(e, UserError) else f"{path}: {e.strerror}") from None
+    rec = users.get(args.name)
+    if rec is None:
+        raise CommandError(f"no such user: {args.name}")
+    try:
+        lim = limits_for(cfg, rec)
+    except LimitsError as e:
+        raise CommandError(str(e)) from None
+    if args.quota_command == "rescan":
+        usage, stored = rescan_usage(cfg, rec.name, rec.home)
+        where = "memcached and this host" if cfg.memcache.enabled and stored else "this host"
+        if cfg.memcache.enabled and not stored:
+            where += " (memcached did not answer: nodes rescan once it does)"
+        print(f"rescanned {rec.name}: {usage.used_bytes} bytes in {usage.used_files} files under {rec.home}; stored for {where}")
+        return 0
+    usage = show_usage(cfg, rec.name, rec.home)
+    if args.quota_command == "set":
+        b = f"{format_size(lim.quota_bytes)} ({lim.quota_bytes} bytes)" if lim.quota_bytes else "no byte limit"
+        f = f"{lim.quota_files} files" if lim.quota_files else "no file limit"
+        print(f"quota of {rec.name}: {b}, {f} (in {path}; running servers use it within 2 s; copy the users file to every host)")
+        return 0
+    row = {"user": rec.name, "used_bytes": usage.used_bytes, "used_files": usage.used_files,
+           "limit_bytes": lim.quota_bytes, "limit_files": lim.quota_files, "max_upload_size": lim.max_upload_size,
+           "source": usage.source}  # fmt: skip
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        lb = format_size(lim.quota_bytes) if lim.quota_bytes else "unlimited"
+        print(f"{rec.name}: {usage.used_bytes} bytes of {lb}, {usage.used_files} files of {lim.quota_files or 'unlimited'} (from {usage.source})")
+    return 0
+
+
 def cmd_cert(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from .certs import generate_self_signed
 
@@ -338,6 +410,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, config_mod.Config], int]] = {
     "permit": cmd_permit,
     "bans": cmd_bans,
     "user": cmd_user,
+    "quota": cmd_quota,
     "cert": cmd_cert,
     "key": cmd_key,
     "config": cmd_config,

@@ -163,6 +163,26 @@ class MetricsConfig:
     listen: str = ""
 
 
+@dataclass
+class LimitsConfig:
+    """Sizes and rates are strings (512K, 1M, 2G; "0" = no limit), parsed by limits.py."""
+
+    user_download_rate: str = "0"
+    user_upload_rate: str = "0"
+    max_upload_size: str = "0"
+    # ours
+    session_download_rate: str = "0"
+    session_upload_rate: str = "0"
+    host_download_rate: str = "0"
+    host_upload_rate: str = "0"
+    quota_bytes: str = "0"
+    quota_files: int = 0
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rate_slot: float = 0.1
+    fallback_hosts: int = 0
+    quota_rescan_interval: float = 600.0
+
+
 _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "tls": TLSConfig,
@@ -171,6 +191,7 @@ _SECTIONS: dict[str, type] = {
     "proxy_protocol": ProxyProtocolConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
+    "limits": LimitsConfig,
 }
 _DURATIONS = {
     ("server", "idle_timeout"),
@@ -186,6 +207,8 @@ _DURATIONS = {
     ("memcache", "probe_interval"),
     ("memcache", "sync_interval"),
     ("proxy_protocol", "timeout"),
+    ("limits", "rate_slot"),
+    ("limits", "quota_rescan_interval"),
 }
 _CHOICES = {
     ("tls", "required"): ("off", "control", "data", "both"),
@@ -206,6 +229,7 @@ class Config:
     proxy_protocol: ProxyProtocolConfig = field(default_factory=ProxyProtocolConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     path: Path | None = None  # the file it came from; None = embedded default
     base_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR).resolve())
 
@@ -266,6 +290,8 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         if value < 0:
             raise ConfigError(f"{where}: must not be negative")
         return value
+    if section == "limits" and isinstance(default, str) and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a size as a bare number of bytes
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     if isinstance(default, list) and not isinstance(value, list):
@@ -344,6 +370,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"ban.rules[{i}].threshold: a positive integer")
     if cfg.metrics.listen:
         parse_hostport(cfg.metrics.listen, "metrics.listen")
+    from .limits import LimitsError, check_limits
+
+    try:
+        check_limits(cfg.limits)
+    except LimitsError as e:
+        raise ConfigError(str(e)) from None
 
 
 def find_config_file(explicit: str | None) -> Path | None:

@@ -94,6 +94,21 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
     "metrics": {
         "listen": ('Prometheus text format on host:port, e.g. "127.0.0.1:9121"; "" = off.', "PrometheusExporter (mod_prometheus)"),
     },
+    "limits": {
+        "user_download_rate": ('Bytes/s one user downloads over all their sessions on every host (512K, 1M, 2G; "0" = no limit). Shared through memcached; without it, each host takes its share.', "TransferRate RETR"),
+        "user_upload_rate": ("Bytes/s one user uploads over all their sessions on every host.", "TransferRate STOR"),
+        "max_upload_size": ("Largest file a user may store (STOR, APPE, STOU; after REST the whole file): 552 before the first byte when ALLO or REST tells the size, else when it is passed; nothing partial is left under the name.", "MaxStoreFileSize"),
+        "session_download_rate": ("Bytes/s one session downloads.", "TransferRate (per session)"),
+        "session_upload_rate": ("Bytes/s one session uploads.", "TransferRate (per session)"),
+        "host_download_rate": ("Bytes/s all downloads of this host together (each node takes 1/nodes).", ""),
+        "host_upload_rate": ("Bytes/s all uploads of this host together.", ""),
+        "quota_bytes": ("Default disk quota per user, bytes under the home (552 past it); `ftpcluster quota set` sets one user's.", "QuotaLimitTable bytes_in_avail"),
+        "quota_files": ("Default quota in files per user; 0 = none.", "QuotaLimitTable files_in_avail"),
+        "classes": ('Named sets of the limits above for users with `class = "NAME"` in the users file, e.g. { gold = { user_download_rate = "10M", quota_bytes = "5G" } }.', "Class"),
+        "rate_slot": ("Granularity of the cluster rate: each slot's budget is leased piecewise from memcached. A transfer of E seconds moves at most rate x (E + rate_slot); hosts' clocks must agree well within it (NTP).", ""),
+        "fallback_hosts": ("memcached down: a user's rate is split over this many hosts; 0 = as many as last seen in memcached.", ""),
+        "quota_rescan_interval": ("How often a user's usage is recounted from the disk (one host per user); `ftpcluster quota rescan` does it now. 0 = only on demand.", "ftpquota --type=tally --update-records"),
+    },
 }
 
 
@@ -274,6 +289,15 @@ not accept what reloaded hosts write (it keeps the bans it has and catches up
 at its reload). Counter names change with the key, so event counts restart
 from zero at the rotation. Hosts running a version without MACs cannot share
 bans with hosts running this one: upgrade every host.
+""",
+    "limits": """
+Per user, in the users file, the most specific value wins ("0" lifts a limit
+set above): `class = "gold"` picks a table of `classes`, and `download_rate`,
+`upload_rate`, `max_upload_size`, `quota_bytes`, `quota_files` set the user's
+own. `ftpcluster quota set USER --bytes 2G --files 10000` writes the last two.
+Usage (bytes and regular files under the home) is cached in memcached and
+moved by every host as files come and go; `ftpcluster quota show USER` and the
+client's `SITE QUOTA` show it. Uploads that would pass the quota get 552.
 """,
     "ban": """
 A rule: `{ event = "MaxLoginAttempts", threshold = 2, window = "10m", duration = "1h" }`:

@@ -20,6 +20,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import argon2
 import bcrypt
@@ -38,6 +39,11 @@ class UserRecord:
     password: str  # the hash
     home: str
     read_only: bool = False
+    user_class: str = ""  # `class` in the file: a table of [limits] classes
+    limits: tuple[tuple[str, Any], ...] = ()  # own limits: download_rate, upload_rate, max_upload_size, quota_*
+
+
+LIMIT_FIELDS = ("download_rate", "upload_rate", "max_upload_size", "quota_bytes", "quota_files")
 
 
 def hash_password(password: str) -> str:
@@ -79,7 +85,9 @@ def load_users(path: Path) -> dict[str, UserRecord]:
             raise UserError(f"{path}: users[{i}] needs name, password and home") from None
         if not pw.startswith(("$argon2", "$2a$", "$2b$", "$2y$")):
             raise UserError(f"{path}: user {name!r}: password must be an argon2id or bcrypt hash, never plain text")
-        users[name] = UserRecord(name, pw, str((base / home).resolve()), bool(u.get("read_only", False)))
+        own = tuple((k, u[k]) for k in LIMIT_FIELDS if k in u)
+        users[name] = UserRecord(name, pw, str((base / home).resolve()), bool(u.get("read_only", False)),
+                                 str(u.get("class", "")), own)  # fmt: skip
     return users
 
 
@@ -99,8 +107,11 @@ def save_users(path: Path, users: dict[str, UserRecord]) -> None:
             f"password = {_toml_str(u.password)}",
             f"home = {_toml_str(u.home)}",
             f"read_only = {'true' if u.read_only else 'false'}",
-            "",
         ]
+        if u.user_class:
+            lines.append(f"class = {_toml_str(u.user_class)}")
+        lines += [f"{k} = {v if isinstance(v, int) else _toml_str(str(v))}" for k, v in u.limits]
+        lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         st: os.stat_result | None = os.stat(path)
@@ -144,7 +155,9 @@ def add_user(path: Path, name: str, password: str, home: str, read_only: bool = 
     """Add or update a user; True when it was new."""
     validate_name(name)
     users = load_users(path)
-    rec = UserRecord(name, hash_password(password), str(Path(home).resolve()), read_only)
+    old = users.get(name)
+    rec = UserRecord(name, hash_password(password), str(Path(home).resolve()), read_only,
+                     old.user_class if old else "", old.limits if old else ())  # fmt: skip
     make_home(Path(rec.home), owner)
     new = name not in users
     users[name] = rec
@@ -158,6 +171,21 @@ def set_password(path: Path, name: str, password: str) -> None:
         raise UserError(f"no such user: {name} (add it with: ftpcluster user add {name} --home DIR --password-stdin)")
     users[name] = dataclasses.replace(users[name], password=hash_password(password))
     save_users(path, users)
+
+
+def set_quota(path: Path, name: str, quota_bytes: str | None, quota_files: int | None) -> UserRecord:
+    """Write a user's own quota into the users file (running servers re-read it)."""
+    users = load_users(path)
+    if name not in users:
+        raise UserError(f"no such user: {name}")
+    own = dict(users[name].limits)
+    if quota_bytes is not None:
+        own["quota_bytes"] = quota_bytes
+    if quota_files is not None:
+        own["quota_files"] = quota_files
+    users[name] = dataclasses.replace(users[name], limits=tuple((k, own[k]) for k in LIMIT_FIELDS if k in own))
+    save_users(path, users)
+    return users[name]
 
 
 def del_user(path: Path, name: str) -> None:

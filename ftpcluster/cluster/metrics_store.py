@@ -94,6 +94,13 @@ def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -
         ),
         MetricDef("ftpcluster_proxy_headers_total", "counter", "PROXY protocol headers", ("result",), (("ok",), ("rejected",))),
         MetricDef("ftpcluster_node_restarts_total", "counter", "Worker nodes restarted by the supervisor"),
+        MetricDef("ftpcluster_throttled_bytes_total", "counter", "Bytes moved under a rate limit", ("direction",),
+                  (("in",), ("out",))),  # fmt: skip
+        MetricDef("ftpcluster_throttle_waits_total", "counter", "Times a rate limit made a transfer wait", ("direction",),
+                  (("in",), ("out",))),  # fmt: skip
+        MetricDef("ftpcluster_quota_refusals_total", "counter", "Uploads refused (552) by a quota or the maximum size",
+                  ("limit", "when"), tuple((lim, w) for lim in ("bytes", "files", "max_upload_size") for w in ("before", "during"))),  # fmt: skip
+        MetricDef("ftpcluster_quota_fallbacks_total", "counter", "Usage updates kept on this host because memcached did not answer"),
     ]
 
 

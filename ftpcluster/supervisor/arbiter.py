@@ -23,6 +23,7 @@ import structlog
 
 from .. import config as config_mod
 from ..config import Config, format_hostport
+from ..limits import summary as limits_summary
 from . import systemd
 from .control_server import ControlServer, Pending
 from .node_process import BOOT_ERROR, NodeHandle, spawn
@@ -89,6 +90,7 @@ class Arbiter:
         self.registry: Any = None  # this host's record in memcached, for `cluster check`
         self._open_registry(cfg)
         self.extra_status.append(lambda: self.registry.status() if self.registry is not None else {})
+        self.extra_status.append(lambda: limits_summary(self.cfg))  # the [limits] in force
 
     def _open_bans(self, cfg: Config) -> None:
         from .ban_admin import BanAdmin
@@ -539,8 +541,9 @@ def default_node_hooks() -> list[Callable[[Any], None]]:
     from ..worker.limits_hook import install_limits
     from ..worker.observe import attach_observability
     from ..worker.proxy_accept import install_proxy
+    from ..worker.transfer_limits import install_transfer_limits
 
-    return [attach_observability, install_bans, install_limits, install_proxy]
+    return [attach_observability, install_bans, install_limits, install_transfer_limits, install_proxy]
 
 
 def _wait_ready(fd: int, timeout: float) -> tuple[bool, str]:

@@ -300,6 +300,8 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
             stream = await tls_wrap(sock)
         elif stream is None:
             stream = PlainStream(sock, channel.loop)
+        if t.wrap is not None:
+            stream = t.wrap(stream)
         moved = await _watch(_RUNNERS[t.kind](stream, t), stream, channel.timeout)
         await stream.close(clean=True)
         stream = None

@@ -40,8 +40,9 @@ def dele(s: Session, arg: str) -> None:
     r = s.resolve_entry(arg, must_exist=True)  # a symlink: remove the link, never its target
     if not os.path.islink(r.real) and os.path.isdir(r.real):
         raise PathError("Is a directory: use RMD")
+    size = os.lstat(r.real).st_size
     os.unlink(r.real)
-    s.emit("delete", path=r.virtual)
+    s.emit("delete", path=r.virtual, size=size)
     s.reply(250, "File deleted")
 
 
@@ -63,8 +64,10 @@ def rnto(s: Session, arg: str) -> None:
     dst = s.resolve_entry(arg)  # an existing symlink there is replaced, its target untouched
     if dst.virtual == "/":
         raise PathError("Invalid target")
+    replaced = os.lstat(dst.real) if dst.real != src.real and os.path.lexists(dst.real) else None
     os.rename(src.real, dst.real)
-    s.emit("rename", source=src.virtual, target=dst.virtual)
+    fields = {} if replaced is None or not stat.S_ISREG(replaced.st_mode) else {"replaced_size": replaced.st_size}
+    s.emit("rename", source=src.virtual, target=dst.virtual, **fields)
     s.reply(250, "Rename successful")
 
 
@@ -125,10 +128,10 @@ def mlst(s: Session, arg: str) -> None:
     s.reply(250, ["Listing " + r.virtual, line.rstrip("\r\n"), "End"])
 
 
-SITE_HELP = {"CHMOD": "CHMOD <octal mode> <path>", "HELP": "HELP [topic]"}
+SITE_HELP = {"CHMOD": "CHMOD <octal mode> <path>", "QUOTA": "QUOTA: your disk usage and limits", "HELP": "HELP [topic]"}
 
 
-@command("SITE", arg=Arg.REQUIRED, help="SITE CHMOD <mode> <path> | SITE HELP")
+@command("SITE", arg=Arg.REQUIRED, help="SITE CHMOD <mode> <path> | SITE QUOTA | SITE HELP")
 def site(s: Session, arg: str) -> None:
     sub, _, rest = arg.partition(" ")
     sub = sub.upper()
@@ -140,6 +143,9 @@ def site(s: Session, arg: str) -> None:
             s.reply(214, SITE_HELP[topic])
         else:
             s.reply(214, ["Site commands:", *SITE_HELP.values(), "End"])
+    elif sub == "QUOTA":
+        limits = s.settings.limits
+        s.reply(200, limits.site_quota(s) if limits is not None else ["No quota.", "End"])
     elif sub == "CHMOD":
         if s.user is not None and s.user.read_only:
             s.reply(550, "Permission denied: read-only account")

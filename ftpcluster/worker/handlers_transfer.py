@@ -58,9 +58,11 @@ def rest(s: Session, arg: str) -> None:
     s.reply(350, f"Restarting at {s.rest}; send RETR or STOR")
 
 
-@command("ALLO", arg=Arg.OPTIONAL, help="ALLO: no space needs reserving")
+@command("ALLO", arg=Arg.OPTIONAL, help="ALLO <size>: the size of the next upload (checked against quotas)")
 def allo(s: Session, arg: str) -> None:
-    s.reply(202, "ALLO not needed")
+    size = arg.split(" ")[0]
+    s.allo = int(size) if size.isascii() and size.isdigit() and len(size) <= 19 else 0  # type: ignore[attr-defined]
+    s.reply(202, "ALLO noted; no space needs reserving")
 
 
 # ------------------------------------------------------------------ data connection set-up
@@ -179,6 +181,11 @@ def _start(s: Session, transfer: Transfer, what: str) -> None:
     if not s.data_ready:
         s.reply(425, "Use PASV, EPSV, PORT or EPRT first")
         return
+    if s.settings.limits is not None:
+        refusal = s.settings.limits.check(s, transfer)  # quotas, max upload size; sets transfer.wrap
+        if refusal is not None:
+            s.reply(*refusal)
+            return
     transfer.protected = s.prot_private
     s.transfer = transfer
     s.begin_wait("transfer")

@@ -87,6 +87,7 @@ class Transfer:
     protected: bool = False  # PROT P: the data connection is TLS
     virtual: str = ""  # for logs and xferlog
     command: str = ""
+    wrap: Any = None  # stream -> stream: rate limits and upload guards (worker/transfer_limits.py)
 
 
 @dataclass(frozen=True, slots=True)

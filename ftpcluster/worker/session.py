@@ -45,6 +45,8 @@ class SessionSettings:
     implicit_tls: bool = False
     # (user, client ip) -> a refusal text when a ban covers that login; set by the ban hook
     user_gate: Callable[[str, str], str | None] | None = None
+    # rates, quotas, max upload size: check(session, transfer) and site_quota(session); set by a node hook
+    limits: Any = None
 
 
 class Session:

@@ -1,0 +1,410 @@
+"""Node hook: rates, quotas and the maximum upload size of `[limits]`.
+
+Checked synchronously when a transfer starts (`check`, called by the session
+core): 552 before any byte when the size is known (ALLO, REST, APPE) and
+would pass `max_upload_size` or the quota, or when the quota is already used
+up. A transfer with limits gets `Transfer.wrap`, which puts the buckets and the
+upload guard around its data stream (worker/throttle.py); a transfer without
+any keeps the plain stream and its zero-copy paths.
+
+memcached calls run on one thread of this node (a Ring belongs to one thread),
+home scans on another; the event loop only awaits them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable
+
+import structlog
+
+from ..cluster.quota_store import LocalUsage, MemcacheUsage, scan_home
+from ..limits import NONE, UserLimits, host_rates, limits_for
+from ..sizes import format_size
+from .datachannel import DataRefused
+from .protocol import Event, Transfer
+from .throttle import Bucket, ClusterBucket, Limiter, LocalBucket, wrap_stream
+
+if TYPE_CHECKING:
+    from .control import ControlConnection
+    from .node import NodeServer
+    from .session import Session
+
+log = structlog.get_logger("ftpcluster.limits")
+SNAPSHOT_AGE = 1.0  # a usage snapshot older than this is refreshed in the background
+LOOP_EVERY = 1.0
+
+
+class QuotaGuard:
+    """One upload's accounts: refuses (552) the piece that would pass the quota or
+    the maximum size, before it is written; reserves received bytes in the shared
+    counters as it goes (so other hosts see them); settles from the disk at the end."""
+
+    def __init__(self, svc: NodeTransferLimits, user: str, home: str, lim: UserLimits, t: Transfer,
+                 existing: int | None, used: int | None) -> None:  # fmt: skip
+        self.svc, self.user, self.home, self.lim, self.t = svc, user, home, lim, t
+        self.existing = existing
+        self.base = (existing or 0) if t.append else t.offset  # file size before the first new byte
+        self.known = used  # total usage as last heard, our reservations included
+        self.got = self.pending = self.reserved = 0
+        self.step = max(64 << 10, min(1 << 20, lim.quota_bytes // 20))
+
+    async def received(self, n: int) -> None:
+        self.got += n
+        lim = self.lim
+        if lim.max_upload_size and self.base + self.got > lim.max_upload_size:
+            self._refuse("max_upload_size", f"File size limit exceeded ({format_size(lim.max_upload_size)} per file)")
+        if not lim.quota_bytes:
+            return
+        self.pending += n
+        if self.known is not None and self.known + self.pending > lim.quota_bytes:
+            self._refuse("bytes", "Exceeded storage allocation (quota)")
+        if self.known is None or self.pending >= self.step:
+            d, self.pending = self.pending, 0
+            self.reserved += d
+            self.known = (await self.svc.quota_add(self.user, self.home, d, 0, on_disk=False))[0]
+            if self.known > lim.quota_bytes:
+                self._refuse("bytes", "Exceeded storage allocation (quota)")
+
+    def _refuse(self, limit: str, text: str) -> None:
+        """Leave nothing partial under the final name, then 552."""
+        t = self.t
+        if not t.temp_path:
+            with contextlib.suppress(OSError):
+                if t.append and self.existing is not None:
+                    os.truncate(t.path, self.existing)
+                elif t.offset and self.existing is not None:
+                    os.truncate(t.path, t.offset)
+                else:
+                    os.unlink(t.path)
+        self.svc.count("ftpcluster_quota_refusals_total", (limit, "during"))
+        log.info("upload cut", user=self.user, limit=limit, path=t.virtual, received=self.got)
+        raise DataRefused(552, text)
+
+    def finished(self, moved: int) -> None:
+        after = _size(self.t.path)
+        d_bytes = (after or 0) - (self.existing or 0) - self.reserved
+        d_files = int(after is not None) - int(self.existing is not None)
+        self.reserved = 0
+        if d_bytes or d_files:
+            self.svc.quota_add_soon(self.user, self.home, d_bytes, d_files)
+
+
+def _size(path: str) -> int | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+class NodeTransferLimits:
+    def __init__(self, server: NodeServer) -> None:
+        self.server = server
+        cfg = self.cfg = server.cfg
+        self.slot = cfg.limits.rate_slot
+        self.nodes = max(1, cfg.server.nodes)
+        self.mc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limits-mc") if cfg.memcache.enabled else None
+        self.fs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quota-scan")
+        self._ring: Any = None
+        self._leaser: Any = None
+        self._mcu: MemcacheUsage | None = None
+        self.local = LocalUsage(cfg.state_dir)
+        self.local_fresh: set[str] = set()  # users whose local file this node has scanned in
+        self.stale: set[str] = set()  # usage moved while memcached did not answer
+        self.usage: dict[str, tuple[int, int, float]] = {}  # user -> (bytes, files, when)
+        self.refreshing: set[str] = set()
+        self.quota_users: dict[str, str] = {}  # user -> home, for background rescans
+        self.buckets: dict[tuple[str, str], ClusterBucket] = {}
+        down, up = host_rates(cfg)
+        self.host: dict[str, LocalBucket] = {}
+        if down:
+            self.host["out"] = LocalBucket(max(1, down // self.nodes), self.slot)
+        if up:
+            self.host["in"] = LocalBucket(max(1, up // self.nodes), self.slot)
+        self.fallback: dict[tuple[str, int], int] = {}
+        self._limits_cache: dict[Any, UserLimits] = {}
+        self.last_rescan = time.monotonic()
+
+    # ------------------------------------------------------------ who gets what
+    def limits_of(self, s: Session) -> tuple[UserLimits, str]:
+        user = s.user
+        if user is None:
+            return NONE, ""
+        rec = None if user.anonymous else self.server.auth.users.get(user.name)
+        lim = self._limits_cache.get(rec)
+        if lim is None:
+            if len(self._limits_cache) > 10000:
+                self._limits_cache.clear()
+            try:
+                lim = limits_for(self.cfg, rec)
+            except ValueError as e:  # a bad value in the users file: no limits rather than no service
+                log.error("bad limits for user", user=user.name, error=str(e))
+                lim = limits_for(self.cfg, None)
+            self._limits_cache[rec] = lim
+        return lim, user.name
+
+    def check(self, s: Session, t: Transfer) -> tuple[int, str] | None:
+        """Before 150: a refusal (code, text), or None; sets `t.wrap` when limits apply."""
+        allo = getattr(s, "allo", 0)
+        s.allo = 0  # type: ignore[attr-defined]
+        if t.kind == "send_lines" or s.user is None:
+            return None
+        lim, name = self.limits_of(s)
+        direction = "in" if t.kind == "receive_file" else "out"
+        user_rate, session_rate = lim.rates(direction)
+        host = self.host.get(direction)
+        guard = None
+        if direction == "in" and (lim.max_upload_size or lim.has_quota):
+            home = s.home.root if s.home is not None else ""
+            existing = _size(t.path)
+            base = (existing or 0) if t.append else t.offset
+            final = base + allo
+            if lim.max_upload_size and final > lim.max_upload_size:
+                self.count("ftpcluster_quota_refusals_total", ("max_upload_size", "before"))
+                return 552, f"File size limit exceeded ({format_size(lim.max_upload_size)} per file)"
+            used = None
+            if lim.has_quota:
+                self.quota_users[name] = home
+                snap = self.snapshot(name, home)
+                if snap is not None:
+                    used_b, used_f = snap
+                    used = used_b
+                    if lim.quota_files and existing is None and used_f + 1 > lim.quota_files:
+                        self.count("ftpcluster_quota_refusals_total", ("files", "before"))
+                        return 552, f"Exceeded storage allocation (quota: {lim.quota_files} files)"
+                    grow = final - (existing or 0) if (t.append or t.offset) else final
+                    if lim.quota_bytes and (used_b >= lim.quota_bytes or used_b + max(0, grow) > lim.quota_bytes):
+                        self.count("ftpcluster_quota_refusals_total", ("bytes", "before"))
+                        return 552, f"Exceeded storage allocation (quota: {format_size(lim.quota_bytes)})"
+            guard = QuotaGuard(self, name, home, lim, t, existing, used)
+        if not (user_rate or session_rate or host is not None or guard is not None):
+            return None
+        t.wrap = lambda stream: self._wrap(stream, name, direction, user_rate, session_rate, host, guard)
+        return None
+
+    def _wrap(self, stream: Any, user: str, direction: str, user_rate: int, session_rate: int,
+              host: LocalBucket | None, guard: QuotaGuard | None) -> Any:  # fmt: skip
+        buckets: list[Bucket] = []
+        if session_rate:
+            buckets.append(LocalBucket(session_rate, self.slot))
+        cluster = None
+        if user_rate:
+            key = (user, direction)
+            cluster = self.buckets.get(key)
+            if cluster is None or cluster.rate != user_rate:
+                cluster = ClusterBucket(f"{direction}:{user}", user_rate, self.slot, self.lease)
+                self.buckets[key] = cluster
+            cluster.users += 1
+            buckets.append(cluster)
+        if host is not None:
+            buckets.append(host)
+        throttled = bool(buckets)
+
+        def closed(moved: int, waits: int) -> None:
+            if cluster is not None:
+                cluster.users -= 1
+                if cluster.users <= 0 and self.buckets.get((user, direction)) is cluster:
+                    del self.buckets[(user, direction)]
+            if throttled:
+                self.count("ftpcluster_throttled_bytes_total", (direction,), moved)
+                if waits:
+                    self.count("ftpcluster_throttle_waits_total", (direction,), waits)
+
+        return wrap_stream(stream, Limiter(buckets, guard, closed))
+
+    # ------------------------------------------------------------ rates
+    async def lease(self, name: str, slot: int, budget: int, want: int) -> int:
+        if self.mc is not None:
+            got = await self.server.loop.run_in_executor(self.mc, self._lease_blocking, name, slot, budget, want)
+            if got is not None:
+                return int(got)
+        hosts = self.cfg.limits.fallback_hosts or (self._leaser.hosts if self._leaser is not None else 1)
+        share = max(1, budget // (max(1, hosts) * self.nodes))
+        key = (name, slot)
+        taken = self.fallback.get(key, 0)
+        self.fallback[key] = taken + want
+        if len(self.fallback) > 4096:
+            self.fallback = {k: v for k, v in self.fallback.items() if k[1] >= slot - 2}
+        return max(0, min(want, share - taken))
+
+    def _ring_here(self) -> Any:
+        """The Ring, built on the memcached thread that uses it."""
+        if self._ring is None:
+            from ..cluster.memcache_ring import Ring
+            from ..cluster.rate_lease import RateLeaser
+
+            loop = self.server.loop
+            self._ring = Ring(self.cfg, count=lambda n, l: loop.call_soon_threadsafe(self.count, n, l))
+            self._leaser = RateLeaser(self._ring)
+            self._mcu = MemcacheUsage(self._ring, self.cfg.limits.quota_rescan_interval)
+        return self._ring
+
+    def _lease_blocking(self, name: str, slot: int, budget: int, want: int) -> int | None:
+        self._ring_here()
+        return self._leaser.lease(name, slot, budget, want)
+
+    # ------------------------------------------------------------ usage
+    def snapshot(self, user: str, home: str) -> tuple[int, int] | None:
+        """The usage as last heard (refreshed in the background when old)."""
+        got = self.usage.get(user)
+        if got is None or time.monotonic() - got[2] > SNAPSHOT_AGE:
+            self.refresh(user, home)
+        return (got[0], got[1]) if got is not None else None
+
+    def refresh(self, user: str, home: str) -> None:
+        if user in self.refreshing:
+            return
+        self.refreshing.add(user)
+        task = self.server.loop.create_task(self.quota_add(user, home, 0, 0, on_disk=True))
+        task.add_done_callback(lambda _t: self.refreshing.discard(user))
+        self.server.track(task)
+
+    def quota_add_soon(self, user: str, home: str, d_bytes: int, d_files: int) -> None:
+        got = self.usage.get(user)
+        if got is not None:  # at once for this node's next check; the shared counters follow
+            self.usage[user] = (max(0, got[0] + d_bytes), max(0, got[1] + d_files), got[2])
+        self.server.track(self.server.loop.create_task(self.quota_add(user, home, d_bytes, d_files, on_disk=True)))
+
+    async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.server.loop.run_in_executor(pool, fn, *args)
+
+    async def _scan(self, home: str, d_bytes: int, d_files: int, on_disk: bool) -> tuple[int, int]:
+        b, f = await self._on(self.fs, scan_home, home)
+        return (b, f) if on_disk else (b + d_bytes, f + d_files)
+
+    def _mc_add(self, user: str, d_bytes: int, d_files: int) -> tuple[int, int] | None:
+        self._ring_here()
+        assert self._mcu is not None
+        return self._mcu.add(user, d_bytes, d_files)
+
+    def _mc_put(self, user: str, b: int, f: int) -> bool:
+        self._ring_here()
+        assert self._mcu is not None
+        return self._mcu.put(user, b, f)
+
+    async def quota_add(self, user: str, home: str, d_bytes: int, d_files: int, on_disk: bool) -> tuple[int, int]:
+        """Move a user's usage; the new (bytes, files). `on_disk`: the change is
+        already on the disk (a rescan would see it), else it is a reservation."""
+        if self.mc is not None:
+            got = await self._on(self.mc, self._mc_add, user, d_bytes, d_files)
+            if got is not None:
+                return self._remember(user, got)
+            b, f = await self._scan(home, d_bytes, d_files, on_disk)  # counter missing, or memcached down
+            if await self._on(self.mc, self._mc_put, user, b, f):
+                self.stale.discard(user)
+                return self._remember(user, (b, f))
+            self.stale.add(user)  # rescanned into memcached once it answers again
+            self.count("ftpcluster_quota_fallbacks_total")
+        if user in self.local_fresh:
+            got = await self._on(self.fs, self.local.add, user, d_bytes, d_files)
+            if got is not None:
+                return self._remember(user, got)
+        b, f = await self._scan(home, d_bytes, d_files, on_disk)
+        await self._on(self.fs, self.local.put, user, b, f)
+        self.local_fresh.add(user)
+        return self._remember(user, (b, f))
+
+    def _remember(self, user: str, got: tuple[int, int]) -> tuple[int, int]:
+        self.usage[user] = (got[0], got[1], time.monotonic())
+        return got
+
+    async def rescan(self, user: str, home: str) -> None:
+        b, f = await self._on(self.fs, scan_home, home)
+        if self.mc is not None and await self._on(self.mc, self._mc_put, user, b, f):
+            self.stale.discard(user)
+            self.local_fresh.discard(user)  # a later outage starts from a fresh scan
+        else:
+            await self._on(self.fs, self.local.put, user, b, f)
+        self._remember(user, (b, f))
+
+    # ------------------------------------------------------------ events and background work
+    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
+        if conn is None or conn.session is None or conn.session.user is None:
+            return
+        name = event.name
+        if name not in ("login", "delete", "rename"):
+            return
+        s = conn.session
+        lim, user = self.limits_of(s)
+        if not lim.has_quota or s.home is None:
+            return
+        home = s.home.root
+        self.quota_users[user] = home
+        if name == "login":
+            self.refresh(user, home)
+            return
+        size = event.fields.get("size" if name == "delete" else "replaced_size")
+        if isinstance(size, int) and size >= 0:
+            self.quota_add_soon(user, home, -size, -1)
+
+    async def background(self) -> None:
+        """Rescan users memcached missed changes of, every user with a quota once per
+        `quota_rescan_interval` (one host per user, elected in memcached), and keep
+        the host count for the fallback share."""
+        interval = self.cfg.limits.quota_rescan_interval
+        while not self.server.stopped.is_set():
+            await asyncio.sleep(LOOP_EVERY)
+            with contextlib.suppress(Exception):
+                if self.mc is not None:
+                    await self._on(self.mc, self._refresh_hosts)
+                for user in list(self.stale):
+                    home = self.quota_users.get(user)
+                    if home is not None:
+                        await self.rescan(user, home)
+                if interval and time.monotonic() - self.last_rescan >= interval:
+                    self.last_rescan = time.monotonic()
+                    for user, home in list(self.quota_users.items()):
+                        if self.mc is None or await self._on(self.mc, self._claim, user, interval):
+                            await self.rescan(user, home)
+
+    def _refresh_hosts(self) -> None:
+        self._ring_here()
+        self._ring.probe()
+        self._leaser.refresh_hosts()
+
+    def _claim(self, user: str, interval: float) -> bool:
+        self._ring_here()
+        assert self._mcu is not None
+        return self._mcu.claim_rescan(user, interval)
+
+    # ------------------------------------------------------------ SITE QUOTA
+    def site_quota(self, s: Session) -> list[str]:
+        lim, user = self.limits_of(s)
+        home = s.home.root if s.home is not None else ""
+        snap = self.snapshot(user, home) if lim.has_quota else None
+        lines = [f"Quota for {user}:"]
+        if not lim.has_quota:
+            lines.append(" No quota.")
+        elif snap is None:
+            lines.append(" Usage not known yet; try again in a moment.")
+        else:
+            cap_b = f"{lim.quota_bytes} ({format_size(lim.quota_bytes)})" if lim.quota_bytes else "unlimited"
+            lines.append(f" Used bytes: {snap[0]} of {cap_b}")
+            lines.append(f" Used files: {snap[1]} of {lim.quota_files or 'unlimited'}")
+        lines.append(f" Max upload size: {format_size(lim.max_upload_size) if lim.max_upload_size else 'unlimited'}")
+        lines.append(f" Download rate: {format_size(lim.download_rate) + '/s' if lim.download_rate else 'unlimited'}")
+        lines.append(f" Upload rate: {format_size(lim.upload_rate) + '/s' if lim.upload_rate else 'unlimited'}")
+        lines.append("End")
+        return lines
+
+    def count(self, name: str, labels: tuple[str, ...] = (), n: int = 1) -> None:
+        metrics = getattr(self.server, "metrics", None)
+        if metrics is not None:
+            with contextlib.suppress(Exception):
+                metrics.inc(name, labels, n)
+
+
+def install_transfer_limits(server: NodeServer) -> None:
+    """Always installed: a user's own limits in the users file need no [limits] key.
+    Costs a transfer without limits one dictionary lookup."""
+    svc = NodeTransferLimits(server)
+    server.transfer_limits = svc  # type: ignore[attr-defined]
+    for settings in server._settings.values():
+        settings.limits = svc
+    server.subscribers.append(svc)
+    server.track(server.loop.create_task(svc.background()))

@@ -1,0 +1,262 @@
+"""Rates and quotas that hold across the cluster, with real clients: two hosts
+(two supervisors with their own state) share one real memcached and the users'
+homes. alice has the cluster-wide rates of `[limits]` (1 MiB/s each way); bob's
+class lifts them; carol has a quota and a maximum upload size.
+
+Rates are measured as total bytes / elapsed wall time at the client: a slow
+machine only lowers the figure, so the 10 % bound cannot flake the other way.
+The memcached outage test kills memcached and must come last."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .support_memcached import have_memcached, start_memcached
+from .support_server import PASSWORD, Server, cli, make_server, wait_for, wait_port
+
+MiB = 1 << 20
+RATE = MiB
+HUGE = 64 * MiB
+pytestmark = pytest.mark.skipif(not have_memcached(), reason="memcached is not installed")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ftpcluster.users import UserRecord, hash_password, load_users, save_users
+
+    tmp = tmp_path_factory.mktemp("limits")
+    mcs = start_memcached(1)
+    section = {"enabled": True, "servers": [mcs[0].address], "timeout": "200ms", "connect_failures": 2,
+               "probe_interval": "300ms"}  # fmt: skip
+    limits = {"user_download_rate": "1M", "user_upload_rate": "1M",
+              "classes": {"free": {"user_download_rate": "0", "user_upload_rate": "0"}}}  # fmt: skip
+    h1 = make_server(tmp / "h1", memcache=section, limits=limits)
+    h2 = make_server(tmp / "h2", memcache=section, limits=limits)
+    homes = tmp / "homes"
+    users = load_users(h1.dir / "users.toml")
+    pw = hash_password(PASSWORD)
+    for name in ("bob", "carol"):  # in-process: `user add` is covered elsewhere
+        (homes / name).mkdir(parents=True)
+        users[name] = UserRecord(name, pw, str(homes / name), False, "free", (("max_upload_size", "800K"),))
+    save_users(h1.dir / "users.toml", users)
+    r = cli("quota", "set", "carol", "--bytes", "1M", "--files", "3", config=h1.config)
+    assert r.returncode == 0 and "1M" in r.stdout, r.stderr
+    (h2.dir / "users.toml").write_text((h1.dir / "users.toml").read_text())  # the same users and homes everywhere
+    h2.home = h1.home
+    h1.start(nodes=2, wait=False)
+    h2.start(nodes=1)
+    wait_port(h1.host, h1.port, proc=h1.proc, log=h1.log)
+    (h1.home / "big.bin").write_bytes(os.urandom(MiB // 2) * 5)
+    (h1.home / "one.bin").write_bytes(os.urandom(MiB))
+    (homes / "bob" / "huge.bin").write_bytes(b"\0" * (HUGE))
+    yield mcs, h1, h2, homes, time.monotonic()
+    for h in (h1, h2):
+        h.stop(signal.SIGINT)
+    for m in mcs:
+        m.stop()
+
+
+def login(srv: Server, user: str = "alice") -> ftplib.FTP:
+    f = ftplib.FTP(timeout=20)
+    f.connect(srv.host, srv.port)
+    f.login(user, PASSWORD)
+    return f
+
+
+def download(srv: Server, path: str, nbytes: int, user: str = "alice", rest: int = 0) -> int:
+    """RETR a file of `nbytes` bytes; bytes received."""
+    f = login(srv, user)
+    got = 0
+    try:
+        f.voidcmd("TYPE I")
+        conn = f.transfercmd(f"RETR {path}", rest or None)
+        with conn:
+            while got < nbytes:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    break
+                got += len(chunk)
+        if got >= nbytes:
+            f.voidresp()
+    finally:
+        f.close()
+    return got
+
+
+def upload(srv: Server, name: str, data: bytes, user: str = "carol", allo: int | None = None, cmd: str = "STOR") -> str:
+    """Upload; the final reply's code ("226", "552", ...)."""
+    f = login(srv, user)
+    try:
+        f.voidcmd("TYPE I")
+        if allo is not None:
+            f.sendcmd(f"ALLO {allo}")
+        try:
+            conn = f.transfercmd(f"{cmd} {name}")
+        except ftplib.error_perm as e:
+            return str(e)[:3]
+        try:
+            with conn:
+                conn.sendall(data)
+        except OSError:
+            pass
+        try:
+            return f.voidresp()[:3]
+        except ftplib.Error as e:
+            return str(e)[:3]
+    finally:
+        f.close()
+
+
+def timed(work) -> tuple[float, list]:
+    out: list = []
+    threads = [threading.Thread(target=lambda w=w: out.append(w())) for w in work]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return time.monotonic() - t0, out
+
+
+def quota_json(srv: Server, user: str = "carol") -> dict:
+    r = cli("quota", "show", user, "--json", config=srv.config)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def no_partial_files(home: Path) -> list[str]:
+    return [p.name for p in home.iterdir() if p.name.startswith(".ftpcluster-upload.")]
+
+
+# ---------------------------------------------------------------- rates
+def test_one_session_download_holds_the_rate(cluster):
+    _, h1, _, homes, _ = cluster
+    elapsed, (got,) = timed([lambda: download(h1, "big.bin", int(2.5 * MiB))])
+    assert got >= int(2.5 * MiB)
+    rate = got / elapsed
+    print(f"one session: {rate / RATE:.3f} x the limit in {elapsed:.2f} s")
+    assert rate <= 1.10 * RATE
+    assert rate >= 0.5 * RATE  # throttled, not stalled
+
+
+def test_three_sessions_on_two_hosts_share_the_rate_unthrottled_user_keeps_speed(cluster):
+    _, h1, h2, homes, _ = cluster
+    alone_t, (alone,) = timed([lambda: download(h1, "huge.bin", HUGE, user="bob")])
+    per = MiB
+    work = [lambda: download(h1, "one.bin", per), lambda: download(h1, "big.bin", per, rest=int(1.5 * MiB)),
+            lambda: download(h2, "one.bin", per)]  # fmt: skip
+    bob: list[float] = []
+
+    def bob_during() -> int:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        n = download(h2, "huge.bin", HUGE, user="bob")
+        bob.append(n / (time.monotonic() - t0))
+        return 0
+
+    elapsed, got = timed([*work, bob_during])
+    total = sum(got)
+    rate = total / elapsed
+    print(f"three sessions: {rate / RATE:.3f} x the limit in {elapsed:.2f} s; bob {bob[0] / MiB:.0f} MiB/s during, "
+          f"{alone / alone_t / MiB:.0f} MiB/s alone")  # fmt: skip
+    assert total == 3 * per
+    assert rate <= 1.10 * RATE
+    assert bob and bob[0] > 10 * RATE and bob[0] > 0.3 * alone / alone_t
+
+
+def test_upload_holds_the_rate(cluster):
+    _, h1, h2, homes, _ = cluster
+    data = os.urandom(2 * MiB)
+    elapsed, (code,) = timed([lambda: upload(h2, "up.bin", data, user="alice")])
+    assert code == "226"
+    rate = len(data) / elapsed
+    print(f"upload: {rate / RATE:.3f} x the limit in {elapsed:.2f} s")
+    assert rate <= 1.10 * RATE
+    assert (h1.home / "up.bin").stat().st_size == len(data)
+
+
+# ---------------------------------------------------------------- quotas
+def site_used(srv: Server, user: str = "carol") -> tuple[int, int]:
+    """(used bytes, used files) as SITE QUOTA tells a client of `srv`."""
+    f = login(srv, user)
+    try:
+        text = wait_for(lambda: (lambda r: r if "Used bytes" in r else "")(f.sendcmd("SITE QUOTA")), timeout=5)
+    finally:
+        f.close()
+    b = int(text.split("Used bytes: ")[1].split()[0])
+    n = int(text.split("Used files: ")[1].split()[0])
+    return b, n
+
+
+def test_quota_refusals_leave_usage_right_and_no_partial_file(cluster):
+    _, h1, h2, homes, _ = cluster
+    home = homes / "carol"
+    assert upload(h1, "a.bin", b"a" * 600_000) == "226"
+    # The other host sees the upload (memcached counters), to the operator and to the client.
+    q = quota_json(h2)
+    assert (q["used_bytes"], q["used_files"], q["limit_bytes"], q["limit_files"]) == (600_000, 1, MiB, 3), q
+    assert wait_for(lambda: site_used(h2) == (600_000, 1), timeout=5), site_used(h2)
+    # Size known (ALLO): 552 before the data connection is used; nothing written.
+    assert upload(h2, "b.bin", b"b" * 500_000, allo=500_000) == "552"
+    assert not (home / "b.bin").exists()
+    # Size unknown: cut when the quota is crossed; no partial file, the usage unchanged.
+    assert upload(h2, "c.bin", b"c" * 600_000) == "552"
+    assert upload(h1, "a.bin", b"d" * 600_000, cmd="APPE") == "552"
+    assert not (home / "c.bin").exists() and (home / "a.bin").stat().st_size == 600_000
+    assert not no_partial_files(home)
+    assert wait_for(lambda: site_used(h1) == (600_000, 1) and site_used(h2) == (600_000, 1), timeout=5)
+    # max_upload_size (800K): refused before the first byte when ALLO tells the size.
+    assert upload(h1, "e.bin", b"e" * 10, allo=900_000) == "552"
+    # A file limit of 3: the fourth file is refused; DELE gives the room back.
+    for n in ("f1", "f2"):
+        assert upload(h1, n, b"x" * 1000) == "226"
+    assert wait_for(lambda: site_used(h2) == (602_000, 3), timeout=5)
+    assert upload(h2, "f3", b"x" * 1000) == "552"
+    f = login(h2, "carol")
+    f.delete("a.bin")
+    f.quit()
+    assert wait_for(lambda: site_used(h1) == (2000, 2), timeout=5), site_used(h1)
+    r = cli("quota", "rescan", "carol", config=h2.config)
+    assert r.returncode == 0 and "2000 bytes in 2 files" in r.stdout, r.stdout + r.stderr
+
+
+def test_max_upload_size_cuts_during_upload(cluster):
+    _, h1, _, homes, _ = cluster
+    home = homes / "bob"  # no quota, a maximum upload size
+    assert upload(h1, "big.up", b"z" * 900_000, user="bob") == "552"
+    assert not (home / "big.up").exists() and not no_partial_files(home)
+    assert upload(h1, "ok.up", b"z" * 700_000, user="bob") == "226"
+
+
+def test_status_json_shows_limits(cluster):
+    _, h1, _, homes, _ = cluster
+    st = json.loads(cli("status", "--json", config=h1.config).stdout)
+    assert st["limits"]["user_download_rate"] == RATE and st["limits"]["classes"]["free"]["user_download_rate"] == 0
+
+
+# ---------------------------------------------------------------- memcached down (last: it kills memcached)
+def test_memcached_down_falls_back_to_host_shares(cluster):
+    mcs, h1, h2, _, started = cluster
+    hosts = lambda: len(json.loads(cli("status", "--json", config=h2.config).stdout).get("cluster", {}).get("hosts", []))  # noqa: E731
+    assert wait_for(lambda: hosts() == 2, timeout=15)
+    time.sleep(max(0.0, started + 10 - time.monotonic()))  # hosts publish every 5 s, nodes read them every 2 s
+    for m in mcs:
+        m.stop()
+    elapsed, (got,) = timed([lambda: download(h2, "one.bin", MiB)])  # h2: 1 node, 2 hosts seen: 512 KiB/s
+    rate = got / elapsed
+    print(f"memcached down: {rate / RATE:.3f} x the limit in {elapsed:.2f} s (host share 0.5)")
+    assert got == MiB and rate <= 0.55 * RATE
+    before = quota_json(h1)  # memcached down: counted from the disk
+    assert before["source"] == "scan"
+    assert upload(h1, "g.bin", b"g" * 1000) == "226"
+    want = (before["used_bytes"] + 1000, before["used_files"] + 1)
+    assert wait_for(lambda: site_used(h1) == want and site_used(h2) == want, timeout=5), site_used(h1)
