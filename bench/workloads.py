@@ -227,6 +227,7 @@ def idle_memory(peer: Peer, s: Settings) -> Sample:
 
 from .cluster import ban_propagation, ftps_cross_host  # noqa: E402 (it uses the types above)
 from . import stock  # noqa: E402 (the same)
+from .limits import quota_drift, rate_error, retr_limit_idle  # noqa: E402
 
 def _phase_rows(*phases: str) -> list[Extra]:
     return [Extra(f"{p}_{q}_ms", f"{p} {q}", "ms", higher_is_better=False) for p in phases for q in ("p50", "p99")]
@@ -270,5 +271,13 @@ WORKLOADS: list[Workload] = [
                     Extra("off_resumed_pct", "resumed on the other host, tickets off", "%"),
                     Extra("off_server_cpu_ms_per_op", "server CPU per session (tickets off)", "ms",
                           higher_is_better=False)]),  # fmt: skip
+    Workload("retr_limit_idle", "RETR big file, rate limit configured, not hit", "MiB/s", retr_limit_idle,
+             extra=[Extra("unlimited_mib_s", "RETR big file, same run, no limit", "MiB/s"),
+                    Extra("difference_pct", "limited vs unlimited", "%")]),  # fmt: skip
+    Workload("rate_error", "cluster rate: 3 sessions over 2 hosts, over the limit by", "%", rate_error,
+             higher_is_better=False, targets=[("absolute", 10.0)]),  # fmt: skip
+    Workload("quota_drift", "quota usage error after 1,000 uploads/deletes over 2 hosts", "bytes", quota_drift,
+             higher_is_better=False, extra=[Extra("error_files", "quota usage error, files", "files",
+                                                  higher_is_better=False)]),  # fmt: skip
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}

@@ -60,8 +60,7 @@ def rest(s: Session, arg: str) -> None:
 
 @command("ALLO", arg=Arg.OPTIONAL, help="ALLO <size>: the size of the next upload (checked against quotas)")
 def allo(s: Session, arg: str) -> None:
-    size = arg.split(" ")[0]
-    s.allo = int(size) if size.isascii() and size.isdigit() and len(size) <= 19 else 0  # type: ignore[attr-defined]
+    s.allo = ascii_int(arg.split(" ")[0]) or 0  # type: ignore[attr-defined]
     s.reply(202, "ALLO noted; no space needs reserving")
 
 
