@@ -38,15 +38,17 @@ def cluster(tmp_path_factory):
     section = {"enabled": True, "servers": [mcs[0].address], "timeout": "200ms", "connect_failures": 2,
                "probe_interval": "300ms"}  # fmt: skip
     limits = {"user_download_rate": "1M", "user_upload_rate": "1M",
-              "classes": {"free": {"user_download_rate": "0", "user_upload_rate": "0"}}}  # fmt: skip
-    h1 = make_server(tmp / "h1", memcache=section, limits=limits)
-    h2 = make_server(tmp / "h2", memcache=section, limits=limits)
+              "classes": {"free": {"user_download_rate": "0", "user_upload_rate": "0"},
+                          "trickle": {"user_download_rate": "0", "session_download_rate": "2K"}}}  # fmt: skip
+    server = {"data_timeout": "1s"}  # a throttled transfer must never trip it
+    h1 = make_server(tmp / "h1", tls=True, memcache=section, limits=limits, server=server)
+    h2 = make_server(tmp / "h2", memcache=section, limits=limits, server=server)
     homes = tmp / "homes"
     users = load_users(h1.dir / "users.toml")
     pw = hash_password(PASSWORD)
-    for name in ("bob", "carol"):  # in-process: `user add` is covered elsewhere
+    for name, cls in (("bob", "free"), ("carol", "free"), ("dave", "trickle")):  # in-process: `user add` is covered elsewhere
         (homes / name).mkdir(parents=True)
-        users[name] = UserRecord(name, pw, str(homes / name), False, "free", (("max_upload_size", "800K"),))
+        users[name] = UserRecord(name, pw, str(homes / name), False, cls, (("max_upload_size", "800K"),))
     save_users(h1.dir / "users.toml", users)
     r = cli("quota", "set", "carol", "--bytes", "1M", "--files", "3", config=h1.config)
     assert r.returncode == 0 and "1M" in r.stdout, r.stderr
@@ -58,6 +60,7 @@ def cluster(tmp_path_factory):
     (h1.home / "big.bin").write_bytes(os.urandom(MiB // 2) * 5)
     (h1.home / "one.bin").write_bytes(os.urandom(MiB))
     (homes / "bob" / "huge.bin").write_bytes(b"\0" * (HUGE))
+    (homes / "dave" / "small.bin").write_bytes(os.urandom(8192))
     yield mcs, h1, h2, homes, time.monotonic()
     for h in (h1, h2):
         h.stop(signal.SIGINT)
@@ -182,6 +185,34 @@ def test_upload_holds_the_rate(cluster):
     print(f"upload: {rate / RATE:.3f} x the limit in {elapsed:.2f} s")
     assert rate <= 1.10 * RATE
     assert (h1.home / "up.bin").stat().st_size == len(data)
+
+
+def test_tls_download_holds_the_rate(cluster):
+    _, h1, _, _, _ = cluster
+    from .test_ftps import tls_login
+
+    f = tls_login(h1)
+    out = io.BytesIO()
+    t0 = time.monotonic()
+    f.retrbinary("RETR big.bin", out.write, rest=MiB // 2)  # 2 MiB: at most rate x (2 s + one 0.1 s slot)
+    elapsed = time.monotonic() - t0
+    f.quit()
+    assert out.getvalue() == (h1.home / "big.bin").read_bytes()[MiB // 2 :]
+    print(f"TLS: {2 * MiB / elapsed / RATE:.3f} x the limit in {elapsed:.2f} s")
+    assert 2 * MiB / elapsed <= 1.10 * RATE
+
+
+def test_session_rate_slower_than_data_timeout_is_not_cut(cluster):
+    """2 KiB/s: after the first 4 KiB each piece waits 2 s, twice the data_timeout of 1 s."""
+    _, h1, _, homes, _ = cluster
+    f = login(h1, "dave")
+    out = io.BytesIO()
+    t0 = time.monotonic()
+    f.retrbinary("RETR small.bin", out.write)
+    elapsed = time.monotonic() - t0
+    f.quit()
+    assert out.getvalue() == (homes / "dave" / "small.bin").read_bytes()
+    assert elapsed >= 1.5  # it was throttled
 
 
 # ---------------------------------------------------------------- quotas

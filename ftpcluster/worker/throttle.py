@@ -23,6 +23,18 @@ from . import datastream as ds
 from .datastream import PlainStream
 
 MIN_PIECE = 4096
+TICK = 0.25  # a waiting transfer shows progress this often (data_timeout is at least 1 s)
+
+
+async def _wait(seconds: float, tick: Callable[[], None]) -> None:
+    """Sleep, ticking the transfer's progress count along the way."""
+    end = time.monotonic() + seconds
+    while True:
+        tick()
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(TICK, left))
 
 
 class Bucket(Protocol):
@@ -55,8 +67,7 @@ class LocalBucket:
                 self.tokens -= got
                 return max(1, got)
             need = min(want, max(MIN_PIECE, self.burst // 4))
-            tick()
-            await asyncio.sleep(max(0.001, (need - self.tokens) / self.rate))
+            await _wait(max(0.001, (need - self.tokens) / self.rate), tick)
 
     def give_back(self, n: int) -> None:
         self.tokens = min(self.burst, self.tokens + n)
@@ -98,8 +109,7 @@ class ClusterBucket:
                 self.tokens -= got
                 return got
             if self.exhausted:
-                tick()
-                await asyncio.sleep((slot + 1) * self.slot_seconds - now + 0.0005)
+                await _wait((slot + 1) * self.slot_seconds - now + 0.0005, tick)
                 continue
             async with self.lock:
                 slot, _ = self._at()
