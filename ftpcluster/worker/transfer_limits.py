@@ -350,9 +350,8 @@ class NodeTransferLimits:
         while not self.server.stopped.is_set():
             await asyncio.sleep(LOOP_EVERY)
             with contextlib.suppress(Exception):
-                if self.mc is not None:
-                    await self._on(self.mc, self._refresh_hosts)
-                for user in list(self.stale):
+                up = self.mc is not None and await self._on(self.mc, self._refresh_hosts)
+                for user in list(self.stale) if up else []:  # no scan a second while memcached is away
                     home = self.quota_users.get(user)
                     if home is not None:
                         await self.rescan(user, home)
@@ -362,10 +361,12 @@ class NodeTransferLimits:
                         if self.mc is None or await self._on(self.mc, self._claim, user, interval):
                             await self.rescan(user, home)
 
-    def _refresh_hosts(self) -> None:
+    def _refresh_hosts(self) -> bool:
+        """Probe ejected servers, re-read the host count; whether any server is up."""
         self._ring_here()
         self._ring.probe()
         self._leaser.refresh_hosts()
+        return bool(self._ring.any_up())
 
     def _claim(self, user: str, interval: float) -> bool:
         self._ring_here()
