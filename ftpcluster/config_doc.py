@@ -251,17 +251,23 @@ the cluster key (`[tls] session_key_file`, the same file on every host): ban
 records, permits (a removal record under the ban's key plus a change-log
 entry), change-log entries (`banlog:<seq>`), index shards (`banidx:<n>`),
 the per-user TLS session lists used to revoke a banned user's sessions and the
-host records `cluster check` reads (`host:<id>`, `hosts`). The
+host records `cluster check` reads (`host:<id>`, `hosts`) and each user's disk
+usage for quotas (`quota:<user>`). The
 MAC binds a record to its full key name (namespace included), so a valid record
 copied to another key or a later sequence number is refused, as is an edited
 one (a changed expiry) or one made under another cluster's key. TLS sessions
 are sealed (AES-GCM) under the same key. A value without a valid MAC is ignored
 as if it were missing, counted in `ftpcluster_memcache_rejected_total{kind}`
-(`ban`, `banlog`, `banidx`, `tlsuser`, `tls`, `host`) and logged at most once a minute
+(`ban`, `banlog`, `banidx`, `tlsuser`, `tls`, `host`, `quota`) and logged at most once a minute
 with the server it came from. Event counters (memcached `incr`, which cannot
 carry a MAC) live under key names that are a keyed hash of event, target and
 client, and a counter only ever makes a rule fire for the address or user it
-was derived from.
+was derived from; the rate counters of `[limits]` likewise are a keyed hash of
+direction, user and 100 ms slot, a new name every slot. What is left there: a
+deleted usage record is rescanned from the disk, an older one of the same user
+put back makes that user's usage look lower until the next rescan, and
+incrementing unknown counter keys can at worst slow some user's transfers for
+the slot it happens to hit.
 
 So an attacker on the memcached network can at most deny the cache: delete,
 evict or garble keys, or stop memcached, which delays or stops what hosts learn

@@ -260,6 +260,16 @@ def test_quota_refusals_leave_usage_right_and_no_partial_file(cluster):
     assert r.returncode == 0 and "2000 bytes in 2 files" in r.stdout, r.stdout + r.stderr
 
 
+def test_forged_usage_record_is_ignored_and_repaired(cluster):
+    mcs, h1, h2, _, _ = cluster
+    value = b'{"b":0,"f":0}'  # no MAC: written by something without the cluster key
+    assert mcs[0].command(f"set ftpcluster:v1:quota:carol 0 0 {len(value)}\r\n".encode().decode() + value.decode()).startswith(b"STORED")
+    q = quota_json(h1)
+    assert (q["source"], q["used_bytes"], q["used_files"]) == ("scan", 2000, 2)
+    assert site_used(h2) == (2000, 2)  # the node rescans and writes a record of its own
+    assert wait_for(lambda: quota_json(h1)["source"] == "memcache", timeout=5)
+
+
 def test_max_upload_size_cuts_during_upload(cluster):
     _, h1, _, homes, _ = cluster
     home = homes / "bob"  # no quota, a maximum upload size

@@ -40,7 +40,7 @@ BAN_EVENTS = (
     "UnhandledCommand", "BadProtocol", "EmptyPassword", "RootLogin", "TLSHandshake",
 )  # fmt: skip
 # what memcached serves that must carry a MAC (record_mac.py); "tls" = a sealed session that did not open
-RECORD_KINDS = ("ban", "banlog", "banidx", "tlsuser", "tls", "host")
+RECORD_KINDS = ("ban", "banlog", "banidx", "tlsuser", "tls", "host", "quota")
 
 
 def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -> list[MetricDef]:

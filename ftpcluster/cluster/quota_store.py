@@ -1,18 +1,23 @@
 """Disk usage per user, shared by every host: bytes and files under the home.
 
 The filesystem under the home is the truth (`scan_home`). memcached caches it
-as two counters per user, `quota:<user>:b` and `quota:<user>:f`, which every
-host moves with incr/decr as uploads, deletes and overwrites happen; a missing
-counter (evicted, a server lost, never scanned) means "scan again". Without
-memcached (disabled or down) a host keeps the same two numbers in a small file
-per user under `state_dir/quota/`, updated under flock by every node of the
-host. memcached is untrusted: a forged counter can only make a user's usage
-look wrong until the next rescan (`[limits] quota_rescan_interval`, or
-`ftpcluster quota rescan USER`), which rewrites it from the disk.
+as one record per user, `quota:<user>` = {"b": bytes, "f": files}, carrying a
+MAC under the cluster key (record_mac.py, kind "quota") and moved by every
+host with gets/cas as uploads, deletes and overwrites happen. A missing record
+(evicted, a server lost, never scanned) or one without a valid MAC (written by
+something without the cluster key) means "scan again". What an attacker on the
+memcached network can still do is delete it (a rescan follows) or put back an
+older record of the same user, which makes that user's usage look lower until
+the next rescan (`[limits] quota_rescan_interval`, or `ftpcluster quota rescan
+USER`), which rewrites it from the disk.
+
+Without memcached (disabled, down, or no cluster key) a host keeps the same
+two numbers in a small file per user under `state_dir/quota/`, updated under
+flock by every node of the host.
 
 Blocking calls: nodes run them on their limits threads, the CLI directly.
-Counters live on the first live replica only (like ban counters); a server that
-goes away takes them along and the next read rescans."""
+The record lives on the first live replica only (like ban counters); a server
+that goes away takes it along and the next read rescans."""
 
 from __future__ import annotations
 
@@ -61,76 +66,82 @@ def scan_home(home: str) -> tuple[int, int]:
     return total, files
 
 
-def _parse_int(raw: Any) -> int | None:
-    if not isinstance(raw, (bytes, bytearray)) or len(raw) > 20:
+def _parse(payload: bytes | None) -> tuple[int, int] | None:
+    if payload is None or len(payload) > 200:
         return None
     try:
-        v = int(raw.strip())
-    except ValueError:
+        d = json.loads(payload)
+        b, f = d["b"], d["f"]
+    except (ValueError, KeyError, TypeError):
         return None
-    return v if v >= 0 else None
+    if not (isinstance(b, int) and isinstance(f, int) and b >= 0 and f >= 0):
+        return None
+    return b, f
 
 
 class MemcacheUsage:
-    """The counters in memcached. Every method returns None when memcached cannot
-    answer (or a counter is missing): the caller then falls back or rescans."""
+    """The MACed usage records in memcached. Every method returns None (or False)
+    when memcached cannot answer or the record is missing or not ours: the caller
+    then falls back or rescans."""
 
-    def __init__(self, ring: Ring, rescan_interval: float) -> None:
+    def __init__(self, ring: Ring, mac: Any, rescan_interval: float, tries: int = 8) -> None:
         self.ring = ring
+        self.mac = mac  # record_mac.RecordMac
         self.ttl = int(max(COUNTER_TTL_MIN, 3 * rescan_interval))
+        self.tries = tries
 
     def _first(self, name: str) -> Any:
         t = self.ring.targets(name)
         return t[0] if t else None
 
+    def _seal(self, name: str, b: int, f: int) -> bytes:
+        return self.mac.seal(name, json.dumps({"b": max(0, b), "f": max(0, f)}, separators=(",", ":")).encode())
+
     def get(self, user: str) -> tuple[int, int] | None:
-        out = []
-        for suffix in ("b", "f"):
-            name = f"quota:{user}:{suffix}"
-            s = self._first(name)
-            if s is None:
-                return None
-            k = self.ring.key(name)
-            ok, raw = self.ring._call(s, "get", lambda c: c.get(k))
-            v = _parse_int(raw) if ok else None
-            if v is None:
-                return None
-            out.append(v)
-        return out[0], out[1]
+        name = f"quota:{user}"
+        s = self._first(name)
+        if s is None:
+            return None
+        k = self.ring.key(name)
+        ok, raw = self.ring._call(s, "get", lambda c: c.get(k))
+        return _parse(self.mac.open("quota", name, raw, s.address)) if ok else None
 
     def put(self, user: str, used_bytes: int, used_files: int) -> bool:
-        ok_all = True
-        for suffix, v in (("b", used_bytes), ("f", used_files)):
-            name = f"quota:{user}:{suffix}"
-            s = self._first(name)
-            if s is None:
-                return False
-            k = self.ring.key(name)
-            ok, _ = self.ring._call(s, "set", lambda c: c.set(k, str(max(0, v)).encode(), expire=self.ttl, noreply=False))
-            ok_all = ok_all and ok
-        return ok_all
+        name = f"quota:{user}"
+        s = self._first(name)
+        if s is None:
+            return False
+        k, value = self.ring.key(name), self._seal(name, used_bytes, used_files)
+        ok, _ = self.ring._call(s, "set", lambda c: c.set(k, value, expire=self.ttl, noreply=False))
+        return bool(ok)
 
     def add(self, user: str, d_bytes: int, d_files: int) -> tuple[int, int] | None:
-        """Move the counters; the new totals, or None (memcached down or a counter missing)."""
-        out = []
-        for suffix, d in (("b", d_bytes), ("f", d_files)):
-            name = f"quota:{user}:{suffix}"
-            s = self._first(name)
-            if s is None:
+        """Move the usage (gets/cas); the new totals, or None (memcached down, the
+        record missing or not ours, or too much contention)."""
+        name = f"quota:{user}"
+        s = self._first(name)
+        if s is None:
+            return None
+        k = self.ring.key(name)
+        for _ in range(self.tries):
+            ok, got = self.ring._call(s, "get", lambda c: c.gets(k))
+            if not ok or not got or got[0] is None:
                 return None
-            k = self.ring.key(name)
-            if d >= 0:
-                ok, v = self.ring._call(s, "incr", lambda c: c.incr(k, d, noreply=False))
-            else:
-                ok, v = self.ring._call(s, "incr", lambda c: c.decr(k, -d, noreply=False))
-            if not ok or v is None:
+            cur = _parse(self.mac.open("quota", name, got[0], s.address))
+            if cur is None:
                 return None
-            out.append(int(v))
-        return out[0], out[1]
+            new = (max(0, cur[0] + d_bytes), max(0, cur[1] + d_files))
+            value, token = self._seal(name, *new), got[1]
+            ok, stored = self.ring._call(s, "cas", lambda c: c.cas(k, value, token, expire=self.ttl, noreply=False))
+            if not ok:
+                return None
+            if stored:
+                return new
+        return None
 
     def claim_rescan(self, user: str, interval: float) -> bool:
         """One host per interval rescans a user: the one whose `add` succeeds."""
-        name = f"quota:{user}:scan"
+        name = f"quota-scan:{user}"
         s = self._first(name)
         if s is None:
             return False
@@ -198,12 +209,25 @@ class LocalUsage:
             return None
 
 
+def memcache_usage(cfg: Any, ring: Ring) -> MemcacheUsage | None:
+    """None without a usable cluster key: usage then stays out of memcached."""
+    from .record_mac import load_record_mac
+    from .session_seal import SealError
+
+    try:
+        return MemcacheUsage(ring, load_record_mac(cfg, ring.prefix), cfg.limits.quota_rescan_interval)
+    except SealError:
+        return None
+
+
 def show_usage(cfg: Any, user: str, home: str) -> Usage:
-    """For `ftpcluster quota show`: memcached's counters, else this host's file, else a scan."""
+    """For `ftpcluster quota show`: memcached's record, else this host's file, else a scan."""
+    got = None
     if cfg.memcache.enabled:
         ring = Ring(cfg)
         try:
-            got = MemcacheUsage(ring, cfg.limits.quota_rescan_interval).get(user)
+            mcu = memcache_usage(cfg, ring)
+            got = mcu.get(user) if mcu is not None else None
         finally:
             ring.close()
         if got is not None:
@@ -225,7 +249,8 @@ def rescan_usage(cfg: Any, user: str, home: str) -> tuple[Usage, bool]:
     if cfg.memcache.enabled:
         ring = Ring(cfg)
         try:
-            stored = MemcacheUsage(ring, cfg.limits.quota_rescan_interval).put(user, b, f)
+            mcu = memcache_usage(cfg, ring)
+            stored = mcu is not None and mcu.put(user, b, f)
         finally:
             ring.close()
     return Usage(b, f, "scan"), stored

@@ -11,11 +11,18 @@ Hosts' clocks must agree to a small part of a slot (NTP does, to a millisecond).
 
 memcached down (or every server ejected): each node takes its share of the
 budget locally, rate / hosts / nodes, hosts as last seen in memcached or
-`[limits] fallback_hosts`. Blocking; runs on a node's memcached thread."""
+`[limits] fallback_hosts`. Blocking; runs on a node's memcached thread.
+
+memcached's incr cannot carry a MAC, so a slot's key name is a keyed hash of
+direction, user and slot under the cluster key (RecordMac.counter_name), a
+new name every slot: nobody without the key can find, inflate (starving a
+user) or reset (freeing one) the counter of a given user."""
 
 from __future__ import annotations
 
 import time
+
+from typing import Any
 
 from .memcache_ring import Ring
 
@@ -23,8 +30,9 @@ KEY_TTL = 5  # seconds a slot's counter outlives it
 
 
 class RateLeaser:
-    def __init__(self, ring: Ring | None) -> None:
+    def __init__(self, ring: Ring | None, mac: Any = None) -> None:
         self.ring = ring
+        self.mac = mac  # record_mac.RecordMac; None without a cluster key (plain names)
         self.hosts = 1  # as last seen in memcached
         self._hosts_read = 0.0
 
@@ -32,7 +40,8 @@ class RateLeaser:
         """Bytes granted out of `budget` for this slot, or None when memcached cannot answer."""
         if self.ring is None:
             return None
-        taken = self.ring.incr(f"rate:{name}:{slot}", want, ttl=KEY_TTL)
+        text = f"{name}|{slot}"
+        taken = self.ring.incr("rate:" + (self.mac.counter_name(text) if self.mac is not None else text), want, ttl=KEY_TTL)
         if taken is None:
             return None
         return max(0, min(want, budget - (taken - want)))
@@ -40,12 +49,12 @@ class RateLeaser:
     def refresh_hosts(self, every: float = 2.0) -> int:
         """How many hosts share the cluster (for the fallback share), re-read every `every` s."""
         now = time.monotonic()
-        if self.ring is not None and now - self._hosts_read >= every:
+        if self.ring is not None and self.mac is not None and now - self._hosts_read >= every:
             self._hosts_read = now
             from .host_registry import read_hosts
 
             try:
-                n = len(read_hosts(self.ring))
+                n = len(read_hosts(self.ring, self.mac))
             except Exception:
                 n = 0
             if n:
