@@ -179,13 +179,6 @@ def test_max_login_attempts(server_factory: Factory) -> None:
 
 def test_max_sessions_per_node(server_factory: Factory) -> None:
     srv = server_factory(server={"max_sessions_per_node": 3})
-    sessions = [Raw(srv) for _ in range(3)]
-    assert all(s.greeting[0] == 220 for s in sessions)
-    extra = Raw(srv)
-    assert extra.greeting[0] == 421
-    assert extra.closed_by_server()
-    sessions[0].cmd("QUIT")
-    sessions[0].close()
 
     def admitted() -> bool:
         r = Raw(srv)
@@ -193,6 +186,24 @@ def test_max_sessions_per_node(server_factory: Factory) -> None:
         r.close()
         return ok
 
+    # The start-up probe (wait_port) is a session until the node has read its close.
+    def greeted() -> Raw | None:
+        r = Raw(srv)
+        if r.greeting[0] == 220:
+            return r
+        r.close()
+        return None
+
+    sessions: list[Raw] = []
+    for _ in range(3):
+        s = wait_for(greeted, 10, 0.1)
+        assert s, "a free slot was refused"
+        sessions.append(s)
+    extra = Raw(srv)
+    assert extra.greeting[0] == 421
+    assert extra.closed_by_server()
+    sessions[0].cmd("QUIT")
+    sessions[0].close()
     assert wait_for(admitted, 10, 0.2)
     sessions[1].login()
     assert sessions[1].cmd("NOOP") == 200
