@@ -6,6 +6,10 @@
 - A server that fails `connect_failures` times in a row is ejected and probed
   (a `version` call) every `probe_interval` until it answers (ProFTPD parses
   MemcacheConnectFailures and never uses it).
+- With a HealthChecker (memcache_health.py) the ring also skips servers the
+  checker finds down (a hung server costs no timeout once it is seen) and takes
+  an ejected server back as soon as the checker saw it answer after the
+  ejection; the checker's own thread does the probing then.
 - Every call has the short timeouts of `[memcache]`; an error is a miss or a
   lost write for the caller, never an exception.
 - Not thread-safe: one Ring per thread (the supervisor's loop, or a node's
@@ -38,16 +42,25 @@ class Server:
     errors: int = 0  # total
     next_probe: float = 0.0
     last_error: str = ""
+    ejected_at: float = 0.0  # monotonic
+    ejected_since: float | None = None  # wall clock, for status
+    epoch: int = 0  # the health checker's epoch last seen
     ops: dict[str, int] = field(default_factory=dict)
 
 
+def key_prefix(cfg: Config) -> str:
+    """What every key of this cluster starts with (namespaced and versioned)."""
+    return f"{cfg.memcache.namespace}:v1:"
+
+
 class Ring:
-    def __init__(self, cfg: Config, count: Count | None = None) -> None:
+    def __init__(self, cfg: Config, count: Count | None = None, health: Any = None) -> None:
         m = cfg.memcache
+        self.health = health  # a HealthChecker, or None (then probe() calls `version` itself)
         self.replicas = max(1, m.replicas)
         self.connect_failures = max(1, m.connect_failures)
         self.probe_interval = m.probe_interval
-        self.prefix = f"{m.namespace}:v1:"
+        self.prefix = key_prefix(cfg)
         self.count: Count = count or (lambda name, labels: None)
         self.servers: dict[str, Server] = {}
         for addr in m.servers:
@@ -68,7 +81,7 @@ class Ring:
             return out
         for node in self.ring.range(self.key(name), size=None, unique=True):
             s = self.servers[node["nodename"] if isinstance(node, dict) else node]
-            if s.up:
+            if s.up and not (self.health is not None and self.health.is_down(s.address)):
                 out.append(s)
                 if len(out) == self.replicas:
                     break
@@ -88,7 +101,9 @@ class Ring:
                 s.client.close()
             if s.failures >= self.connect_failures and s.up:
                 s.up = False
-                s.next_probe = time.monotonic() + self.probe_interval
+                s.ejected_at = time.monotonic()
+                s.ejected_since = time.time()
+                s.next_probe = s.ejected_at + self.probe_interval
                 log.warning("memcached server ejected", server=s.address, failures=s.failures, error=s.last_error)
             return False, None
         s.failures = 0
@@ -178,8 +193,13 @@ class Ring:
 
     # ------------------------------------------------------------ health
     def probe(self, now: float | None = None) -> None:
-        """Try ejected servers whose probe is due; a server that answers rejoins."""
+        """Try ejected servers whose probe is due; a server that answers rejoins.
+        With a health checker: take back what it saw answer since the ejection, and
+        count a server it saw come back as a rejoin (it may have lost its data)."""
         now = time.monotonic() if now is None else now
+        if self.health is not None:
+            self._follow_health()
+            return
         for s in self.servers.values():
             if s.up or now < s.next_probe:
                 continue
@@ -191,19 +211,38 @@ class Ring:
                 with _quiet():
                     s.client.close()
                 continue
-            s.up, s.failures = True, 0
+            s.up, s.failures, s.ejected_since = True, 0, None
             self.rejoins += 1
             log.warning("memcached server back in the ring", server=s.address)
 
+    def _follow_health(self) -> None:
+        h = self.health
+        for s in self.servers.values():
+            epoch = h.epoch(s.address)
+            if epoch != s.epoch:
+                s.epoch = epoch
+                self.rejoins += 1
+            if not s.up and h.last_ok(s.address) > s.ejected_at:
+                s.up, s.failures, s.ejected_since = True, 0, None
+                self.rejoins += 1
+                log.info("memcached server back in the ring", server=s.address)
+
     def status(self) -> list[dict[str, Any]]:
-        return [
-            {"address": s.address, "up": s.up, "errors": s.errors, "consecutive_failures": s.failures,
-             "last_error": s.last_error or None}  # fmt: skip
-            for s in self.servers.values()
-        ]
+        """Per server: up (the health checker's verdict when there is one, else the
+        ring's), last error, latency of the last check, since when it is down."""
+        out = []
+        verdicts = {v["address"]: v for v in self.health.status()} if self.health is not None else {}
+        for s in self.servers.values():
+            v = verdicts.get(s.address, {})
+            up = v["up"] and s.up if v else s.up
+            since = v.get("down_since") if v and not v["up"] else s.ejected_since
+            out.append({"address": s.address, "up": up, "errors": s.errors, "consecutive_failures": s.failures,
+                        "last_error": v.get("last_error") or s.last_error or None, "latency_ms": v.get("latency_ms"),
+                        "ejected_since": None if up else since})  # fmt: skip
+        return out
 
     def any_up(self) -> bool:
-        return any(s.up for s in self.servers.values())
+        return any(s.up and not (self.health is not None and self.health.is_down(s.address)) for s in self.servers.values())
 
     def close(self) -> None:
         for s in self.servers.values():

@@ -1,11 +1,13 @@
 """The two-level TLS session store behind the native session-cache hooks.
 
 L1 is the host's shared memory (every node of a host, microseconds). L2 is
-memcached through the ring (every host). New sessions go to L1 at once and to
-L2 from a background thread, so a handshake never waits on a write. A lookup
-that misses L1 asks L2 with the ring's short timeout (the only wait a handshake
-can see, bounded by `[memcache] timeout`, and gone once a dead server is
-ejected), and copies a hit into L1.
+memcached (every host), reached only through the node's memcached thread
+(memcache_thread.py), never from the event loop: the OpenSSL callbacks, which
+run inside a handshake on the loop, read and write L1 only. New sessions go to
+L1 at once and to L2 as a job on the thread. A session another host made is
+brought into L1 before the handshake by `prefetch` (driven by the ClientHello,
+see worker/tls_prefetch.py), which waits for the thread at most until a
+deadline; after it the handshake is simply a full one.
 
 Entries in memcached hold the master secret, so they are sealed (AES-GCM under
 the cluster key, the session id as associated data): whoever reads memcached
@@ -15,13 +17,14 @@ fails to open is a miss (counted as rejected, kind "tls"). Entries are bounded
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from ..config import Config
-from .memcache_ring import Ring
+from .memcache_ring import key_prefix
 from .record_mac import RecordMac, server_of
 from .session_seal import Sealer
 
@@ -32,24 +35,20 @@ CACHE_METRIC = "ftpcluster_tls_session_cache_total"
 
 
 class TwoLevelStore:
-    def __init__(self, cfg: Config, l1: Any, sealer: Sealer | None, count: MetricCount) -> None:
+    def __init__(self, cfg: Config, l1: Any, sealer: Sealer | None, count: MetricCount, remote: Any = None) -> None:
         self.cfg = cfg
         self.l1 = l1
         self.sealer = sealer
         self.count = count
-        self.ring = Ring(cfg, count=count) if (sealer is not None and cfg.memcache.enabled) else None
-        self._executor: ThreadPoolExecutor | None = None
-        self._writer: Ring | None = None
+        # the node's MemcacheThread; None without memcached or without the cluster key
+        self.remote = remote if (sealer is not None and cfg.memcache.enabled) else None
         self._lock = threading.Lock()
         self._from_thread: Counter[tuple[str, tuple[str, ...]]] = Counter()
         self.pending = 0
-        # one per thread: the loop's reads, the store thread's list merges
+        # used on the memcached thread only (its counts reach the loop through _flush_counts)
         self.mac: RecordMac | None = None
-        self._thread_mac: RecordMac | None = None
-        if self.ring is not None and sealer is not None:
-            overlap = cfg.tls.session_key_overlap
-            self.mac = RecordMac(sealer.secrets, self.ring.prefix, overlap, count)
-            self._thread_mac = RecordMac(sealer.secrets, self.ring.prefix, overlap, self._count_from_thread)
+        if self.remote is not None and sealer is not None:
+            self.mac = RecordMac(sealer.secrets, key_prefix(cfg), cfg.tls.session_key_overlap, self._count_from_thread)
 
     @staticmethod
     def _key(session_id: bytes) -> str:
@@ -67,29 +66,14 @@ class TwoLevelStore:
                 for _ in range(n):
                     self.count(name, labels)
 
-    # ------------------------------------------------------------ SessionBackend
+    # ------------------------------------------------------------ SessionBackend (on the loop)
     def lookup(self, session_id: bytes) -> bytes | None:
+        """L1 only: called by OpenSSL inside the handshake."""
         self._flush_counts()
-        if self.l1 is not None:
-            der = self.l1.get(session_id)
-            self.count(CACHE_METRIC, ("L1", "hit" if der else "miss"))
-            if der:
-                return der
-        if self.ring is None or self.sealer is None:
+        if self.l1 is None:
             return None
-        raw = self.ring.get(self._key(session_id))
-        if raw is None:
-            self.count(CACHE_METRIC, ("L2", "miss"))
-            return None
-        der = self.sealer.open(raw, aad=session_id)
-        if der is None:
-            self.count(CACHE_METRIC, ("L2", "error"))
-            if self.mac is not None:
-                self.mac.reject("tls", server_of(self.ring, self._key(session_id)))
-            return None
-        self.count(CACHE_METRIC, ("L2", "hit"))
-        if self.l1 is not None:
-            self.l1.put(session_id, der, self.cfg.tls.session_lifetime)
+        der = self.l1.get(session_id)
+        self.count(CACHE_METRIC, ("L1", "hit" if der else "miss"))
         return der
 
     def store(self, session_id: bytes, der: bytes, ttl: float) -> None:
@@ -97,14 +81,53 @@ class TwoLevelStore:
         if self.l1 is not None:
             ok = self.l1.put(session_id, der, ttl)
             self.count(CACHE_METRIC, ("L1", "store" if ok else "error"))
-        if self.ring is None or self.sealer is None or len(der) > MAX_ENTRY or self.pending >= MAX_PENDING:
+        if self.remote is None or self.sealer is None or len(der) > MAX_ENTRY or self.pending >= MAX_PENDING:
             return
         sealed = self.sealer.seal(der, aad=session_id)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tls-store")
+        self._submit(lambda ring: self._write(ring, self._key(session_id), sealed, int(ttl) + 1))
+
+    def _submit(self, job: Callable[[Any], None]) -> None:
         with self._lock:
             self.pending += 1
-        self._executor.submit(self._write, self._key(session_id), sealed, int(ttl) + 1)
+        self.remote.submit(job).add_done_callback(self._done)
+
+    def _done(self, _fut: Any) -> None:
+        with self._lock:
+            self.pending -= 1
+
+    # ------------------------------------------------------------ prefetch (from the loop)
+    async def prefetch(self, ids: list[bytes], until: float) -> str:
+        """Bring the sessions `ids` into L1 from memcached unless L1 has one already;
+        wait until `until` (monotonic) at most. none | l1 | fetched | miss | timeout."""
+        if self.l1 is None or self.remote is None:
+            return "none"
+        if any(self.l1.get(i) for i in ids):
+            return "l1"
+        job = self.remote.submit(lambda ring: self._fetch(ring, ids), deadline=until)
+        try:
+            got = await asyncio.wait_for(asyncio.wrap_future(job), max(0.0, until - time.monotonic()))
+        except (asyncio.TimeoutError, Exception):
+            self.count(CACHE_METRIC, ("L2", "timeout"))
+            return "timeout"
+        finally:
+            self._flush_counts()
+        return "fetched" if got else "miss"
+
+    def _fetch(self, ring: Any, ids: list[bytes]) -> bool:
+        """On the memcached thread: the sealed entries, opened, into L1."""
+        got = ring.get_many(self._key(i) for i in ids)
+        found = False
+        for sid in ids:
+            raw = got.get(self._key(sid))
+            der = self.sealer.open(raw, aad=sid) if (raw is not None and self.sealer is not None) else None
+            result = "miss" if raw is None else ("error" if der is None else "hit")
+            self._count_from_thread(CACHE_METRIC, ("L2", result))
+            if result == "error" and self.mac is not None:
+                self.mac.reject("tls", server_of(ring, self._key(sid)))
+            if der is not None:
+                self.l1.put(sid, der, self.cfg.tls.session_lifetime)
+                found = True
+        return found
 
     def remember_user(self, user: str, session_id: bytes) -> None:
         """Note that `user` logged in over this session, so a ban can revoke it."""
@@ -113,24 +136,15 @@ class TwoLevelStore:
         if self.l1 is None or not session_id:
             return
         packed = remember(self.l1, user, session_id, self.cfg.tls.session_lifetime)
-        if self.ring is not None and self.pending < MAX_PENDING:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tls-store")
-            with self._lock:
-                self.pending += 1
-            self._executor.submit(self._merge_ids, memcache_name(user), packed, int(self.cfg.tls.session_lifetime) + 1)
+        if self.remote is not None and self.pending < MAX_PENDING:
+            key, ttl = memcache_name(user), int(self.cfg.tls.session_lifetime) + 1
+            self._submit(lambda ring: self._merge_ids(ring, key, packed, ttl))
 
-    def _write_ring(self) -> Ring:
-        """The store thread's own ring (a Ring belongs to one thread)."""
-        if self._writer is None:
-            self._writer = Ring(self.cfg)
-        return self._writer
-
-    def _merge_ids(self, key: str, packed: bytes, ttl: int) -> None:
+    def _merge_ids(self, ring: Any, key: str, packed: bytes, ttl: int) -> None:
         """The user's list in memcached is the union of every host's (gets/cas)."""
         from .tls_revoke import pack_ids, unpack_ids
 
-        mine, mac, ring = unpack_ids(packed), self._thread_mac, self._write_ring()
+        mine, mac = unpack_ids(packed), self.mac
         assert mac is not None
 
         def merge(old: bytes | None) -> bytes:
@@ -138,13 +152,8 @@ class TwoLevelStore:
             return mac.seal(key, pack_ids([i for i in theirs if i not in mine] + mine))
 
         ring.update(key, merge, ttl)
-        with self._lock:
-            self.pending -= 1
 
-    def _write(self, key: str, sealed: bytes, ttl: int, counted: bool = True) -> None:
-        """On the store thread."""
-        ok = self._write_ring().set(key, sealed, ttl) > 0
-        with self._lock:
-            self.pending -= 1
-            if counted or not ok:
-                self._from_thread[(CACHE_METRIC, ("L2", "store" if ok else "error"))] += 1
+    def _write(self, ring: Any, key: str, sealed: bytes, ttl: int) -> None:
+        """On the memcached thread."""
+        ok = ring.set(key, sealed, ttl) > 0
+        self._count_from_thread(CACHE_METRIC, ("L2", "store" if ok else "error"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -35,6 +35,7 @@ ALIASES = {"login": "LoginRate"}
 
 
 MAX_PENDING = 1000  # cluster counts queued for the memcached thread; more are dropped
+COUNT_DEADLINE = 2.0  # seconds a cluster count may wait for the memcached thread
 
 
 class NodeBans:
@@ -45,36 +46,36 @@ class NodeBans:
         self.rate_rule = "ClientConnectRate" in engine.by_event
         cfg = server.cfg
         self.cluster = cfg.memcache.enabled and cfg.ban.cache == "memcache" and bool(engine.rules)
-        self.executor: ThreadPoolExecutor | None = None
-        self._counters: Any = None
+        self.memcache: Any = None  # the node's memcached thread (cluster-wide counts)
+        self._counter_name: Any = None
         self.pending = 0
         self.dropped = 0
         if self.cluster:
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcache")
+            self.memcache = server.memcache()
 
     # ------------------------------------------------------------ cluster-wide counts
-    def _cluster_counters(self) -> Any:
-        """Built on the memcached thread itself (a Ring belongs to one thread)."""
-        if self._counters is None:
-            from ..cluster.cluster_counters import ClusterCounters
-            from ..cluster.memcache_ring import Ring
+    def _cluster_count(self, ring: Any, ckey: str, window: float) -> float | None:
+        """On the memcached thread; the cluster key (read there, once) names the counters."""
+        from ..cluster.cluster_counters import ClusterCounters
+
+        if self._counter_name is None:
             from ..cluster.record_mac import load_record_mac
 
-            loop = self.server.loop
-            ring = Ring(self.server.cfg, count=lambda n, l: loop.call_soon_threadsafe(self._count, n, l))
             # SealError without a cluster key: the count fails, the host count alone decides
-            self._counters = ClusterCounters(ring, load_record_mac(self.server.cfg, ring.prefix).counter_name)
-        return self._counters
+            self._counter_name = load_record_mac(self.server.cfg, ring.prefix).counter_name
+        return ClusterCounters(ring, self._counter_name).add(ckey, window)
 
     def count_cluster(self, name: str, ip: str, user: str) -> None:
-        if self.executor is None:
+        if self.memcache is None:
             return
         for rule, target, key, ckey in self.engine.targets(name, ip, user):
             if self.pending >= MAX_PENDING:
                 self.dropped += 1
                 continue
             self.pending += 1
-            fut = self.executor.submit(lambda ck=ckey, w=rule.window: self._cluster_counters().add(ck, w))
+            # a count that waited longer than a second in the queue is stale: dropped unrun
+            fut = self.memcache.submit(lambda ring, ck=ckey, w=rule.window: self._cluster_count(ring, ck, w),
+                                       deadline=time.monotonic() + COUNT_DEADLINE)  # fmt: skip
             fut.add_done_callback(
                 lambda f, r=rule, t=target, k=key, ck=ckey: self.server.loop.call_soon_threadsafe(self._counted, f, r, t, k, ck)
             )  # fmt: skip

@@ -84,6 +84,7 @@ class NodeServer:
         self._ids = itertools.count(1)
         self._listeners: list[tuple[socket.socket, bool]] = []
         self.tls: Any = None
+        self._memcache: Any = None
         self.auth = Authenticator({})
         self.reload_users()
         self._build_tls()
@@ -98,8 +99,19 @@ class NodeServer:
             return
         from .tls import TLSService
 
-        self.tls = TLSService(self.cfg, count=self._count)
+        self.tls = TLSService(self.cfg, count=self._count, memcache=self.memcache)
         self.subscribers.append(self.tls.remember_login)
+
+    def memcache(self) -> Any:
+        """The node's one memcached thread (TLS sessions, cluster ban counts), made on
+        first use: every memcached call of the node runs there, never on the loop."""
+        if self._memcache is None:
+            from ..cluster.memcache_thread import MemcacheThread
+
+            loop = self.loop
+            self._memcache = MemcacheThread(self.cfg, count=lambda n, l: loop.call_soon_threadsafe(self._count, n, l))
+            self._memcache.start()
+        return self._memcache
 
     def _count(self, name: str, labels: tuple[str, ...]) -> None:
         metrics = getattr(self, "metrics", None)  # set by the observability hook
@@ -220,6 +232,7 @@ class NodeServer:
             if implicit:
                 self.handshaking[ip] += 1
                 try:
+                    await self.tls.prefetch(sock)
                     await self.loop.connect_accepted_socket(
                         lambda: ControlConnection(self, client, True, info),
                         sock,

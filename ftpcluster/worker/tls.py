@@ -99,8 +99,9 @@ def probe_mode(cfg: Config) -> dict[str, Any]:
 
 
 class TLSService:
-    def __init__(self, cfg: Config, count: Counter | None = None) -> None:
+    def __init__(self, cfg: Config, count: Counter | None = None, memcache: Callable[[], Any] | None = None) -> None:
         self.count: Counter = count or (lambda name, labels: None)
+        self.memcache = memcache  # gives the node's MemcacheThread (made on first use)
         self.handshake_timeout = cfg.tls.handshake_timeout
         self.store: Any = None  # TwoLevelStore: host shared memory, then memcached
         self.cache_mode = "internal"  # what actually serves session ids: internal | shm
@@ -142,7 +143,7 @@ class TLSService:
                 self.store = self._make_store(cfg, ShmCache(cache_path(cfg), **_layout(cfg)))
             sid = (cfg.tls.session_context or cfg.memcache.namespace).encode()[:32]
             install_session_cache(ctx, self.store, cfg.tls.session_lifetime, sid, self._on_error)
-            self.cache_mode = "shm+memcache" if self.store.ring is not None else "shm"
+            self.cache_mode = "shm+memcache" if self.store.remote is not None else "shm"
         except (NativeUnavailable, OSError, ValueError) as e:
             self._warn("shared TLS session cache", str(e))
 
@@ -156,7 +157,8 @@ class TLSService:
                 sealer = load_sealer(cfg.resolve(cfg.tls.session_key_file), cfg.tls.session_key_overlap)
             except SealError as e:
                 self._warn("memcached TLS session store", str(e))
-        return TwoLevelStore(cfg, l1, sealer, self.count)
+        remote = self.memcache() if (sealer is not None and self.memcache is not None) else None
+        return TwoLevelStore(cfg, l1, sealer, self.count, remote)
 
     def _install_tickets(self, ctx: ssl.SSLContext, cfg: Config) -> None:
         from ..cluster.session_seal import SealError, derive, load_sealer
@@ -180,6 +182,25 @@ class TLSService:
         self.cfg, self.handshake_timeout = cfg, cfg.tls.handshake_timeout
         self.context, self.data_context = ctx, data_ctx
 
+    # ------------------------------------------------------------ before a handshake
+    async def prefetch(self, sock: Any, own_fd: bool = True) -> None:
+        """Bring the session the waiting ClientHello wants to resume from memcached into
+        the host cache, without blocking the loop and for at most `[memcache] timeout`
+        (then the handshake is a full one). Nothing to do without memcached."""
+        store = self.store
+        if store is None or store.remote is None:
+            return
+        from .tls_prefetch import prefetch
+
+        try:
+            got = await prefetch(store, asyncio.get_running_loop(), sock, self.handshake_timeout,
+                                 self.cfg.memcache.timeout, own_fd)  # fmt: skip
+        except (OSError, ValueError) as e:
+            trace.debug("session_prefetch_failed", error=repr(e))
+            return
+        if got != "none":
+            trace.debug("session_prefetch", result=got)
+
     # ------------------------------------------------------------ data channels
     def data_wrapper(self, conn: ControlConnection) -> Callable[[socket.socket], Any]:
         context, require = self.data_context, self.cfg.tls.require_data_session_reuse
@@ -190,6 +211,7 @@ class TLSService:
             self.count("ftpcluster_tls_handshakes_total", ("resumed" if reused else "full",))
 
         async def wrap(sock: socket.socket) -> TLSStream:
+            await self.prefetch(sock)
             return await wrap_data(sock, context, control_tls, require, timeout, loop, counted)
 
         return wrap
