@@ -27,6 +27,7 @@ import mmap
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ KINDS = {"host": 1, "user": 2, "userhost": 3, "class": 4}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 ORIGINS = {"local": 1, "cluster": 2}
 ORIGIN_NAMES = {v: k for k, v in ORIGINS.items()}
+# fcntl locks are per process: two threads of one process (the supervisor's loop and
+# its cluster sync thread) also take this lock. Held across fork() by the forking
+# thread only, so a child never inherits it taken by a thread it does not have.
+_THREAD_LOCK = threading.Lock()
+os.register_at_fork(before=_THREAD_LOCK.acquire, after_in_parent=_THREAD_LOCK.release,
+                    after_in_child=_THREAD_LOCK.release)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,11 +107,12 @@ class BanTable:
     # ------------------------------------------------------------ low level
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        with _THREAD_LOCK:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def generation(self) -> int:
         return GEN.unpack_from(self.mm, GEN_OFF)[0]

@@ -86,11 +86,22 @@ class Arbiter:
 
         self.presence = Presence(cfg.state_dir / "presence.shm", create=True)  # once: nodes map it
         self.bans: Any = None
+        self.cluster: Any = None  # ClusterSync: every memcached call of the supervisor, on its own thread
+        self._open_cluster(cfg)
         self._open_bans(cfg)
         self.registry: Any = None  # this host's record in memcached, for `cluster check`
         self._open_registry(cfg)
         self.extra_status.append(lambda: self.registry.status() if self.registry is not None else {})
         self.extra_status.append(lambda: limits_summary(self.cfg))  # the [limits] in force
+
+    def _open_cluster(self, cfg: Config) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()  # its thread ends after the call it is in
+            self.cluster = None
+        if cfg.memcache.enabled:
+            from .cluster_sync import ClusterSync
+
+            self.cluster = ClusterSync(cfg).start()
 
     def _open_bans(self, cfg: Config) -> None:
         from .ban_admin import BanAdmin
@@ -99,7 +110,7 @@ class Arbiter:
             self.bans.close()
             self.bans = None
         if cfg.ban.enabled:
-            self.bans = BanAdmin(cfg, self.metrics_writer)
+            self.bans = BanAdmin(cfg, self.metrics_writer, self.cluster)
             self.bans.register(self.handlers)
             self.bans.user_ban_hooks.append(self._revoke_tls)
         else:
@@ -114,17 +125,27 @@ class Arbiter:
             from ..cluster.ban_layout import host_id
             from ..cluster.host_registry import HostRegistry
 
-            self.registry = HostRegistry(cfg, host_id(cfg), count=lambda n, l: self.metrics_writer.inc(n, l))
+            self.registry = HostRegistry(cfg, host_id(cfg), count=self.cluster.count)
+            self.registry.ring.health = self.cluster.health  # its ring lives on the cluster thread too
+            self.cluster.periodic.append(self.registry.tick)
 
     def _revoke_tls(self, user: str) -> None:
-        """A banned user's cached TLS sessions go, on this host and in memcached."""
+        """A banned user's cached TLS sessions go, on this host and in memcached (on the
+        cluster thread: the loop never talks to memcached)."""
         from ..cluster.tls_revoke import revoke_user
 
         cache = self.shared.get("tls_cache")
-        ring = self.bans.ring if self.bans is not None and self.cfg.tls.session_cache == "memcache" else None
-        mac = self.bans.mac if ring is not None else None
-        if cache is not None or mac is not None:
-            n = revoke_user(user, cache, ring if mac is not None else None, mac)
+        if self.cluster is not None and self.cfg.tls.session_cache == "memcache":
+            mac = self.cluster.mac
+
+            def revoke(ring: Any, _sync: Any) -> None:
+                n = revoke_user(user, cache, ring if mac is not None else None, mac)
+                if n:
+                    log.info("TLS sessions revoked", user=user, sessions=n)
+
+            self.cluster.submit(revoke)
+        elif cache is not None:
+            n = revoke_user(user, cache, None, None)
             if n:
                 log.info("TLS sessions revoked", user=user, sessions=n)
 
@@ -271,6 +292,7 @@ class Arbiter:
             self.metrics = metrics_layout.create(new)
             self.metrics_writer = self.metrics.writer(metrics_layout.SUPERVISOR_SLOT)
         self.shared = self._shared_state(new)
+        self._open_cluster(new)
         self._open_bans(new)
         self._open_registry(new)
         self.cfg = new
@@ -344,11 +366,8 @@ class Arbiter:
                 self.bans.tick(now)
             except Exception:  # the cluster side must never take the supervisor down
                 log.exception("ban maintenance failed")
-        if self.registry is not None:
-            try:
-                self.registry.tick(now)
-            except Exception:
-                log.exception("publishing this host to memcached failed")
+        if self.cluster is not None:
+            self.cluster.publish_metrics(self.metrics_writer)
         if self.watchdog and now - self.last_watchdog >= self.watchdog:
             systemd.notify("WATCHDOG=1")
             self.last_watchdog = now
@@ -497,7 +516,7 @@ class Arbiter:
             "passive_ports": self.cfg.server.passive_ports,
             "tls": self.shared.get("tls_mode", {}),
             "memcache": {"enabled": self.cfg.memcache.enabled,
-                         "servers": self.bans.memcache_status() if self.bans is not None else []},
+                         "servers": self.cluster.status() if self.cluster is not None else []},
             "totals": self.headline(),
         }
         for extra in self.extra_status:
@@ -525,6 +544,8 @@ class Arbiter:
             self.metrics_http.close()
         if self.bans is not None:
             self.bans.close()
+        if self.cluster is not None:
+            self.cluster.stop(wait=1.0)
         if self.registry is not None:
             self.registry.close()
         with contextlib.suppress(FileNotFoundError):

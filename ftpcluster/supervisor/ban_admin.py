@@ -1,7 +1,8 @@
 """The supervisor's share of bans: it creates the host's tables before the nodes
 fork, answers `ftpcluster ban|permit|bans`, frees expired records, keeps the
 `bans.json` snapshot that carries bans over a restart, and publishes the
-active-ban gauges. Runs in the supervisor's loop: every call here is short."""
+active-ban gauges. Runs in the supervisor's loop: every call here is short, and
+none talks to memcached (that is the cluster sync thread's job, cluster_sync.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from ..config import Config
 
 log = structlog.get_logger("ftpcluster.ban")
 PURGE_EVERY = 10.0
+BANS_DEADLINE = 3.0  # seconds `bans` waits for the cluster thread before answering with this host's bans
 SNAPSHOT_MAX = 200_000
 
 
 class BanAdmin:
-    def __init__(self, cfg: Config, metrics: Any = None) -> None:
+    def __init__(self, cfg: Config, metrics: Any = None, cluster: Any = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         fresh = not ban_layout.table_path(cfg).exists()
@@ -42,33 +44,13 @@ class BanAdmin:
         if fresh:
             self.load_snapshot()
         self.engine.table.purge()
-        self.ring: Any = None
-        self.sync: Any = None
-        self.mac: Any = None  # RecordMac: what this host writes to memcached and believes back
-        self.next_sync = 0.0
-        if cfg.memcache.enabled:
-            from ..cluster.memcache_ring import Ring
-            from ..cluster.record_mac import load_record_mac
-            from ..cluster.session_seal import SealError
-
-            self.ring = Ring(cfg, count=self._count)
-            try:
-                self.mac = load_record_mac(cfg, self.ring.prefix, count=self._count)
-            except SealError as e:  # start and reload refuse this when bans use memcached (preflight)
-                if cfg.ban.cache == "memcache":
-                    log.error("no cluster key: bans are not shared through memcached", error=str(e))
-            if cfg.ban.cache == "memcache" and self.mac is not None:
-                from ..cluster.ban_sync import BanSync
-
-                self.sync = BanSync(self.engine, self.ring, host_id(cfg), self.mac, count=self._count)
-                self.extra_bans.append(self.sync.cluster_bans)
+        self.cluster: Any = cluster  # ClusterSync: the arbiter's thread that talks to memcached
+        if cluster is not None and cfg.ban.cache == "memcache" and cluster.enable_bans():
+            self.engine.on_change.append(cluster.on_change)
 
     def _count(self, name: str, labels: tuple[str, ...]) -> None:
         if self.metrics is not None:
             self.metrics.inc(name, labels)
-
-    def memcache_status(self) -> list[dict[str, Any]]:
-        return self.ring.status() if self.ring is not None else []
 
     # ------------------------------------------------------------ persistence
     def load_snapshot(self) -> int:
@@ -112,15 +94,6 @@ class BanAdmin:
 
     # ------------------------------------------------------------ loop work
     def tick(self, now: float) -> None:
-        if self.ring is not None and now >= self.next_sync:
-            self.next_sync = now + self.cfg.memcache.sync_interval
-            self.ring.probe(now)
-            if self.sync is not None:
-                self.sync.publish_local()
-                self.sync.sync()
-            if self.metrics is not None:
-                for st in self.ring.status():
-                    self.metrics.set("ftpcluster_memcache_up", int(st["up"]), (st["address"],))
         self._user_bans()
         if now >= self.next_purge:
             self.next_purge = now + PURGE_EVERY
@@ -185,19 +158,29 @@ class BanAdmin:
         self.save_snapshot()
         return {"ok": True, "found": found}
 
-    def handle_bans(self, req: dict[str, Any], _pending: Any = None) -> dict[str, Any]:
+    def handle_bans(self, req: dict[str, Any], pending: Any = None) -> dict[str, Any] | None:
         out = [b.to_json() for b in self.engine.active()]
         seen = {(b["kind"], b["name"]) for b in out}
         for extra in self.extra_bans:
             with contextlib.suppress(Exception):
                 out += [b for b in extra() if (b["kind"], b["name"]) not in seen]
-        return {"ok": True, "bans": out}
+        if self.cluster is None or not self.cluster.with_bans or pending is None:
+            return {"ok": True, "bans": out}
+
+        def answer(fut: Any) -> None:  # on the cluster thread: add the bans only memcached has
+            more: list[dict[str, Any]] = []
+            with contextlib.suppress(Exception):
+                more = [b for b in fut.result() if (b["kind"], b["name"]) not in seen]
+            pending.answer({"ok": True, "bans": out + more})
+
+        job = self.cluster.submit(lambda ring, sync: sync.cluster_bans() if sync is not None else [],
+                                  deadline=time.monotonic() + BANS_DEADLINE)  # fmt: skip
+        job.add_done_callback(answer)
+        return None
 
     def register(self, handlers: dict[str, Any]) -> None:
         handlers.update({"ban": self.handle_ban, "permit": self.handle_permit, "bans": self.handle_bans})
 
     def close(self) -> None:
         self.save_snapshot()
-        if self.ring is not None:
-            self.ring.close()
 
