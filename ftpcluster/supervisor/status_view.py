@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -41,7 +42,14 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append("")
         for s in mc.get("servers", []):
             state = "up" if s.get("up") else "DOWN"
-            lines.append(f"memcached   {s['address']:24} {state:5} errors {s.get('errors', 0)}")
+            line = f"memcached   {s['address']:24} {state:5} errors {s.get('errors', 0)}"
+            if s.get("latency_ms") is not None:
+                line += f", latency {s['latency_ms']:.2f} ms"
+            if not s.get("up") and s.get("ejected_since"):
+                line += ", down since " + time.strftime("%H:%M:%S", time.localtime(s["ejected_since"]))
+            if s.get("last_error"):
+                line += f", last error: {s['last_error']}"
+            lines.append(line)
     cl = st.get("cluster")
     if cl:
         lines.append(f"cluster     host {cl.get('host_id')}, session key {cl.get('key_fingerprint') or '-'}, "
