@@ -8,12 +8,16 @@ kept for the rest of the bench (Settings.fixtures), stopped at its end.
 - ftps_cross_host: FTPS sessions that alternate between the hosts and offer
   the session from the previous connection, so every resumption is cross-host:
   with cluster ticket keys (TLS 1.3 tickets) and, on a pair with tickets off,
-  through the memcached session cache (TLS 1.2 session ids)."""
+  through the memcached session cache (TLS 1.2 session ids).
+- ftps_memcached_hung: the tickets-off churn (TLS 1.2 session ids) on a pair
+  with a memcached of its own, healthy and then SIGSTOPped, in the same run:
+  what a hung cache costs (full handshakes, and no stall)."""
 
 from __future__ import annotations
 
 import random
 import shutil
+import signal
 import ssl
 import time
 from typing import Any
@@ -32,21 +36,27 @@ BAN_TIMEOUT = 5.0  # seconds a ban may take to reach host B before it counts as 
 POLL = 0.005
 
 
-def _memcached(s: Settings) -> Memcached:
-    mc = s.fixtures.get("memcached")
+def _memcached(s: Settings, name: str = "memcached") -> Memcached:
+    mc = s.fixtures.get(name)
     if mc is None:
         if shutil.which("memcached") is None:
             raise Skip("memcached not installed")
         mc = start_memcached(1)[0]
-        s.fixtures["memcached"] = mc
-        s.cleanups.append(mc.stop)
+        s.fixtures[name] = mc
+        s.cleanups.append(lambda: (_resume(mc), mc.stop()))
     return mc
 
 
-def pair(s: Settings, tickets: str) -> list[Server]:
+def _resume(mc: Memcached) -> None:
+    if mc.proc is not None and mc.proc.poll() is None:
+        mc.proc.send_signal(signal.SIGCONT)
+
+
+def pair(s: Settings, tickets: str, memcached: str = "memcached") -> list[Server]:
     """Two hosts with session_tickets = `tickets`, session_cache = memcache, the
-    same certificate and [tls] session_key_file; each pair its own namespace."""
-    name = f"pair-{tickets}"
+    same certificate and [tls] session_key_file; each pair its own namespace
+    (and, with `memcached` other than the default, its own memcached)."""
+    name = f"pair-{tickets}" + ("" if memcached == "memcached" else f"-{memcached}")
     if name in s.fixtures:
         hosts: list[Server] = s.fixtures[name]
         for h in hosts:
@@ -54,7 +64,7 @@ def pair(s: Settings, tickets: str) -> list[Server]:
                 raise RuntimeError(f"host {h.dir.name} of {name} died: {h.logs()[-300:]}")
         return hosts
     assert s.base is not None and s.files is not None
-    mc = _memcached(s)
+    mc = _memcached(s, memcached)
     base = s.base / name
     base.mkdir(parents=True, exist_ok=True)
     key = base / "session.key"
@@ -177,3 +187,40 @@ def ftps_cross_host(peer: Peer, s: Settings) -> Sample:
         if tickets == "cluster":
             value = r.rate
     return Sample(value, detail)
+
+
+def ftps_memcached_hung(peer: Peer, s: Settings) -> Sample:
+    """FTPS sessions/s alternating between two hosts with tickets off (TLS 1.2:
+    a session from the other host resumes through memcached), first with
+    memcached healthy, then SIGSTOPped (same run); the value is the hung rate.
+    A hung cache must cost full handshakes, not stalls."""
+    _only_ftpcluster(peer, "ProFTPD's cross-host resumption is not set up in this bench (one host)")
+    hosts = pair(s, "off", memcached="memcached-hung")
+    mc = s.fixtures["memcached-hung"]
+    cfg = config_mod.load(str(hosts[0].config))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # a previous run's SIGSTOP is over: every server up again
+        if all(x.get("up") for x in call(cfg, {"cmd": "status"}).get("memcache", {}).get("servers", [])):
+            break
+        time.sleep(0.1)
+    ctx = loadgen.client_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    detail: dict[str, Any] = {}
+    rates = {}
+    for phase in ("healthy", "hung"):
+        if phase == "hung":
+            mc.proc.send_signal(signal.SIGSTOP)
+        try:
+            r, srv, _ = _alternating(hosts, s, ctx)
+        finally:
+            _resume(mc)
+        if r.ops == 0:
+            raise RuntimeError(f"memcached {phase}: no session completed ({r.errors} errors)")
+        rates[phase] = r.rate
+        detail.update({f"{phase}_rate": round(r.rate, 1), f"{phase}_errors": r.errors,
+                       f"{phase}_resumed_pct": round(100 * r.resumed / r.offered, 1) if r.offered else 0.0,
+                       f"{phase}_p50_ms": round(r.p(0.5) * 1000, 2), f"{phase}_p99_ms": round(r.p(0.99) * 1000, 2),
+                       f"{phase}_max_ms": round(max(r.latencies) * 1000, 1) if r.latencies else None,
+                       f"{phase}_server_cpu_ms_per_op": round(srv * 1000 / r.ops, 3)})  # fmt: skip
+    detail["hung_vs_healthy_pct"] = round(100 * rates["hung"] / rates["healthy"], 1) if rates["healthy"] else None
+    return Sample(rates["hung"], detail)

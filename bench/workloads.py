@@ -225,7 +225,7 @@ def idle_memory(peer: Peer, s: Settings) -> Sample:
                             "before": before, "during": during})  # fmt: skip
 
 
-from .cluster import ban_propagation, ftps_cross_host  # noqa: E402 (it uses the types above)
+from .cluster import ban_propagation, ftps_cross_host, ftps_memcached_hung  # noqa: E402 (it uses the types above)
 from . import stock  # noqa: E402 (the same)
 from .limits import quota_drift, rate_error, retr_limit_idle  # noqa: E402
 
@@ -279,5 +279,11 @@ WORKLOADS: list[Workload] = [
     Workload("quota_drift", "quota usage error after 1,000 uploads/deletes over 2 hosts", "bytes", quota_drift,
              higher_is_better=False, extra=[Extra("error_files", "quota usage error, files", "files",
                                                   higher_is_better=False)]),  # fmt: skip
+    Workload("ftps_memcached_hung", "FTPS cross-host sessions/s, memcached hung (tickets off)", "/s",
+             ftps_memcached_hung,
+             extra=[Extra("healthy_rate", "FTPS cross-host sessions/s, memcached healthy (same run)", "/s"),
+                    Extra("hung_vs_healthy_pct", "hung vs healthy", "%"),
+                    Extra("hung_p99_ms", "FTPS session p99, memcached hung", "ms", higher_is_better=False),
+                    Extra("healthy_resumed_pct", "resumed on the other host, memcached healthy", "%")]),  # fmt: skip
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
