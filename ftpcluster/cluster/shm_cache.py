@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,12 @@ MAGIC = b"FTPCSHM1"
 HEADER = struct.Struct("<8sIII")  # magic, sets, ways, slot size
 SLOT_HEAD = struct.Struct("<QdH32sH")  # seq, expires_at (wall clock), key length, key digest, value length
 READ_TRIES = 4
+# fcntl locks are per process: a node's loop and its memcached thread (which copies
+# sessions from memcached) both write, so writers of one process also take this
+# lock. Held across fork() by the forking thread only.
+_THREAD_LOCK = threading.Lock()
+os.register_at_fork(before=_THREAD_LOCK.acquire, after_in_parent=_THREAD_LOCK.release,
+                    after_in_child=_THREAD_LOCK.release)  # fmt: skip
 
 
 class ShmCache:
@@ -105,6 +112,10 @@ class ShmCache:
         return False
 
     def _write(self, off: int, digest: bytes, value: bytes, expires: float) -> None:
+        with _THREAD_LOCK:
+            self._write_locked(off, digest, value, expires)
+
+    def _write_locked(self, off: int, digest: bytes, value: bytes, expires: float) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_EX, self.slot_size, off, os.SEEK_SET)
         try:
             mm = self.mm
