@@ -17,6 +17,7 @@ Metrics counted on the thread are kept here and added on the loop
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -70,7 +71,9 @@ class ClusterSync:
 
     def enable_bans(self) -> bool:
         """Sync bans through memcached (BanAdmin calls this once the host's tables exist)."""
-        self.with_bans = self.mac is not None
+        with self._wake:
+            self.with_bans = self.mac is not None
+            self._wake.notify()
         return self.with_bans
 
     def submit(self, fn: Job, deadline: float | None = None) -> Future[Any]:
@@ -140,27 +143,35 @@ class ClusterSync:
                     break
                 jobs = list(self._jobs)
                 self._jobs.clear()
-            try:
-                if self.with_bans and self.sync is None:
+            if self.with_bans and self.sync is None:
+                with contextlib.suppress(Exception):  # tables missing: tried again next time
                     self.sync = self._make_sync()
-                self.ring.probe()
-                for fut, fn, deadline in jobs:
-                    self._run_job(fut, fn, deadline)
-                if time.monotonic() >= next_round:
-                    next_round = time.monotonic() + interval
-                    if self.sync is not None:
-                        self.sync.publish_local()
-                        self.sync.sync()
-                    for task in list(self.periodic):
-                        task(time.monotonic())
-                    self.rounds += 1
-                    self.last_round = time.time()
-            except Exception:  # the cluster side must never end the thread
-                log.exception("cluster sync failed")
+                    next_round = 0.0  # the first full load comes before any job (e.g. `bans`)
+            if time.monotonic() >= next_round:
                 next_round = time.monotonic() + interval
+                self._round()
+            for fut, fn, deadline in jobs:
+                self._run_job(fut, fn, deadline)
         if self.sync is not None:
             self.sync.engine.table.close()
         self.ring.close()
+
+    def _round(self) -> None:
+        """Ban sync and the periodic tasks; an error is logged, the next round comes."""
+        try:
+            self.ring.probe()
+            if self.sync is not None:
+                self.sync.publish_local()
+                self.sync.sync()
+        except Exception:  # the cluster side must never end the thread
+            log.exception("cluster sync failed")
+        for task in list(self.periodic):
+            try:
+                task(time.monotonic())
+            except Exception:
+                log.exception("cluster task failed")
+        self.rounds += 1
+        self.last_round = time.time()
 
     def _run_job(self, fut: Future[Any], fn: Job, deadline: float | None) -> None:
         if not fut.set_running_or_notify_cancel():
