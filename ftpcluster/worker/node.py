@@ -15,6 +15,7 @@ import itertools
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class NodeServer:
         self._listeners: list[tuple[socket.socket, bool]] = []
         self.tls: Any = None
         self._memcache: Any = None
+        self._memcache_lock = threading.Lock()
         self.auth = Authenticator({})
         self.reload_users()
         self._build_tls()
@@ -103,14 +105,16 @@ class NodeServer:
         self.subscribers.append(self.tls.remember_login)
 
     def memcache(self) -> Any:
-        """The node's one memcached thread (TLS sessions, cluster ban counts), made on
-        first use: every memcached call of the node runs there, never on the loop."""
-        if self._memcache is None:
-            from ..cluster.memcache_thread import MemcacheThread
+        """The node's memcached thread (TLS sessions, cluster ban counts) and its health
+        checker (transfer limits' own thread uses it too), made on first use from any
+        thread: no memcached call of the node runs on the loop."""
+        with self._memcache_lock:
+            if self._memcache is None:
+                from ..cluster.memcache_thread import MemcacheThread
 
-            loop = self.loop
-            self._memcache = MemcacheThread(self.cfg, count=lambda n, l: loop.call_soon_threadsafe(self._count, n, l))
-            self._memcache.start()
+                loop = self.loop
+                self._memcache = MemcacheThread(self.cfg, count=lambda n, l: loop.call_soon_threadsafe(self._count, n, l))
+                self._memcache.start()
         return self._memcache
 
     def _count(self, name: str, labels: tuple[str, ...]) -> None:

@@ -243,7 +243,8 @@ class NodeTransferLimits:
 
             loop = self.server.loop
             count = lambda n, l: loop.call_soon_threadsafe(self.count, n, l)  # noqa: E731
-            self._ring = Ring(self.cfg, count=count)
+            # the node's health checker: a hung server is skipped, not waited on, once seen
+            self._ring = Ring(self.cfg, count=count, health=self.server.memcache().health)
             try:
                 mac = load_record_mac(self.cfg, self._ring.prefix, count=count)
             except SealError as e:
