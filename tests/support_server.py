@@ -20,23 +20,53 @@ FTPCLUSTER = [sys.executable, "-m", "ftpcluster.cli"]
 PASSWORD = "s3cret-pw"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections and bind(0)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
+# Listening ports and passive ranges come from below the ephemeral range: a port the
+# kernel may give any outgoing connection (a client's, memcached's, haproxy's) between
+# "free" and the server's bind is a flaky start. Control ports [10000, 16000),
+# passive ranges [16000, ephemeral); each handed out once per test process, and
+# checked free on the address at the time.
+PORT_FLOOR, PASSIVE_FLOOR = 10000, 16000
+_used_ports: set[int] = set()
 _used_ranges: set[int] = set()
 
 
-def passive_range(size: int = 64) -> tuple[int, int]:
-    """A passive range unlikely to collide with other tests of this run."""
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, outside the ephemeral range (see above)."""
     for _ in range(1000):
-        base = random.randrange(20000, 60000 - size, size)
-        if base not in _used_ranges:
+        port = random.randrange(PORT_FLOOR, PASSIVE_FLOOR)
+        if port not in _used_ports and _bindable(host, port):
+            _used_ports.add(port)
+            return port
+    raise RuntimeError("no free port below the passive floor")
+
+
+def passive_range(size: int = 64, host: str = "127.0.0.1") -> tuple[int, int]:
+    """A passive range below the ephemeral ports, free on `host` now and not handed
+    out before in this process."""
+    top = min(_ephemeral_low(), 32768) - size
+    for _ in range(1000):
+        base = random.randrange(PASSIVE_FLOOR, top, size)
+        if base not in _used_ranges and all(_bindable(host, p) for p in range(base, base + size)):
             _used_ranges.add(base)
             return base, base + size - 1
-    raise RuntimeError("no passive range left")
+    raise RuntimeError("no passive range left below the ephemeral ports")
 
 
 def _toml_value(v: Any) -> str:
@@ -166,7 +196,7 @@ def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] =
         tls = True
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
-    lo, hi = passive_range()
+    lo, hi = passive_range(host=host)
     server: dict[str, Any] = {
         "listen": f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
         "passive_ports": f"{lo}-{hi}",
@@ -223,3 +253,17 @@ def wait_for(pred: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+def require(*tools: str) -> None:
+    """Skip when a peer tool is missing on a dev box; under CI (`CI` set, as every CI
+    sets it) a missing tool fails instead, so a skip never hides an untested path
+    (`make sysdeps` installs them all)."""
+    import pytest
+
+    missing = [t for t in tools if not have(t)]
+    if not missing:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{', '.join(missing)} not installed (run make sysdeps)")
+    pytest.skip(f"{', '.join(missing)} not installed")

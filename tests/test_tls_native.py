@@ -99,19 +99,40 @@ def test_python_client_resumes_in_another_process(tmp_path, certs, maxv):
         pair.close()
 
 
+class _NotAContext:
+    """Shaped like an SSLContext to ctx_pointer: its first slot (where SSLContext keeps
+    its SSL_CTX *) points at a zeroed buffer, so "options" read through the pointer are
+    0, and it has an `options` attribute. Safe to read through; not an SSL_CTX."""
+
+    __slots__ = ("buf", "opts")  # CPython lays slots out sorted: buf first
+
+    def __init__(self, options: int) -> None:
+        self.buf = bytes(1 << 16)
+        self.opts = options
+
+    @property
+    def options(self) -> int:
+        return self.opts
+
+    @options.setter
+    def options(self, value: int) -> None:
+        self.opts = int(value)  # as a real context's setter does
+
+
 def test_pointer_check_refuses_a_wrong_object():
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     assert ctx_pointer(ctx)
-
-    class Fake(ssl.SSLContext):
-        pass
-
-    # A context whose options changed behind our back still verifies (same object);
-    # garbage bytes never become a session.
-    assert ctx_pointer(Fake(ssl.PROTOCOL_TLS_SERVER))
+    assert ctx.options == ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).options  # the flip was undone
+    # Options that differ from what the pointer shows: refused by the first check.
+    with pytest.raises(NativeUnavailable, match="options differ"):
+        ctx_pointer(_NotAContext(int(ctx.options)))  # type: ignore[arg-type]
+    # Options that happen to match (0 == the zeroed buffer) but a change from Python
+    # does not show through the pointer: refused by the second check.
+    with pytest.raises(NativeUnavailable, match="did not show"):
+        ctx_pointer(_NotAContext(0))  # type: ignore[arg-type]
+    # Garbage bytes never become a session.
     assert session_from_der(os.urandom(200)) is None
     assert session_from_der(b"") is None
-    assert issubclass(NativeUnavailable, Exception)
 
 
 def test_shm_cache_get_put_expire_and_torn_writes(tmp_path):
