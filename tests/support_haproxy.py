@@ -1,4 +1,4 @@
-"""Helpers for PROXY protocol tests: start an ftpcluster server with the PROXY hook,
+"""Helpers for PROXY protocol tests: start an ftpcluster server that reads PROXY headers,
 run a real haproxy on loopback, speak FTP (and implicit FTPS) behind a header."""
 
 from __future__ import annotations
@@ -12,51 +12,19 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftpcluster.worker.proxy_protocol import build_v2
 
-from .support_server import REPO, Server
+from .support_server import Server
 
-# `ftpcluster start` with install_proxy among the node hooks, whether or not the
-# supervisor's default_node_hooks() lists it yet (install_proxy is idempotent).
-# FTPCLUSTER_TEST_REFUSE (comma-separated IPs) adds an admission check standing in for
-# a ban, to show refusals apply to the header's address.
-_LAUNCH = """
-import os, sys
-import ftpcluster.supervisor.arbiter as arbiter
-from ftpcluster.worker.proxy_accept import install_proxy
-_default = arbiter.default_node_hooks
-_refused = {ip for ip in os.environ.get("FTPCLUSTER_TEST_REFUSE", "").split(",") if ip}
-def _refuse(server):
-    server.admission.append(lambda ip: "530 Refused (test ban)" if ip in _refused else None)
-def _hooks():
-    hooks = _default()
-    hooks = hooks if install_proxy in hooks else hooks + [install_proxy]
-    return hooks + [_refuse] if _refused else hooks
-arbiter.default_node_hooks = _hooks
-from ftpcluster.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def start_with_proxy(srv: Server, nodes: int = 1, timeout: float = 20, refuse: tuple[str, ...] = ()) -> Server:
-    """Start `srv` (PROXY enabled in its config) and wait until it greets a LOCAL header.
-    `refuse`: client addresses every node refuses at admission, as a ban would."""
-    assert srv.log is not None
-    env = dict(os.environ, FTPCLUSTER_TEST_REFUSE=",".join(refuse))
-    with open(srv.log, "ab") as logf:
-        srv.proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, "start", "--config", str(srv.config), "--nodes", str(nodes)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=str(REPO),
-            start_new_session=True,
-            env=env,
-        )
+def start_with_proxy(srv: Server, nodes: int = 1, timeout: float = 20) -> Server:
+    """Start `srv` (PROXY enabled in its config) with the real `ftpcluster start`, and
+    wait until it greets a LOCAL header (a trusted peer's plain probe gets dropped)."""
+    srv.start(nodes=nodes, wait=False)
+    assert srv.proc is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if srv.proc.poll() is not None:
