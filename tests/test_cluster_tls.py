@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .support_server import cli, have
+from .support_server import cli, have, wait_for
 from .test_ftps import ReusingFTP_TLS, client_ctx, s_client
 
 
@@ -46,14 +46,33 @@ def test_openssl_resumes_on_another_host(server_factory, memcached, tmp_path, ve
     assert "\nReused, TLSv1." in second, second[-1500:]
 
 
+def tls_keys(mc) -> set[str]:
+    """The TLS session keys in memcached now (metadump lists every key)."""
+    with socket.create_connection(("127.0.0.1", mc.port), timeout=5) as s:
+        s.sendall(b"lru_crawler metadump all\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return {line.split()[0] for line in data.decode().splitlines() if "%3Atls%3A" in line}
+
+
+def wait_stored(mc, before: set[str]) -> None:
+    """A session new since `before` reached memcached (a background thread writes it)."""
+    assert wait_for(lambda: tls_keys(mc) - before), "the new session never reached memcached"
+
+
 @pytest.mark.parametrize("maxv", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
 def test_python_session_resumes_across_hosts_and_data_reuse_works(server_factory, memcached, tmp_path, maxv):
-    _, hosts = tls_hosts(server_factory, memcached, tmp_path, "off")
+    (mc,), hosts = tls_hosts(server_factory, memcached, tmp_path, "off")
     ctx = client_ctx(maxv)
     session = None
     reused = []
     for i in range(6):
         h = hosts[i % 2]
+        keys = tls_keys(mc)
         with socket.create_connection((h.host, h.implicit_port), timeout=10) as raw:
             with ctx.wrap_socket(raw, session=session) as s:
                 f = s.makefile("rwb")
@@ -64,7 +83,8 @@ def test_python_session_resumes_across_hosts_and_data_reuse_works(server_factory
                 if session is not None:
                     reused.append(s.session_reused)
                 session = s.session
-        time.sleep(0.3)  # new sessions reach memcached from a background thread
+        if maxv == ssl.TLSVersion.TLSv1_3 or not reused or not reused[-1]:  # a new session was made
+            wait_stored(mc, keys)
     assert reused and all(reused), reused
     for h in hosts:  # protected data channels still resume their control session
         (h.home / "x").write_bytes(b"data")
@@ -183,7 +203,7 @@ def test_status_and_metrics_show_the_tls_mode(server_factory, memcached, tmp_pat
 
 @pytest.mark.parametrize("maxv", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
 def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, maxv):
-    _, (a, b) = tls_hosts(server_factory, memcached, tmp_path, "off")
+    (mc,), (a, b) = tls_hosts(server_factory, memcached, tmp_path, "off")
     ctx = client_ctx(maxv)
 
     def login(h, session):  # type: ignore[no-untyped-def]
@@ -200,13 +220,15 @@ def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, m
                 f.readline()
                 return s.session, s.session_reused, reply
 
+    keys = tls_keys(mc)
     session, _, reply = login(a, None)
     assert reply.startswith(b"230")
-    time.sleep(0.3)  # the memcached write is asynchronous
+    wait_stored(mc, keys)
     _, reused, _ = login(b, session)
     assert reused  # through memcached on the other host
     assert cli("ban", "user", "alice", "--for", "1h", config=a.config).returncode == 0
-    time.sleep(1.5)
+    # The ban reaches host b through memcached; until then b may still admit alice.
+    assert wait_for(lambda: login(b, None)[2].startswith(b"530"), 15), "the ban never reached host b"
     for h in (a, b):
         _, reused, reply = login(h, session)
         assert not reused and reply.startswith(b"530")
