@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,8 +48,15 @@ def test_metrics_move_across_nodes(server_factory):
         srv.ftp(login=False).login("alice", "wrong")
     except ftplib.error_perm:
         pass
-    after = scrape(port)
     opened = sum(len(v) for v in by_pid.values())
+    # Counters move as each node finishes its bookkeeping: wait for the last ones to land.
+    failed_key = ("ftpcluster_logins_total", (("result", "failed"),))
+    after = wait_for(
+        lambda: (a := scrape(port)) and a.get(failed_key) == 1
+        and a.get(("ftpcluster_bytes_total", (("direction", "in"),))) == opened * len(payload)
+        and a.get(("ftpcluster_bytes_total", (("direction", "out"),))) == opened * len(payload) and a,
+        what="transfer and login counters",
+    )
     assert after[("ftpcluster_sessions_total", ())] - before[("ftpcluster_sessions_total", ())] >= opened + 1
     assert after[("ftpcluster_sessions", ())] >= opened
     assert after[("ftpcluster_logins_total", (("result", "ok"),))] >= opened
@@ -79,13 +85,11 @@ def test_json_logs_carry_session_context(server_factory):
         srv.ftp(login=False).login("mallory", "guess")
     except ftplib.error_perm:
         pass
-    time.sleep(0.3)
-    lines = json_lines(srv.logs())
+    lines = wait_for(lambda: (t := json_lines(srv.logs())) and any(r.get("event") == "login failed" for r in t) and t,
+                     what="the failed login logged")  # fmt: skip
     login = [r for r in lines if r.get("event") == "login ok"]
-    assert login and login[0]["user"] == "alice" and login[0]["client"] == "127.0.0.1"
-    assert login[0]["node"] in (1, 2) and login[0]["session"].split("-")[1] == str(pid) or any(
-        r["session"].split("-")[1] == str(pid) for r in login
-    )
+    assert len(login) == 1 and login[0]["user"] == "alice" and login[0]["client"] == "127.0.0.1"
+    assert login[0]["node"] in (1, 2) and login[0]["session"].split("-")[1] == str(pid), login
     failed = [r for r in lines if r.get("event") == "login failed"]
     assert failed and failed[0]["user"] == "mallory" and failed[0]["client"] == "127.0.0.1"
     assert all("timestamp" in r and "level" in r for r in lines)
@@ -98,7 +102,9 @@ def test_trace_channel_turns_on_one_subsystem(server_factory):
         f = srv.ftp()
         f.sendcmd("NOOP")
         f.quit()
-    time.sleep(0.3)
+    # The session's last record (disconnect) comes after any record of its NOOP.
+    for srv in (quiet, loud):
+        wait_for(lambda: any(r.get("event") == "disconnect" for r in json_lines(srv.logs())), what="disconnect logged")
     assert not [r for r in json_lines(quiet.logs()) if r.get("event") == "command"]
     cmds = [r for r in json_lines(loud.logs()) if r.get("event") == "command"]
     assert any(r.get("verb") == "NOOP" for r in cmds)
@@ -149,8 +155,7 @@ def test_sigusr1_reopens_log_files(server_factory):
     wait_for(lambda: log.exists() and xfer.exists(), what="log files")
     os.rename(log, srv.dir / "ftp.log.1")
     os.rename(xfer, srv.dir / "xfer.log.1")
-    os.kill(srv.proc.pid, signal.SIGUSR1)
-    time.sleep(0.5)  # the signal reaches the nodes through the supervisor
+    os.kill(srv.proc.pid, signal.SIGUSR1)  # reaches the nodes through the supervisor: retry until it did
 
     def fresh() -> bool:
         g = srv.ftp()
