@@ -1,11 +1,12 @@
-# ftpcluster: make run | make test | make bench
+# ftpcluster: make run | make test | make mutate | make bench
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-SYSPKGS := memcached haproxy lftp curl openssl iproute2
+# systemd: for systemd-analyze, which verifies deploy/ftpcluster.service in the tests
+SYSPKGS := memcached haproxy lftp curl openssl iproute2 systemd
 BENCHPKGS := proftpd-core proftpd-mod-crypto
-.PHONY: run test bench venv sysdeps bench-sysdeps clean
+.PHONY: run test mutate bench venv sysdeps bench-sysdeps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,7 @@ run: venv
 # System tools the tests drive as real peers; installed when missing and root.
 sysdeps:
 	@missing=""; \
-	for b in memcached haproxy lftp curl openssl ip; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	for b in memcached haproxy lftp curl openssl ip systemd-analyze; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
@@ -35,6 +36,11 @@ sysdeps:
 
 test: venv sysdeps
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Deliberate breakages, each on a copy of the repo, each run against the tests named
+# for it: every one must turn a test red (tests/mutations.py). Not part of `make test`.
+mutate: venv sysdeps
+	$(PY) -m tests.mutations $(MUTATE_ARGS)
 
 # ProFTPD (with mod_tls from proftpd-mod-crypto) is a bench peer only; the bench skips it when missing.
 bench-sysdeps: sysdeps

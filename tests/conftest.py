@@ -37,10 +37,10 @@ def server(server_factory: Callable[..., Server]) -> Server:
 @pytest.fixture
 def memcached():
     """start(n) -> n real memcached servers on loopback, killed at teardown."""
-    from .support_memcached import have_memcached, start_memcached
+    from .support_memcached import start_memcached
+    from .support_server import require
 
-    if not have_memcached():
-        pytest.skip("memcached is not installed")
+    require("memcached")
     started = []
 
     def start(n: int = 1):

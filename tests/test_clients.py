@@ -14,12 +14,12 @@ from urllib.parse import quote
 
 import pytest
 
-from .support_server import Server, have
+from .support_server import Server, needs
 
 ENV = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/tmp")}
 
-needs_curl = pytest.mark.skipif(not have("curl"), reason="curl not installed")
-needs_lftp = pytest.mark.skipif(not have("lftp"), reason="lftp not installed")
+needs_curl = needs("curl")
+needs_lftp = needs("lftp")
 
 TREE = {
     "top.bin": 1_000_003,

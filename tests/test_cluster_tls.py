@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .support_server import cli, have, wait_for
+from .support_server import cli, needs, wait_for
 from .test_ftps import ReusingFTP_TLS, client_ctx, s_client
 
 
@@ -125,7 +125,7 @@ def test_memcached_outage_degrades_to_full_handshakes(server_factory, memcached,
     assert "\nReused, TLSv1." in s_client(a, "tls1_2", f"-sess_in {sess}")  # L1 still serves the host
 
 
-@pytest.mark.skipif(not (have("curl") and have("lftp")), reason="curl or lftp missing")
+@needs("curl", "lftp")
 def test_curl_and_lftp_on_each_host(server_factory, memcached, tmp_path):
     _, hosts = tls_hosts(server_factory, memcached, tmp_path, "cluster")
     src = tmp_path / "up.bin"

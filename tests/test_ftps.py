@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .support_server import cli, have
+from .support_server import cli, needs
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
 
@@ -176,7 +176,7 @@ def test_feat_and_negotiation_replies(tls_server):
     g.quit()
 
 
-@pytest.mark.skipif(not have("curl"), reason="curl missing")
+@needs("curl")
 @pytest.mark.parametrize("tlsflags", [["--tlsv1.2", "--tls-max", "1.2"], ["--tlsv1.3"]], ids=["tls12", "tls13"])
 def test_curl_explicit_and_implicit(tls_server, tmp_path, tlsflags):
     src = tmp_path / "up.bin"
@@ -200,7 +200,7 @@ def test_curl_explicit_and_implicit(tls_server, tmp_path, tlsflags):
     assert "down.bin" in (tmp_path / "list").read_text()
 
 
-@pytest.mark.skipif(not have("lftp"), reason="lftp missing")
+@needs("lftp")
 def test_lftp_ssl_force_and_protect_data(tls_server, tmp_path):
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(400_000))

@@ -25,11 +25,10 @@ from .support_haproxy import (
     closed_without_banner,
     connect_with_header,
     ftp_over,
-    have_haproxy,
     render_config,
     start_with_proxy,
 )
-from .support_server import PASSWORD, Server, cli, free_port, make_server
+from .support_server import PASSWORD, Server, cli, free_port, make_server, require
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE4 = ("203.0.113.7", 40123)
@@ -203,8 +202,7 @@ def test_passive_listener_with_proxy_checks_the_real_client(tmp_path: Path) -> N
 
 # ------------------------------------------------------------------ haproxy
 def test_deploy_example_is_valid_haproxy_config() -> None:
-    if not have_haproxy():
-        pytest.skip("haproxy is not installed")
+    require("haproxy")
     r = subprocess.run(["haproxy", "-c", "-f", str(REPO / "deploy" / "haproxy.cfg")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -212,8 +210,7 @@ def test_deploy_example_is_valid_haproxy_config() -> None:
 @pytest.mark.parametrize("passive_proxy", [True, False], ids=["passive-proxy", "passive-plain"])
 def test_through_a_real_haproxy(tmp_path: Path, passive_proxy: bool) -> None:
     """Client 127.0.0.5 -> haproxy on 127.0.0.2 (send-proxy-v2) -> server on 127.0.0.1."""
-    if not have_haproxy():
-        pytest.skip("haproxy is not installed")
+    require("haproxy")
     srv = _proxy_server(tmp_path / "srv", passive=passive_proxy, implicit=True, masquerade_address="127.0.0.2")
     front = "127.0.0.2"
     ctl, ftps = free_port(front), free_port(front)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .support_cluster import alive, node_pids, ready_status, session_pid, sessions_on_every_node, status, wait_for
-from .support_server import FTPCLUSTER, REPO, cli, make_server
+from .support_server import FTPCLUSTER, REPO, cli, make_server, require
 
 BIG = 48 * 1024 * 1024
 
@@ -31,13 +31,18 @@ def _big_file(srv, name: str = "big.bin") -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _slow_download(f: ftplib.FTP, name: str, started: threading.Event, pause: float = 0.002) -> str:
-    """RETR reading slowly, so the transfer is surely running when the test acts."""
+def _slow_download(f: ftplib.FTP, name: str, started: threading.Event, pause: float = 0.002,
+                   go: threading.Event | None = None) -> str:
+    """RETR reading slowly, so the transfer is surely running when the test acts; with
+    `go`, it also stops reading after the first chunk until the test has acted."""
     h = hashlib.sha256()
     f.voidcmd("TYPE I")
     with f.transfercmd(f"RETR {name}") as conn:
         conn.settimeout(30)
+        h.update(conn.recv(65536))
         started.set()
+        if go is not None:
+            assert go.wait(30)
         while True:
             chunk = conn.recv(65536)
             if not chunk:
@@ -92,22 +97,23 @@ def test_kill_node_mid_transfer(server_factory):
     by_pid = sessions_on_every_node(srv, 1)
     victim_pid = next(iter(by_pid))
     victim = by_pid[victim_pid][0]
-    started = threading.Event()
+    victim_id = next(i for i, p in node_pids(srv).items() if p == victim_pid)
+    started, killed = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
     def download() -> None:
         try:
-            outcome["digest"] = _slow_download(victim, "big.bin", started)
+            outcome["digest"] = _slow_download(victim, "big.bin", started, go=killed)
         except Exception as e:  # expected: the node dies under it
             outcome["error"] = e
 
     t = threading.Thread(target=download)
     t.start()
     assert started.wait(10)
-    victim_id = next(i for i, p in node_pids(srv).items() if p == victim_pid)
-    os.kill(victim_pid, signal.SIGKILL)
+    os.kill(victim_pid, signal.SIGKILL)  # the download holds after its first chunk: surely mid-transfer
+    killed.set()
     t.join(30)
-    assert "error" in outcome
+    assert "error" in outcome, outcome
     # Every other session carries on.
     for pid, sessions in by_pid.items():
         if pid != victim_pid:
@@ -316,11 +322,9 @@ def test_sd_notify(tmp_path):
 
 
 def test_systemd_unit_verifies():
-    import shutil
     import subprocess
 
-    if not shutil.which("systemd-analyze"):
-        pytest.skip("systemd-analyze not installed")
+    require("systemd-analyze")  # make sysdeps installs it (package systemd)
     units = sorted((REPO / "deploy").glob("*.service"))
     assert units
     r = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60)
