@@ -8,7 +8,7 @@ import stat
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ftpcluster.cluster.session_seal import SealError, derive, generate_key_file, load_sealer, parse_key_file
+from ftpcluster.cluster.session_seal import HEADER, SealError, derive, generate_key_file, load_sealer, parse_key_file
 
 from .support_server import cli
 
@@ -69,9 +69,25 @@ def test_missing_key_file_is_a_clear_error(tmp_path):
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
-def test_open_never_raises(blob):
+def test_forged_blobs_never_open(blob):
+    """Random bytes (with our magic and key id in front, or not) are never a value:
+    open() answers None, never raises and never returns plaintext."""
     sealer = load_sealer_fixture()
-    assert sealer.open(blob) is None or isinstance(sealer.open(blob), bytes)
+    assert sealer.open(blob) is None
+    head = sealer.seal(b"")[:HEADER.size]
+    assert sealer.open(head + blob) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=100), st.binary(max_size=20), st.data())
+def test_any_flipped_bit_is_a_miss(plain, aad, data):
+    sealer = load_sealer_fixture()
+    box = sealer.seal(plain, aad=aad)
+    assert sealer.open(box, aad=aad) == plain
+    i = data.draw(st.integers(0, len(box) - 1))
+    bad = bytearray(box)
+    bad[i] ^= 1 << data.draw(st.integers(0, 7))
+    assert sealer.open(bytes(bad), aad=aad) is None
 
 
 _SEALER = None
