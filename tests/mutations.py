@@ -1,0 +1,224 @@
+"""Mutation check: does the suite notice when a safety property of the server breaks?
+
+Each mutation below is a deliberate breakage of one property (drop the ban record's
+CRC check, skip the PROXY hook, let `..` through, ...), written as literal
+search/replace edits on a source file. For each one, a copy of the repository is
+mutated and only the tests named for it run; at least one must fail. A search text
+that is no longer in its file is an error (so the list cannot rot silently when the
+code moves on: fix the mutation, do not drop it).
+
+    python -m tests.mutations              # all, prints mutation -> catching test
+    python -m tests.mutations --list       # names only
+    python -m tests.mutations ban-crc ...  # some
+    python -m tests.mutations --no-baseline  # skip the unmutated run of the named tests
+
+Not part of `make test` (run it with `make mutate`). CPU heavy: mutations run one
+after another, each with only its tests (`-x`: the first failure is the catch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    file: str  # relative to the repo
+    edits: tuple[tuple[str, str], ...]  # literal (search, replace); each search must occur
+    tests: tuple[str, ...]  # pytest node ids that must catch it
+
+
+def M(name: str, what: str, file: str, edits: list[tuple[str, str]], tests: list[str]) -> Mutation:
+    return Mutation(name, what, file, tuple(edits), tuple(tests))
+
+
+MUTATIONS: list[Mutation] = [
+    M("ban-crc", "ban table reader ignores the record CRC", "ftpcluster/cluster/ban_table.py",
+      [("if kind == 0 or crc != zlib.crc32(raw[4:]):", "if kind == 0:")],
+      ["tests/test_ban_table.py::test_torn_record_is_skipped_not_read"]),
+    M("ban-expiry", "ban table ignores expiry", "ftpcluster/cluster/ban_table.py",
+      [("return self.expires_at is None or self.expires_at > now", "return True")],
+      ["tests/test_ban_table.py::test_expired_records_are_reused_and_purged"]),
+    M("proxy-not-installed", "supervisor's nodes start without the PROXY hook", "ftpcluster/supervisor/arbiter.py",
+      [("return [attach_observability, install_bans, install_limits, install_proxy]",
+        "return [attach_observability, install_bans, install_limits]")],
+      ["tests/test_proxy_live.py::test_header_address_is_the_session_address"]),
+    M("proxy-untrusted", "PROXY headers believed from any peer", "ftpcluster/worker/proxy_accept.py",
+      [("return any(a in n for n in self.networks)", "return True")],
+      ["tests/test_proxy_live.py::test_untrusted_peer_header_is_not_believed"]),
+    M("proxy-v2-crc", "PROXY v2 CRC32C TLV not checked", "ftpcluster/worker/proxy_protocol.py",
+      [('if crc32c(zeroed) != int.from_bytes(value, "big"):', "if False:")],
+      ["tests/test_proxy_protocol.py::test_v2_bad_crc_rejected"]),
+    M("data-reuse-off", "protected data connections need not resume any session", "ftpcluster/worker/datatls.py",
+      [("if not reused or control_tls is None or not same_session(control_tls, sslsock):", "if False:")],
+      ["tests/test_ftps.py::test_plain_ftp_tls_data_refused_without_reuse"]),
+    M("data-reuse-any-session", "a data connection may resume any session, not the control's",
+      "ftpcluster/worker/datatls.py",
+      [("if not reused or control_tls is None or not same_session(control_tls, sslsock):", "if not reused:")],
+      ["tests/test_ftps.py::test_data_connection_with_another_clients_session_is_refused"]),
+    M("dotdot", "`..` passes path resolution (lexical and realpath confinement both off)", "ftpcluster/worker/fs.py",
+      [('                if not parts:\n                    raise PathError("path leads outside the home directory")\n'
+        "                parts.pop()\n", "                parts.append(part)\n"),
+       ("        if not self.inside(real):\n", "        if False:\n")],
+      ["tests/test_properties.py::test_known_escapes_refused", "tests/test_bad_input.py::test_path_escapes_refused"]),
+    M("symlink-escape", "confinement checks the lexical path, not where links lead", "ftpcluster/worker/fs.py",
+      [("real = os.path.realpath(lexical)", "real = os.path.normpath(lexical)")],
+      ["tests/test_properties.py::test_known_escapes_refused", "tests/test_bad_input.py::test_path_escapes_refused"]),
+    M("upload-in-place", "STOR writes the target in place (no temp file + atomic rename)",
+      "ftpcluster/worker/handlers_transfer.py",
+      [('temp = "" if in_place else os.path.join(parent, f"{TEMP_PREFIX}{secrets.token_hex(8)}")', 'temp = ""')],
+      ["tests/test_ftp_commands.py::test_stor_is_atomic"]),
+    M("tls-pointer-checks", "SSL_CTX pointer checks skipped", "ftpcluster/worker/tls_native.py",
+      [("if lib.SSL_CTX_get_options(ptr) != int(ctx.options):", "if False:"),
+       ("if not ok or lib.SSL_CTX_get_options(ptr) != int(ctx.options):", "if False:")],
+      ["tests/test_tls_native.py::test_pointer_check_refuses_a_wrong_object"]),
+    M("tls-pointer-flip-check", "SSL_CTX pointer: the write-through check skipped", "ftpcluster/worker/tls_native.py",
+      [("if not ok or lib.SSL_CTX_get_options(ptr) != int(ctx.options):", "if False:")],
+      ["tests/test_tls_native.py::test_pointer_check_refuses_a_wrong_object"]),
+    M("max-login-attempts", "max_login_attempts never closes the session", "ftpcluster/worker/handlers_auth.py",
+      [("if s.login_failures >= s.settings.max_login_attempts:", "if False:")],
+      ["tests/test_bans.py::test_rule_fires_and_every_node_refuses_then_permit"]),
+    M("read-only", "read-only accounts may write", "ftpcluster/worker/session.py",
+      [("if spec.write and self.user is not None and self.user.read_only:", "if False:")],
+      ["tests/test_bad_input.py::test_read_only_user"]),
+    M("seal-auth", "a sealed value failing authentication opens anyway", "ftpcluster/cluster/session_seal.py",
+      [("        except Exception:  # InvalidTag and friends: a miss\n            return None",
+        "        except Exception:  # InvalidTag and friends: a miss\n            return b\"\"")],
+      ["tests/test_session_seal.py::test_seal_open_and_tamper", "tests/test_session_seal.py::test_any_flipped_bit_is_a_miss"]),
+    M("seal-aad", "the seal's associated data (the session id) is not bound", "ftpcluster/cluster/session_seal.py",
+      [("encrypt(nonce, plaintext, head + aad)", "encrypt(nonce, plaintext, head)"),
+       ("bytes(sealed[HEADER.size + NONCE :]), head + aad)", "bytes(sealed[HEADER.size + NONCE :]), head)")],
+      ["tests/test_session_seal.py::test_seal_open_and_tamper"]),
+    M("never-list", "addresses on [ban] never are banned like any other", "ftpcluster/cluster/ban_engine.py",
+      [("return None if b is None or self.never_ban(ip) else b", "return b"),
+       ('if key and not (target != "user" and self.never_ban(ip)):', "if key:")],
+      ["tests/test_bans.py::test_never_list_is_never_banned"]),
+    M("limits-one-node", "per-host limits count one node's sessions, not the host's", "ftpcluster/cluster/presence.py",
+      [("        for region in self._active():\n            off = self._find(region, d, insert=False)",
+        "        for region in self._active()[:1]:\n            off = self._find(region, d, insert=False)")],
+      ["tests/test_host_limits.py::test_max_connections_per_host_over_nodes",
+       "tests/test_host_limits.py::test_max_clients_per_host_and_user"]),
+    M("starttls-injection", "plaintext pipelined behind AUTH TLS runs inside the TLS session",
+      "ftpcluster/worker/session.py",
+      [("if self.closed or self._tls_pending:", "if self.closed:")],
+      ["tests/test_ftps.py::test_plaintext_pipelined_after_auth_tls_is_discarded"]),
+    M("tls-required-control", "[tls] required = control not enforced", "ftpcluster/worker/handlers_auth.py",
+      [('return s.settings.tls_required in ("control", "both") and not s.tls_control', "return False")],
+      ["tests/test_ftps.py::test_required_control"]),
+    M("ftp-bounce", "PORT/EPRT to a third party's address allowed", "ftpcluster/worker/handlers_transfer.py",
+      [("    if target != client:\n", "    if False:\n")],
+      ["tests/test_ftp_commands.py::test_active_mode_no_bounce"]),
+    M("shm-cache-torn", "TLS session cache reads a slot a writer left half-written", "ftpcluster/cluster/shm_cache.py",
+      [("            if seq & 1:\n", "            if False:\n")],
+      ["tests/test_tls_native.py::test_shm_cache_get_put_expire_and_torn_writes"]),
+    M("cluster-ban-names", "ban names read from memcached are not validated", "ftpcluster/cluster/ban_sync.py",
+      [("        if validate_ban_name(check_kind, name) != name:\n            return None\n", "")],
+      ["tests/test_cluster_bans.py::test_garbage_in_memcached_is_not_trusted"]),
+    M("ban-revokes-no-tls-session", "a user ban leaves the user's cached TLS sessions resumable",
+      "ftpcluster/cluster/tls_revoke.py",
+      [('    """Delete every remembered session of `user` from L1 and L2; returns how many ids."""\n',
+        '    """Delete every remembered session of `user` from L1 and L2; returns how many ids."""\n    return 0\n')],
+      ["tests/test_cluster_tls.py::test_user_ban_revokes_cached_sessions"]),
+]
+
+
+# ------------------------------------------------------------------ running
+def copy_repo(dest: Path) -> Path:
+    """The tracked and new files of the repo (no .git, venv or caches) under dest/repo."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    target = dest / "repo"
+    for rel in out.stdout.splitlines():
+        src = REPO / rel
+        if src.is_file():
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target / rel)
+    return target
+
+
+def apply(root: Path, m: Mutation) -> str:
+    """Mutate root/m.file; returns the original text. Every search must be found."""
+    path = root / m.file
+    original = path.read_text()
+    text = original
+    for search, replace in m.edits:
+        if search not in text:
+            raise SystemExit(f"mutation {m.name}: search text not found in {m.file} (the code moved; update it):\n{search}")
+        text = text.replace(search, replace)
+    compile(text, str(path), "exec")  # a mutation is a breakage of behaviour, never a syntax error
+    path.write_text(text)
+    return original
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, list[str], str]:
+    """(all passed, failing node ids, output tail) of a pytest run in the copy."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    try:
+        r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return False, ["(timed out)"], out[-2000:]
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+    return r.returncode == 0, failed or ([] if r.returncode == 0 else [f"(pytest exit {r.returncode})"]), r.stdout[-2000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--no-baseline", action="store_true", help="do not first run the named tests unmutated")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per pytest run")
+    a = ap.parse_args(argv)
+    by_name = {m.name: m for m in MUTATIONS}
+    if a.list:
+        for m in MUTATIONS:
+            print(f"{m.name:28} {m.what}")
+        return 0
+    unknown = [n for n in a.names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown mutation(s): {', '.join(unknown)}")
+    chosen = [by_name[n] for n in a.names] if a.names else MUTATIONS
+    with tempfile.TemporaryDirectory(prefix="ftpcluster-mutate-") as tmp:
+        root = copy_repo(Path(tmp))
+        for m in chosen:  # every search text present before anything runs
+            (root / m.file).write_text(apply(root, m))
+        if not a.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            ok, failed, tail = run_tests(root, tests, a.timeout * 2)
+            if not ok:
+                print(f"baseline: the named tests fail without any mutation: {failed}\n{tail}")
+                return 2
+            print(f"baseline: {len(tests)} named tests pass unmutated")
+        rows: list[tuple[str, str, str, float]] = []
+        for m in chosen:
+            original = apply(root, m)
+            t0 = time.monotonic()
+            try:
+                ok, failed, tail = run_tests(root, m.tests, a.timeout)
+            finally:
+                (root / m.file).write_text(original)
+            verdict = "SURVIVED" if ok else ", ".join(failed)
+            rows.append((m.name, m.what, verdict, time.monotonic() - t0))
+            print(f"{m.name:28} {verdict}  ({rows[-1][3]:.0f} s)", flush=True)
+    width = max(len(r[0]) for r in rows)
+    print("\n| mutation | breaks | caught by |\n|---|---|---|")
+    for name, what, verdict, _ in rows:
+        print(f"| {name:{width}} | {what} | {verdict} |")
+    survived = [r[0] for r in rows if r[2] == "SURVIVED"]
+    print(f"\n{len(rows) - len(survived)}/{len(rows)} caught" + (f"; SURVIVED: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
