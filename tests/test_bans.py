@@ -194,6 +194,8 @@ def test_no_transfer_timeout_and_its_ban_rule(server_factory):
     g = login(srv, "127.0.0.24")
     (srv.home / "x").write_bytes(b"1")
     for _ in range(3):  # a session that keeps transferring is not cut
-        g.retrbinary("RETR x", lambda b: None)
+        got: list[bytes] = []
+        g.retrbinary("RETR x", got.append)
+        assert b"".join(got) == b"1"
         time.sleep(0.5)
     g.quit()

@@ -151,8 +151,10 @@ def test_required_data(server_factory):
     srv = server_factory(tls={"required": "data"})
     (srv.home / "x").write_bytes(b"d")
     f = tls_login(srv, prot_p=False)
+    leaked: list[bytes] = []
     with pytest.raises(ftplib.error_perm, match="521"):
-        f.retrbinary("RETR x", lambda b: None)
+        f.retrbinary("RETR x", leaked.append)
+    assert leaked == []  # refused before a byte went out in the clear
     f.prot_p()
     out = io.BytesIO()
     f.retrbinary("RETR x", out.write)
