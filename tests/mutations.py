@@ -129,7 +129,7 @@ MUTATIONS: list[Mutation] = [
     M("record-mac-off", "records read from memcached are believed without a valid MAC", "ftpcluster/cluster/record_mac.py",
       [("        if not hmac.compare_digest(self._tag(key, head, name, payload), bytes(raw[len(head) : HEAD - 1])):\n"
         "            return None\n", "")],
-      ["tests/test_cluster_bans.py::test_garbage_in_memcached_is_not_trusted"]),
+      ["tests/test_memcache_trust.py::test_forged_and_replayed_log_entries_are_ignored"]),
     M("ban-revokes-no-tls-session", "a user ban leaves the user's cached TLS sessions resumable",
       "ftpcluster/cluster/tls_revoke.py",
       [("    from .record_mac import server_of\n\n    ids = set(", "    return 0\n    ids = set(")],
