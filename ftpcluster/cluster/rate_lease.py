@@ -9,9 +9,9 @@ waiting for the next one. Over any span the cluster moves at most
 budget x (slots touched), so a transfer of E seconds is at most rate x (E + slot).
 Hosts' clocks must agree to a small part of a slot (NTP does, to a millisecond).
 
-memcached down (or every server ejected): each node takes its share of the
-budget locally, rate / hosts / nodes, hosts as last seen in memcached or
-`[limits] fallback_hosts`. Blocking; runs on a node's memcached thread.
+memcached down (or every server ejected): each host takes its share of the
+budget, rate / hosts (hosts as last seen in memcached or `[limits]
+fallback_hosts`), its nodes sharing it through cluster/host_lease.py. Blocking; runs on a node's memcached thread.
 
 memcached's incr cannot carry a MAC, so a slot's key name is a keyed hash of
 direction, user and slot under the cluster key (RecordMac.counter_name), a

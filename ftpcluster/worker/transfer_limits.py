@@ -120,12 +120,18 @@ class NodeTransferLimits:
         self.refreshing: set[str] = set()
         self.quota_users: dict[str, str] = {}  # user -> home, for background rescans
         self.buckets: dict[tuple[str, str], ClusterBucket] = {}
+        self.host_leases: Any = None
+        try:
+            from ..cluster.host_lease import HostLeases
+
+            self.host_leases = HostLeases(cfg.state_dir / "rates.shm")
+        except (OSError, ValueError) as e:
+            log.error("rate table unavailable: each node takes its own share of host limits", error=str(e))
         down, up = host_rates(cfg)
-        self.host: dict[str, LocalBucket] = {}
-        if down:
-            self.host["out"] = LocalBucket(max(1, down // self.nodes), self.slot)
-        if up:
-            self.host["in"] = LocalBucket(max(1, up // self.nodes), self.slot)
+        self.host: dict[str, ClusterBucket] = {}
+        for direction, rate in (("out", down), ("in", up)):
+            if rate:
+                self.host[direction] = ClusterBucket(f"host:{direction}", rate, self.slot, self.host_lease)
         self.fallback: dict[tuple[str, int], int] = {}
         self._limits_cache: dict[Any, UserLimits] = {}
         self.last_rescan = time.monotonic()
@@ -188,7 +194,7 @@ class NodeTransferLimits:
         return None
 
     def _wrap(self, stream: Any, user: str, direction: str, user_rate: int, session_rate: int,
-              host: LocalBucket | None, guard: QuotaGuard | None) -> Any:  # fmt: skip
+              host: ClusterBucket | None, guard: QuotaGuard | None) -> Any:  # fmt: skip
         buckets: list[Bucket] = []
         if session_rate:
             buckets.append(LocalBucket(session_rate, self.slot))
@@ -219,12 +225,22 @@ class NodeTransferLimits:
 
     # ------------------------------------------------------------ rates
     async def lease(self, name: str, slot: int, budget: int, want: int) -> int:
+        """A user's rate: from the cluster budget in memcached, else this host's share of it."""
         if self.mc is not None:
             got = await self.server.loop.run_in_executor(self.mc, self._lease_blocking, name, slot, budget, want)
             if got is not None:
                 return int(got)
         hosts = self.cfg.limits.fallback_hosts or (self._leaser.hosts if self._leaser is not None else 1)
-        share = max(1, budget // (max(1, hosts) * self.nodes))
+        return await self.host_lease(name, slot, max(1, budget // max(1, hosts)), want)
+
+    async def host_lease(self, name: str, slot: int, budget: int, want: int) -> int:
+        """Out of a budget for this whole host, shared by its nodes (shared memory);
+        without the table, this node's 1/nodes of it."""
+        if self.host_leases is not None:
+            got = self.host_leases.take(name, slot, budget, want)
+            if got is not None:
+                return got
+        share = max(1, budget // self.nodes)
         key = (name, slot)
         taken = self.fallback.get(key, 0)
         self.fallback[key] = taken + want
