@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from .support_memcached import have_memcached, start_memcached
-from .support_server import PASSWORD, Server, cli, make_server, wait_for, wait_port
+from .support_server import PASSWORD, Server, cli, free_port, make_server, wait_for, wait_port
 
 MiB = 1 << 20
 RATE = MiB
@@ -41,7 +41,8 @@ def cluster(tmp_path_factory):
               "classes": {"free": {"user_download_rate": "0", "user_upload_rate": "0"},
                           "trickle": {"user_download_rate": "0", "session_download_rate": "2K"}}}  # fmt: skip
     server = {"data_timeout": "1s"}  # a throttled transfer must never trip it
-    h1 = make_server(tmp / "h1", tls=True, memcache=section, limits=limits, server=server)
+    h1 = make_server(tmp / "h1", tls=True, memcache=section, limits=limits, server=server,
+                     metrics={"listen": f"127.0.0.1:{free_port()}"})  # fmt: skip
     h2 = make_server(tmp / "h2", memcache=section, limits=limits, server=server)
     homes = tmp / "homes"
     users = load_users(h1.dir / "users.toml")
@@ -241,6 +242,7 @@ def test_quota_refusals_leave_usage_right_and_no_partial_file(cluster):
     assert not (home / "b.bin").exists()
     # Size unknown: cut when the quota is crossed; no partial file, the usage unchanged.
     assert upload(h2, "c.bin", b"c" * 600_000) == "552"
+    # APPE past max_upload_size (800K): cut back to the size it had.
     assert upload(h1, "a.bin", b"d" * 600_000, cmd="APPE") == "552"
     assert not (home / "c.bin").exists() and (home / "a.bin").stat().st_size == 600_000
     assert not no_partial_files(home)
@@ -278,10 +280,19 @@ def test_max_upload_size_cuts_during_upload(cluster):
     assert upload(h1, "ok.up", b"z" * 700_000, user="bob") == "226"
 
 
-def test_status_json_shows_limits(cluster):
-    _, h1, _, homes, _ = cluster
+def test_status_json_and_metrics_show_limits(cluster):
+    _, h1, _, _, _ = cluster
     st = json.loads(cli("status", "--json", config=h1.config).stdout)
     assert st["limits"]["user_download_rate"] == RATE and st["limits"]["classes"]["free"]["user_download_rate"] == 0
+    from .test_observability import scrape
+
+    port = int(h1.config.read_text().split('listen = "127.0.0.1:')[-1].split('"')[0])
+    m = scrape(port)
+    assert m[("ftpcluster_throttled_bytes_total", (("direction", "out"),))] >= 2.5 * MiB  # h1's throttled downloads
+    assert m[("ftpcluster_throttle_waits_total", (("direction", "out"),))] > 0
+    # h1 refused carol's ALLO 900000 before and cut her APPE past 800K and bob's 900K STOR during.
+    assert m[("ftpcluster_quota_refusals_total", (("limit", "max_upload_size"), ("when", "before")))] >= 1
+    assert m[("ftpcluster_quota_refusals_total", (("limit", "max_upload_size"), ("when", "during")))] >= 2
 
 
 # ---------------------------------------------------------------- memcached down (last: it kills memcached)
