@@ -115,6 +115,33 @@ class MemcacheUsage:
         ok, _ = self.ring._call(s, "set", lambda c: c.set(k, value, expire=self.ttl, noreply=False))
         return bool(ok)
 
+    def token(self, user: str) -> tuple[bool, Any]:
+        """(answered, cas token or None when there is no record): taken before a scan,
+        so the scan's result is stored only if nothing moved the usage meanwhile."""
+        name = f"quota:{user}"
+        s = self._first(name)
+        if s is None:
+            return False, None
+        k = self.ring.key(name)
+        ok, got = self.ring._call(s, "get", lambda c: c.gets(k))
+        if not ok:
+            return False, None
+        return True, (got[1] if got and got[0] is not None else None)
+
+    def store_scan(self, user: str, used_bytes: int, used_files: int, token: Any) -> bool:
+        """A scan's result: `add` where there was no record, else `cas` on the token
+        read before the scan. False when the usage moved meanwhile (scan again)."""
+        name = f"quota:{user}"
+        s = self._first(name)
+        if s is None:
+            return False
+        k, value = self.ring.key(name), self._seal(name, used_bytes, used_files)
+        if token is None:
+            ok, stored = self.ring._call(s, "add", lambda c: c.add(k, value, expire=self.ttl, noreply=False))
+        else:
+            ok, stored = self.ring._call(s, "cas", lambda c: c.cas(k, value, token, expire=self.ttl, noreply=False))
+        return bool(ok and stored)
+
     def add(self, user: str, d_bytes: int, d_files: int) -> tuple[int, int] | None:
         """Move the usage (gets/cas); the new totals, or None (memcached down, the
         record missing or not ours, or too much contention)."""

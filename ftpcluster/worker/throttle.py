@@ -133,6 +133,10 @@ class UploadGuard(Protocol):
         """Called with each received piece before it is written; raises to refuse it."""
         ...
 
+    async def eof(self) -> None:
+        """The client finished sending; the file is about to be named."""
+        ...
+
     def finished(self, moved: int) -> None:
         """The transfer is over (written, failed or aborted): settle the accounts."""
         ...
@@ -194,8 +198,8 @@ class LimitedStream:
         g = await lim.take(len(buf))
         n = await self.inner.recv_into(buf[:g])
         lim.give_back(g - n)
-        if n and lim.guard is not None:
-            await lim.guard.received(n)
+        if lim.guard is not None:
+            await (lim.guard.received(n) if n else lim.guard.eof())
         return n
 
     async def close(self, clean: bool = True) -> None:
@@ -243,8 +247,8 @@ class LimitedPlainStream(PlainStream):
         g = await lim.take(len(buf))
         n = await super().recv_into(buf[:g])
         lim.give_back(g - n)
-        if n and lim.guard is not None:
-            await lim.guard.received(n)
+        if lim.guard is not None:
+            await (lim.guard.received(n) if n else lim.guard.eof())
         return n
 
     async def receive_to_fd(self, fd: int) -> int | None:

@@ -50,8 +50,21 @@ class QuotaGuard:
         self.existing = existing
         self.base = (existing or 0) if t.append else t.offset  # file size before the first new byte
         self.known = used  # total usage as last heard, our reservations included
-        self.got = self.pending = self.reserved = 0
+        self.got = self.pending = self.reserved = self.reserved_files = 0
         self.step = max(64 << 10, min(1 << 20, lim.quota_bytes // 20))
+
+    async def eof(self) -> None:
+        """The upload is complete and about to get its name: reserve the rest, and
+        the new file, before a rescan could see it (settling afterwards could
+        count it twice)."""
+        if not self.lim.has_quota:
+            return
+        d, self.pending = self.pending, 0
+        files = int(self.existing is None)
+        if d or files:
+            self.reserved += d
+            self.reserved_files += files
+            await self.svc.quota_add(self.user, self.home, d, files, on_disk=False)
 
     async def received(self, n: int) -> None:
         self.got += n
@@ -88,8 +101,8 @@ class QuotaGuard:
     def finished(self, moved: int) -> None:
         after = _size(self.t.path)
         d_bytes = (after or 0) - (self.existing or 0) - self.reserved
-        d_files = int(after is not None) - int(self.existing is not None)
-        self.reserved = 0
+        d_files = int(after is not None) - int(self.existing is not None) - self.reserved_files
+        self.reserved = self.reserved_files = 0
         if d_bytes or d_files:
             self.svc.quota_add_soon(self.user, self.home, d_bytes, d_files)
 
@@ -307,9 +320,13 @@ class NodeTransferLimits:
         self._ring_here()
         return self._mcu.add(user, d_bytes, d_files) if self._mcu is not None else None
 
-    def _mc_put(self, user: str, b: int, f: int) -> bool:
+    def _mc_token(self, user: str) -> tuple[bool, Any]:
         self._ring_here()
-        return self._mcu.put(user, b, f) if self._mcu is not None else False
+        return self._mcu.token(user) if self._mcu is not None else (False, None)
+
+    def _mc_store_scan(self, user: str, b: int, f: int, token: Any) -> bool:
+        self._ring_here()
+        return self._mcu.store_scan(user, b, f, token) if self._mcu is not None else False
 
     async def quota_add(self, user: str, home: str, d_bytes: int, d_files: int, on_disk: bool) -> tuple[int, int]:
         """Move a user's usage; the new (bytes, files). `on_disk`: the change is
@@ -318,10 +335,13 @@ class NodeTransferLimits:
             got = await self._on(self.mc, self._mc_add, user, d_bytes, d_files)
             if got is not None:
                 return self._remember(user, got)
-            b, f = await self._scan(home, d_bytes, d_files, on_disk)  # counter missing, or memcached down
-            if await self._on(self.mc, self._mc_put, user, b, f):
-                self.stale.discard(user)
-                return self._remember(user, (b, f))
+            scanned = await self._scan_into_memcache(user, home)  # no record (or not ours), or memcached down
+            if scanned is not None:
+                if on_disk:  # the scan saw the change
+                    return self._remember(user, scanned)
+                got = await self._on(self.mc, self._mc_add, user, d_bytes, d_files)
+                if got is not None:
+                    return self._remember(user, got)
             self.stale.add(user)  # rescanned into memcached once it answers again
             self.count("ftpcluster_quota_fallbacks_total")
         if user in self.local_fresh:
@@ -337,13 +357,25 @@ class NodeTransferLimits:
         self.usage[user] = (got[0], got[1], time.monotonic())
         return got
 
+    async def _scan_into_memcache(self, user: str, home: str, tries: int = 3) -> tuple[int, int] | None:
+        """Scan the home and store the result, unless the usage moved during the scan
+        (then again, a few times): a rescan never overwrites a concurrent change."""
+        for _ in range(tries):
+            answered, token = await self._on(self.mc, self._mc_token, user)  # type: ignore[arg-type]
+            if not answered:
+                return None
+            b, f = await self._on(self.fs, scan_home, home)
+            if await self._on(self.mc, self._mc_store_scan, user, b, f, token):  # type: ignore[arg-type]
+                self.stale.discard(user)
+                self.local_fresh.discard(user)  # a later outage starts from a fresh scan
+                return self._remember(user, (b, f))
+        return None
+
     async def rescan(self, user: str, home: str) -> None:
+        if self.mc is not None and await self._scan_into_memcache(user, home) is not None:
+            return
         b, f = await self._on(self.fs, scan_home, home)
-        if self.mc is not None and await self._on(self.mc, self._mc_put, user, b, f):
-            self.stale.discard(user)
-            self.local_fresh.discard(user)  # a later outage starts from a fresh scan
-        else:
-            await self._on(self.fs, self.local.put, user, b, f)
+        await self._on(self.fs, self.local.put, user, b, f)
         self._remember(user, (b, f))
 
     # ------------------------------------------------------------ events and background work
