@@ -114,7 +114,7 @@ class Server:
     log: Path | None = None
     extra_users: dict[str, Path] = field(default_factory=dict)
 
-    def start(self, nodes: int = 1, wait: bool = True, args: tuple[str, ...] = ()) -> "Server":
+    def start(self, nodes: int = 1, wait: bool = True, args: tuple[str, ...] = (), preexec_fn: Any = None) -> "Server":
         assert self.log is not None
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
@@ -123,6 +123,7 @@ class Server:
             stderr=subprocess.STDOUT,
             cwd=str(REPO),
             start_new_session=True,
+            preexec_fn=preexec_fn,  # e.g. a lower RLIMIT_NOFILE
         )
         logf.close()
         if wait:

@@ -86,31 +86,38 @@ class Arbiter:
 
         self.presence = Presence(cfg.state_dir / "presence.shm", create=True)  # once: nodes map it
         self.bans: Any = None
-        self.cluster: Any = None  # ClusterSync: every memcached call of the supervisor, on its own thread
-        self._open_cluster(cfg)
-        self._open_bans(cfg)
+        # ClusterSync: every memcached call of the supervisor, on its own thread
+        self.cluster: Any = self._new_cluster(cfg)
+        self._use_bans(self._new_bans(cfg, self.metrics_writer, self.cluster))
         self.registry: Any = None  # this host's record in memcached, for `cluster check`
         self._open_registry(cfg)
         self.extra_status.append(lambda: self.registry.status() if self.registry is not None else {})
         self.extra_status.append(lambda: limits_summary(self.cfg))  # the [limits] in force
 
-    def _open_cluster(self, cfg: Config) -> None:
-        if self.cluster is not None:
-            self.cluster.stop()  # its thread ends after the call it is in
-            self.cluster = None
-        if cfg.memcache.enabled:
-            from .cluster_sync import ClusterSync
+    def _new_cluster(self, cfg: Config) -> Any:
+        """A started cluster sync thread for `cfg` (None without memcached); the
+        caller stops the previous one once everything new is in place."""
+        if not cfg.memcache.enabled:
+            return None
+        from .cluster_sync import ClusterSync
 
-            self.cluster = ClusterSync(cfg).start()
+        return ClusterSync(cfg).start()
 
-    def _open_bans(self, cfg: Config) -> None:
+    def _new_bans(self, cfg: Config, metrics_writer: Any, cluster: Any) -> Any:
+        """The new BanAdmin is built before the old one closes: if that fails
+        (a table that cannot be opened, no descriptors left) the old one stays."""
         from .ban_admin import BanAdmin
 
+        return BanAdmin(cfg, metrics_writer, cluster) if cfg.ban.enabled else None
+
+    def _use_bans(self, new: Any) -> None:
         if self.bans is not None:
-            self.bans.close()
-            self.bans = None
-        if cfg.ban.enabled:
-            self.bans = BanAdmin(cfg, self.metrics_writer, self.cluster)
+            try:
+                self.bans.close()
+            except Exception:
+                log.exception("closing the previous ban tables failed")
+        self.bans = new
+        if self.bans is not None:
             self.bans.register(self.handlers)
             self.bans.user_ban_hooks.append(self._revoke_tls)
         else:
@@ -288,13 +295,33 @@ class Arbiter:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         from ..cluster import metrics_layout
 
-        if metrics_layout.store_path(new) != metrics_layout.store_path(self.cfg):
-            self.metrics = metrics_layout.create(new)
-            self.metrics_writer = self.metrics.writer(metrics_layout.SUPERVISOR_SLOT)
-        self.shared = self._shared_state(new)
-        self._open_cluster(new)
-        self._open_bans(new)
-        self._open_registry(new)
+        # Everything new is built first; any failure (a file that cannot be
+        # opened, no descriptors left) keeps the running config and nodes.
+        cluster = None
+        try:
+            metrics, writer = self.metrics, self.metrics_writer
+            if metrics_layout.store_path(new) != metrics_layout.store_path(self.cfg):
+                metrics = metrics_layout.create(new)
+                writer = metrics.writer(metrics_layout.SUPERVISOR_SLOT)
+            shared = self._shared_state(new)
+            cluster = self._new_cluster(new)
+            bans = self._new_bans(new, writer, cluster)
+        except Exception as e:
+            if cluster is not None:
+                cluster.stop()
+            log.exception("reload failed, keeping the running config")
+            systemd.notify("READY=1")
+            return f"reload failed: {type(e).__name__}: {e}"
+        self.metrics, self.metrics_writer, self.shared = metrics, writer, shared
+        old_cluster, self.cluster = self.cluster, cluster
+        self._use_bans(bans)
+        if old_cluster is not None:
+            old_cluster.stop()  # its thread ends after the call it is in
+        try:
+            self._open_registry(new)
+        except Exception:
+            self.registry = None
+            log.exception("host registry unavailable after the reload")
         self.cfg = new
         self.generation += 1
         self.ready_sent = False
@@ -325,11 +352,17 @@ class Arbiter:
                  listen=[format_hostport(*s.getsockname()[:2]) for s in self.listeners.values()])  # fmt: skip
         try:
             while True:
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # nothing may end the supervisor (and with it every node)
+                    log.exception("supervisor tick failed, going on")
                 if self.stopping and not self.nodes:
                     break
                 for key, _ in self.selector.select(self._wait_time()):
-                    key.data()
+                    try:
+                        key.data()
+                    except Exception:
+                        log.exception("supervisor event handler failed, going on")
         finally:
             self.shutdown()
         return self.exit_code
@@ -346,6 +379,11 @@ class Arbiter:
             wait = min(wait, self.watchdog)
         if self.cfg.memcache.enabled:
             wait = min(wait, self.cfg.memcache.sync_interval)
+        now = time.monotonic()
+        for server in (self.control, self.metrics_http):
+            hint = server.listener.wait_hint(now) if server is not None else None
+            if hint is not None:
+                wait = min(wait, hint)  # a listener paused on EMFILE comes back on time
         return max(wait, 0.0)
 
     def tick(self) -> None:
@@ -359,6 +397,8 @@ class Arbiter:
             self.kill_stale(now)
             self.converge(now)
             self.check_ready()
+        if self.control is not None:
+            self.control.expire(now)
         if self.metrics_http is not None:
             self.metrics_http.expire(now)
         if self.bans is not None:

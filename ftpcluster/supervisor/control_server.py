@@ -3,7 +3,11 @@
 Unix socket, mode 0600 in the state dir: only the owner (and root) may talk to
 it. Requests and replies are single JSON lines. A handler may answer at once
 (return a dict) or later (return None and keep the `Pending` to answer it,
-as `stop` does once every node has ended)."""
+as `stop` does once every node has ended).
+
+A client gets REQUEST_TIMEOUT to send its request line, then it is dropped:
+idle connections cannot pile up until the supervisor runs out of descriptors
+(and when it does, accept_guard pauses the listener instead of failing)."""
 
 from __future__ import annotations
 
@@ -12,10 +16,14 @@ import json
 import os
 import selectors
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .accept_guard import GuardedListener
+
 MAX_REQUEST = 64 * 1024
+REQUEST_TIMEOUT = 10.0
 
 
 class Pending:
@@ -24,6 +32,7 @@ class Pending:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
 
     def answer(self, reply: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
@@ -54,17 +63,29 @@ class ControlServer:
         os.chmod(path, 0o600)
         self.sock.listen(64)
         self.sock.setblocking(False)
-        selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+        self.listener = GuardedListener(self.sock, selector, self._on_accept, "control")
+        self.reading: dict[Pending, None] = {}  # clients still sending their request, oldest first
 
     def _on_accept(self) -> None:
         for _ in range(16):
-            try:
-                client, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            client = self.listener.accept()
+            if client is None:
                 return
             client.setblocking(False)
             pending = Pending(client)
+            self.reading[pending] = None
             self.selector.register(client, selectors.EVENT_READ, lambda p=pending: self._on_read(p))
+
+    def expire(self, now: float) -> None:
+        """Drop clients that never finished their request; bring a paused listener back."""
+        for p in list(self.reading):
+            if p.deadline > now:
+                break
+            self.reading.pop(p, None)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(p.sock)
+            p.sock.close()
+        self.listener.resume(now)
 
     def _on_read(self, p: Pending) -> None:
         try:
@@ -78,6 +99,7 @@ class ControlServer:
         if chunk and b"\n" not in p.buf and len(p.buf) <= MAX_REQUEST:
             return
         self.selector.unregister(p.sock)
+        self.reading.pop(p, None)
         if not chunk and not p.buf:
             p.sock.close()
             return
@@ -101,8 +123,12 @@ class ControlServer:
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
     def close(self) -> None:
+        for p in list(self.reading):
+            with contextlib.suppress(Exception):
+                self.selector.unregister(p.sock)
+            p.sock.close()
+        self.reading.clear()
         with contextlib.suppress(Exception):
-            self.selector.unregister(self.sock)
-        self.sock.close()
+            self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

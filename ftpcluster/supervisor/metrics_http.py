@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from ..config import parse_hostport
+from .accept_guard import GuardedListener
 
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
@@ -29,15 +30,12 @@ class MetricsHTTP:
         self.sock.listen(64)
         self.sock.setblocking(False)
         self.clients: dict[socket.socket, tuple[bytearray, float]] = {}
-        selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+        self.listener = GuardedListener(self.sock, selector, self._on_accept, "metrics")
 
     def _on_accept(self) -> None:
         for _ in range(16):
-            try:
-                c, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            c = self.listener.accept()
+            if c is None:
                 return
             c.setblocking(False)
             self.clients[c] = (bytearray(), time.monotonic() + REQUEST_TIMEOUT)
@@ -75,14 +73,15 @@ class MetricsHTTP:
             c.close()
 
     def expire(self, now: float) -> None:
-        """Drop clients that never finished their request (called every tick)."""
+        """Drop clients that never finished their request; bring a paused listener
+        back (called every tick)."""
         for c, (_, deadline) in list(self.clients.items()):
             if now > deadline:
                 self._finish(c, None)
+        self.listener.resume(now)
 
     def close(self) -> None:
         for c in list(self.clients):
             self._finish(c, None)
         with contextlib.suppress(Exception):
-            self.selector.unregister(self.sock)
-        self.sock.close()
+            self.listener.close()
