@@ -17,8 +17,9 @@ import multiprocessing
 import os
 import socket
 import struct
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import loadgen
 
@@ -86,15 +87,17 @@ def _flood_proc(args: tuple[Any, ...], out: Any) -> None:
 
 
 async def _legit(host: str, port: int, src: str, user: str, password: str, every: float, start_at: float,
-                 stop_at: float) -> tuple[list[float], int, str, dict[str, float]]:  # fmt: skip
-    """Log in and out every `every` seconds from `src`; login latency is connect to
-    230. Also returns the slowest login's phases (ms): where a stall happened."""
+                 stop_at: float, done: Callable[[], bool] | None = None,
+                 ) -> tuple[list[float], int, str, dict[str, float]]:  # fmt: skip
+    """Log in and out every `every` seconds from `src` until `stop_at` (or `done()`);
+    login latency is connect to 230. Also returns the slowest login's phases (ms):
+    where a stall happened."""
     lat: list[float] = []
     errors, first_error = 0, ""
     slowest: dict[str, float] = {}
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     nxt = time.monotonic()
-    while nxt < stop_at:
+    while nxt < stop_at and not (done is not None and done()):
         t0 = time.monotonic()
         writer = None
         try:
@@ -168,3 +171,94 @@ def run_flood(host: str, port: int, user: str, password: str, seconds: float, *,
             "first_other": next((g["first_other"] for g in got if g["first_other"]), ""),
             "legit": lat, "legit_errors": lerr, "legit_first_error": lfirst, "legit_slowest_ms": slowest,
             "calm": calm}  # fmt: skip
+
+
+def _ban_proc(config: str, names: list[str], start_at: float, out: Any, cmd: str = "ban") -> None:
+    """One of the parallel banners: `ban host NAME --for 1h` (or `permit`), one
+    control request each (what the CLI sends, without the interpreter start)."""
+    from ftpcluster import config as config_mod
+    from ftpcluster.supervisor.control_client import call
+
+    c: dict[str, Any] = {"ok": 0, "failed": 0, "first_error": ""}
+    try:
+        cfg = config_mod.load(config)
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        t0 = time.monotonic()
+        for name in names:
+            req = {"cmd": cmd, "kind": "host", "name": name}
+            if cmd == "ban":
+                req.update(duration=3600, reason="bench burst")
+            reply = call(cfg, req)
+            if reply.get("ok"):
+                c["ok"] += 1
+            else:
+                c["failed"] += 1
+                c["first_error"] = c["first_error"] or str(reply.get("error"))
+        c["seconds"] = time.monotonic() - t0
+    except BaseException as e:  # report, never hang the parent
+        c["failed_proc"] = repr(e)
+    out.put(c)
+
+
+def burst_names(count: int, run: int) -> list[str]:
+    """`count` distinct addresses in 10.<100+run>.0.0/16 (a fresh range per run)."""
+    return [f"10.{100 + run}.{i // 256}.{i % 256}" for i in range(count)]
+
+
+def run_ban_burst(host: str, port: int, user: str, password: str, config: str, names: list[str], *,
+                  procs: int = 4, legit: str = "127.0.0.8") -> dict[str, Any]:  # fmt: skip
+    """Ban `names` from `procs` processes in parallel while a legitimate client
+    logs in every 50 ms; its logins before the burst (same run) are the baseline."""
+    now = time.monotonic()
+    calm, _, _, _ = loadgen.run(_legit(host, port, legit, user, password, 0.05, now, now + 1.0))
+    ctx = multiprocessing.get_context("fork")  # no loop is running here yet
+    out = ctx.Queue()
+    start_at = time.monotonic() + 0.5
+    children = [ctx.Process(target=_ban_proc, args=(config, names[i::procs], start_at, out), daemon=True)
+                for i in range(procs)]  # fmt: skip
+    for ch in children:
+        ch.start()
+    got: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def collect() -> None:
+        for _ in children:
+            try:
+                got.append(out.get(timeout=600))
+            except Exception:
+                break
+        done.set()
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    try:
+        lat, lerr, lfirst, slowest = loadgen.run(
+            _legit(host, port, legit, user, password, 0.05, start_at, start_at + 600, done=done.is_set))
+        collector.join(30)
+    finally:
+        for ch in children:
+            ch.join(5)
+            if ch.is_alive():
+                ch.kill()
+                ch.join(5)
+    if len(got) < procs or any("failed_proc" in g for g in got):
+        raise RuntimeError(f"ban process failed: {[g.get('failed_proc') for g in got]} ({len(got)}/{procs} reported)")
+    return {"bans": sum(g["ok"] for g in got), "failed": sum(g["failed"] for g in got),
+            "first_error": next((g["first_error"] for g in got if g["first_error"]), ""),
+            "seconds": max(g["seconds"] for g in got), "legit": lat, "legit_errors": lerr,
+            "legit_first_error": lfirst, "legit_slowest_ms": slowest, "calm": calm}  # fmt: skip
+
+
+def permit_all(config: str, names: list[str], procs: int = 4) -> None:
+    """Lift the burst's bans (not timed), so runs and later workloads start alike."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    children = [ctx.Process(target=_ban_proc, args=(config, names[i::procs], 0.0, out, "permit"), daemon=True)
+                for i in range(procs)]  # fmt: skip
+    for ch in children:
+        ch.start()
+    for ch in children:
+        ch.join(600)
+        if ch.is_alive():
+            ch.kill()
+            ch.join(5)

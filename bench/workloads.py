@@ -208,6 +208,34 @@ def ban_flood(peer: Peer, s: Settings) -> Sample:
     return Sample(r["rate"], detail, how)
 
 
+def ban_burst(peer: Peer, s: Settings) -> Sample:
+    """A legitimate client's login latency while 5,000 host bans are added (4
+    processes in parallel, one control request each), against its latency just
+    before the burst in the same run. ftpcluster only: the others have no
+    ban command that takes thousands of bans in seconds."""
+    if peer.name != "ftpcluster" or peer.config is None:
+        raise Skip("no ban command for thousands of bans (ftpdctl forks per ban)" if peer.name == "proftpd"
+                   else "no host bans")  # fmt: skip
+    run = s.fixtures["ban_burst_runs"] = s.fixtures.get("ban_burst_runs", 0) + 1
+    names = flood.burst_names(1000 if s.quick else 5000, run)
+    try:
+        r = flood.run_ban_burst(peer.host, peer.port, peer.user, peer.password, str(peer.config), names, legit=LEGIT)
+    finally:
+        flood.permit_all(str(peer.config), names)
+    lat, calm = sorted(r["legit"]), sorted(r["calm"])
+    if not lat:
+        raise RuntimeError(f"the legitimate client never logged in: {r['legit_first_error']}")
+    pick = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2) if xs else None  # noqa: E731
+    detail = {"bans": r["bans"], "failed": r["failed"], "burst_s": round(r["seconds"], 2),
+              "bans_per_s": round(r["bans"] / r["seconds"]) if r["seconds"] else None,
+              "legit_logins": len(lat), "legit_errors": r["legit_errors"],
+              "legit_p50_ms": pick(lat, 0.5), "legit_p99_ms": pick(lat, 0.99), "legit_max_ms": pick(lat, 1.0),
+              "calm_login_p50_ms": pick(calm, 0.5), "legit_slowest_ms": r["legit_slowest_ms"]}  # fmt: skip
+    if r["first_error"]:
+        detail["first_error"] = r["first_error"]
+    return Sample(detail["legit_p50_ms"], detail)
+
+
 def idle_memory(peer: Peer, s: Settings) -> Sample:
     """KB per idle logged-in session: the server tree's PSS before and while N
     sessions are held, divided by N (RSS alongside)."""
@@ -250,6 +278,11 @@ WORKLOADS: list[Workload] = [
              extra=[Extra("legit_p50_ms", "legit login p50 during flood", "ms", higher_is_better=False),
                     Extra("legit_p99_ms", "legit login p99 during flood", "ms", higher_is_better=False),
                     Extra("rejects_per_core_s", "rejects per server CPU-second", "/s")]),  # fmt: skip
+    Workload("ban_burst", "legit login p50 during a burst of 5,000 bans (4 in parallel)", "ms", ban_burst,
+             higher_is_better=False,
+             extra=[Extra("legit_p99_ms", "legit login p99 during the ban burst", "ms", higher_is_better=False),
+                    Extra("calm_login_p50_ms", "legit login p50 just before the burst", "ms", higher_is_better=False),
+                    Extra("bans_per_s", "bans/s through the control socket (4 in parallel)", "/s")]),  # fmt: skip
     # Driven by a client with Nagle on, as ftplib and most GUI clients are (the ones
     # above set TCP_NODELAY): what delayed-ACK stalls would cost. Per-phase p50/p99 in details.
     Workload("stock_ftps_resumed_12", "stock client (Nagle on): FTPS sessions/s, resumed TLS 1.2, c=8", "/s",

@@ -137,7 +137,7 @@ def test_bans_survive_restart(server_factory):
     assert {b["name"] for b in bans_json(srv)} == {"127.0.0.13", "mallory"}
     # Even when the shared-memory file is gone (a tmpfs state dir after a reboot).
     srv.stop()
-    for p in (srv.dir / "state").glob("bans-*.shm"):
+    for p in (srv.dir / "state").glob("bans*.shm"):
         p.unlink()
     srv.start()
     assert greet(srv, "127.0.0.13").startswith(b"530")

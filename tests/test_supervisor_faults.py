@@ -94,7 +94,7 @@ def test_supervisor_survives_fd_exhaustion_and_a_failed_reload(tmp_path) -> None
 
         # A reload whose new ban table cannot be opened (the path is a directory):
         # refused with the reason, the running config, tables and nodes stay.
-        (state / "bans-4096.shm").mkdir()
+        (state / "bans2-4096.shm").mkdir()
         text = srv.config.read_text()
         assert "[ban]" not in text
         srv.config.write_text(text + "\n[ban]\ntable_size = 4096\n")

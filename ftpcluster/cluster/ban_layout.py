@@ -18,7 +18,7 @@ COUNTER_SLOTS = 16384
 
 
 def table_path(cfg: Config) -> Path:
-    return cfg.state_dir / f"bans-{cfg.ban.table_size}.shm"
+    return cfg.state_dir / f"bans2-{cfg.ban.table_size}.shm"  # 2: the layout with a change log
 
 
 def counters_path(cfg: Config) -> Path:

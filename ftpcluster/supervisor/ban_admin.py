@@ -25,6 +25,10 @@ log = structlog.get_logger("ftpcluster.ban")
 PURGE_EVERY = 10.0
 BANS_DEADLINE = 3.0  # seconds `bans` waits for the cluster thread before answering with this host's bans
 SNAPSHOT_MAX = 200_000
+SNAPSHOT_EVERY = 1.0  # bans.json is rewritten at most this often (and at close): a burst
+# of thousands of bans would otherwise rewrite and fsync the whole list for each one
+GAUGE_EVERY = 1.0  # the active-ban gauges: recounted after changes at most every 0.25 s, and this often
+BULK_ERRORS = 20  # errors a bulk ban reports one by one
 
 
 class BanAdmin:
@@ -35,6 +39,7 @@ class BanAdmin:
         table, counters = ban_layout.create_tables(cfg)
         self.engine = BanEngine(cfg, table, counters, origin_host=host_id(cfg))
         self.saved_gen = -1
+        self.next_save = 0.0
         self.next_purge = 0.0
         self.extra_bans: list[Callable[[], list[dict[str, Any]]]] = []  # cluster-only bans (memcached)
         self.user_ban_hooks: list[Callable[[str], None]] = []  # e.g. revoke the user's TLS sessions
@@ -74,10 +79,11 @@ class BanAdmin:
             log.info("bans restored", count=n, file=str(path))
         return n
 
-    def save_snapshot(self) -> None:
+    def save_snapshot(self, force: bool = False) -> None:
         gen = self.engine.table.generation()
-        if gen == self.saved_gen:
+        if gen == self.saved_gen or (not force and time.monotonic() < self.next_save):
             return
+        self.next_save = time.monotonic() + SNAPSHOT_EVERY
         bans = self.engine.active()
         path = ban_layout.snapshot_path(self.cfg)
         tmp = path.with_name(path.name + ".tmp")
@@ -100,9 +106,10 @@ class BanAdmin:
             self.engine.table.purge()
         self.save_snapshot()
         gen = self.engine.table.generation()
-        if self.metrics is not None and (gen != self.gauge_gen or now >= self.next_gauge):
-            # a count over every ban: after a change, and once a second for expiries
-            self.gauge_gen, self.next_gauge = gen, now + 1.0
+        due = now >= self.next_gauge or (gen != self.gauge_gen and now >= self.next_gauge - GAUGE_EVERY + 0.25)
+        if self.metrics is not None and due:
+            # a count over every ban: after a change (at most 4 times a second), and once a second for expiries
+            self.gauge_gen, self.next_gauge = gen, now + GAUGE_EVERY
             counts = dict.fromkeys(("host", "user", "userhost", "class"), 0)
             for b in self.engine.active():
                 counts[b.kind] = counts.get(b.kind, 0) + 1
@@ -115,7 +122,9 @@ class BanAdmin:
         if gen == self.hooks_gen or not self.user_ban_hooks:
             return
         self.hooks_gen = gen
-        current = {(b.kind, b.name) for b in self.engine.active() if b.kind in ("user", "userhost")}
+        view, now = self.engine.view, time.time()
+        view.refresh()  # incremental: only what changed since the last look
+        current = {(b.kind, b.name) for b in list(view.users.values()) if b.active(now)}  # list(): one step
         for kind, name in current - self.seen_user_bans:
             user = name.rpartition("@")[0] if kind == "userhost" else name
             for hook in self.user_ban_hooks:
@@ -127,25 +136,49 @@ class BanAdmin:
 
     # ------------------------------------------------------------ control commands
     def handle_ban(self, req: dict[str, Any], _pending: Any = None) -> dict[str, Any]:
-        try:
-            kind, name = str(req.get("kind", "")), str(req.get("name", ""))
-            name = validate_ban_name(kind, name, self.cfg)
-            duration = req.get("duration")
-            if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
-                raise BanNameError("duration must be a positive number of seconds")
-        except BanNameError as e:
-            return {"ok": False, "error": str(e)}
-        if kind == "host" and "/" not in name and self.engine.never_ban(name):
-            return {"ok": False, "error": f"{name} is in [ban] never: it is never banned"}
+        """One ban (`name`), or many (`names`, from `ban --from-file`: one reply
+        with the count and the first errors, one log line)."""
+        kind = str(req.get("kind", ""))
+        duration = req.get("duration")
+        if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
+            return {"ok": False, "error": "duration must be a positive number of seconds"}
         reason = str(req.get("reason") or "banned by an operator")[:96]
+        names = req.get("names")
+        if names is None:
+            ban, error = self._ban_one(kind, str(req.get("name", "")), duration, reason)
+            if ban is None:
+                return {"ok": False, "error": error}
+            log.warning("ban added", ban_kind=ban.kind, ban=ban.name, reason=reason, expires_at=ban.expires_at, by="operator")
+            self.save_snapshot()
+            return {"ok": True, "ban": ban.to_json()}
+        if not isinstance(names, list):
+            return {"ok": False, "error": "names must be a list"}
+        banned, errors = 0, []
+        for name in names:
+            ban, error = self._ban_one(kind, str(name), duration, reason)
+            if ban is not None:
+                banned += 1
+            else:
+                errors.append(error)
+        log.warning("bans added", ban_kind=kind, count=banned, failed=len(errors), reason=reason, by="operator")
+        self.save_snapshot()
+        return {"ok": not errors, "banned": banned, "failed": len(errors), "errors": errors[:BULK_ERRORS],
+                **({"error": f"{len(errors)} of {len(names)} not banned"} if errors else {})}  # fmt: skip
+
+    def _ban_one(self, kind: str, name: str, duration: Any, reason: str) -> tuple[Any, str]:
+        """(the ban, "") or (None, why not)."""
+        try:
+            name = validate_ban_name(kind, name, self.cfg)
+        except BanNameError as e:
+            return None, str(e)
+        if kind == "host" and "/" not in name and self.engine.never_ban(name):
+            return None, f"{name} is in [ban] never: it is never banned"
         ban = self.engine.ban(kind, name, float(duration) if duration else None, reason, manual=True)
         if ban is None:
-            return {"ok": False, "error": f"ban table full ({self.cfg.ban.table_size} entries of permanent or manual bans)"}
+            return None, f"ban table full ({self.cfg.ban.table_size} entries of permanent or manual bans)"
         if self.metrics is not None:
             self.metrics.inc("ftpcluster_bans_added_total", ("user" if ban.kind == "userhost" else ban.kind, "local"))
-        log.warning("ban added", ban_kind=ban.kind, ban=ban.name, reason=reason, expires_at=ban.expires_at, by="operator")
-        self.save_snapshot()
-        return {"ok": True, "ban": ban.to_json()}
+        return ban, ""
 
     def handle_permit(self, req: dict[str, Any], _pending: Any = None) -> dict[str, Any]:
         try:
@@ -182,5 +215,5 @@ class BanAdmin:
         handlers.update({"ban": self.handle_ban, "permit": self.handle_permit, "bans": self.handle_bans})
 
     def close(self) -> None:
-        self.save_snapshot()
+        self.save_snapshot(force=True)
 
