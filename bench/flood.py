@@ -173,9 +173,11 @@ def run_flood(host: str, port: int, user: str, password: str, seconds: float, *,
             "calm": calm}  # fmt: skip
 
 
-def _ban_proc(config: str, names: list[str], start_at: float, out: Any, cmd: str = "ban") -> None:
+def _ban_proc(config: str, names: list[str], start_at: float, out: Any, cmd: str = "ban",
+              stop_at: float = float("inf")) -> None:  # fmt: skip
     """One of the parallel banners: `ban host NAME --for 1h` (or `permit`), one
-    control request each (what the CLI sends, without the interpreter start)."""
+    control request each (what the CLI sends, without the interpreter start),
+    until done or `stop_at`."""
     from ftpcluster import config as config_mod
     from ftpcluster.supervisor.control_client import call
 
@@ -185,6 +187,8 @@ def _ban_proc(config: str, names: list[str], start_at: float, out: Any, cmd: str
         time.sleep(max(0.0, start_at - time.monotonic()))
         t0 = time.monotonic()
         for name in names:
+            if time.monotonic() > stop_at:
+                break
             req = {"cmd": cmd, "kind": "host", "name": name}
             if cmd == "ban":
                 req.update(duration=3600, reason="bench burst")
@@ -206,16 +210,18 @@ def burst_names(count: int, run: int) -> list[str]:
 
 
 def run_ban_burst(host: str, port: int, user: str, password: str, config: str, names: list[str], *,
-                  procs: int = 4, legit: str = "127.0.0.8") -> dict[str, Any]:  # fmt: skip
+                  procs: int = 4, legit: str = "127.0.0.8", limit: float = 120.0) -> dict[str, Any]:  # fmt: skip
     """Ban `names` from `procs` processes in parallel while a legitimate client
-    logs in every 50 ms; its logins before the burst (same run) are the baseline."""
+    logs in every 50 ms; its logins before the burst (same run) are the baseline.
+    The burst is cut at `limit` seconds (then `bans` < len(names))."""
     now = time.monotonic()
     calm, _, _, _ = loadgen.run(_legit(host, port, legit, user, password, 0.05, now, now + 1.0))
     ctx = multiprocessing.get_context("fork")  # no loop is running here yet
     out = ctx.Queue()
     start_at = time.monotonic() + 0.5
-    children = [ctx.Process(target=_ban_proc, args=(config, names[i::procs], start_at, out), daemon=True)
-                for i in range(procs)]  # fmt: skip
+    stop_at = start_at + limit
+    children = [ctx.Process(target=_ban_proc, args=(config, names[i::procs], start_at, out, "ban", stop_at),
+                            daemon=True) for i in range(procs)]  # fmt: skip
     for ch in children:
         ch.start()
     got: list[dict[str, Any]] = []
@@ -224,7 +230,7 @@ def run_ban_burst(host: str, port: int, user: str, password: str, config: str, n
     def collect() -> None:
         for _ in children:
             try:
-                got.append(out.get(timeout=600))
+                got.append(out.get(timeout=limit + 60))
             except Exception:
                 break
         done.set()
@@ -233,7 +239,7 @@ def run_ban_burst(host: str, port: int, user: str, password: str, config: str, n
     collector.start()
     try:
         lat, lerr, lfirst, slowest = loadgen.run(
-            _legit(host, port, legit, user, password, 0.05, start_at, start_at + 600, done=done.is_set))
+            _legit(host, port, legit, user, password, 0.05, start_at, stop_at + 30, done=done.is_set))
         collector.join(30)
     finally:
         for ch in children:

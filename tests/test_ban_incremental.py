@@ -6,11 +6,13 @@ falls further behind than the log)."""
 from __future__ import annotations
 
 import json
+import random
+import signal
 import subprocess
 import sys
 import time
 
-from ftpcluster.cluster.ban_table import LOG_SIZE, Ban, BanTable
+from ftpcluster.cluster.ban_table import LOG_SIZE, Ban, BanTable, BanView
 
 READER = """
 import json, sys
@@ -110,3 +112,56 @@ def test_reader_in_another_process_follows_the_change_log(tmp_path) -> None:
         assert "10.0.0.50" in got["banned"]
     finally:
         r.close()
+
+
+WRITER = """
+import sys, time
+from ftpcluster.cluster.ban_table import Ban, BanTable
+t = BanTable(sys.argv[1], 256)
+print("go", flush=True)
+i = int(sys.argv[2])
+while True:
+    i += 7
+    name = f"10.{i % 5}.{i % 241}.{i % 11}"
+    t.add(Ban("host", name, time.time() + 3600, "x" * (i % 90)))  # a full table replaces these
+    if i % 3 == 0:
+        t.remove("host", name)
+"""
+
+
+def test_incremental_reader_agrees_with_a_full_parse_after_writers_are_killed(tmp_path) -> None:
+    """Writers SIGKILLed at random instants (some between a record and its log
+    entry): a reader that only ever caught up from the log ends up with exactly
+    what a fresh full parse sees, once the next write has gone through."""
+    path = str(tmp_path / "bans.shm")
+    t = BanTable(path, 256, create=True)
+    view = BanView(t, {})
+    rng = random.Random(17)
+    for round_ in range(5):
+        procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(round_ * 1000 + k)], stdout=subprocess.PIPE)
+                 for k in range(2)]  # fmt: skip
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == b"go"
+        end = time.monotonic() + rng.uniform(0.005, 0.05)
+        while time.monotonic() < end:
+            view.refresh()
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+        view.refresh()
+    assert t.add(Ban("host", "192.0.2.1", None, "after"))  # repairs what a killed writer left unlogged
+    view.refresh()
+    fresh = BanView(BanTable(path, 256), {})
+    fresh.refresh()
+    assert sorted(view.hosts) == sorted(fresh.hosts) and "192.0.2.1" in view.hosts
+    assert view.full_reads == 1 and len(view.hosts) > 10
+
+    # The exact instant: a writer that dies after its record, before its log entry.
+    died = ("import os, sys; from ftpcluster.cluster.ban_table import Ban, BanTable; t = BanTable(sys.argv[1], 256); "
+            "t._publish = lambda i: os._exit(9); t.add(Ban('host', '203.0.113.9', None, 'died'))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", died, path], timeout=30).returncode == 9
+    view.refresh()
+    assert "203.0.113.9" not in view.hosts  # not logged: the reader cannot know yet
+    assert t.add(Ban("host", "192.0.2.3", None, "next writer"))
+    view.refresh()
+    assert "203.0.113.9" in view.hosts and "192.0.2.3" in view.hosts

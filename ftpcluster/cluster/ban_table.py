@@ -49,6 +49,8 @@ HEADER = struct.Struct("<8sIIQ")  # magic, capacity, high-water mark, generation
 GEN_OFF = 16
 HWM_WORD = 3  # the high-water mark as the 4th 32-bit word
 GEN_WORD = GEN_OFF // 8
+PENDING_WORD = GEN_WORD + 1  # 1 + the record a writer is writing, 0 when none: a writer that
+# died between its record and the log entry is logged by the next one (readers then re-read it)
 LOG_OFF = HEADER.size + 8
 LOG_SIZE = 8192  # change-log entries: (generation & 0xffffffff) << 32 | record number
 TORN_RETRIES = 50  # re-reads of a record whose CRC fails while a live writer may be mid-copy
@@ -125,6 +127,9 @@ class BanTable:
         with _THREAD_LOCK:
             fcntl.lockf(self.fd, fcntl.LOCK_EX)
             try:
+                pending = self.words[PENDING_WORD]
+                if pending:  # the previous writer was killed mid-write
+                    self._publish(pending - 1)
                 yield
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN)
@@ -176,6 +181,7 @@ class BanTable:
         """Write record `i` (call under the lock), then log it, then publish the
         generation: a reader that sees the new generation sees the record."""
         off = self.base + i * REC_SIZE
+        self.words[PENDING_WORD] = i + 1
         if ban is None:
             self.mm[off : off + RECORD.size] = b"\0" * RECORD.size
         else:
@@ -184,9 +190,13 @@ class BanTable:
                 _enc(ban.name, 80), _enc(ban.reason, 96), _enc(ban.origin_host, 32),
             )[4:]  # fmt: skip
             self.mm[off : off + RECORD.size] = struct.pack("<I", zlib.crc32(body)) + body
+        self._publish(i)
+
+    def _publish(self, i: int) -> None:
         gen = self.words[GEN_WORD] + 1
         self.words[LOG_OFF // 8 + gen % LOG_SIZE] = (gen & 0xFFFFFFFF) << 32 | i
         self.words[GEN_WORD] = gen
+        self.words[PENDING_WORD] = 0
 
     # ------------------------------------------------------------ reading
     def snapshot(self) -> tuple[int, list[Ban]]:
