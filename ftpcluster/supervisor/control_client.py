@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import time
@@ -20,13 +21,28 @@ def socket_path(cfg: Config) -> str:
     return str(cfg.state_dir / "control.sock")
 
 
+def _connect(s: socket.socket, path: str, deadline: float) -> None:
+    """A full backlog (a busy supervisor, or one that paused accepting on EMFILE)
+    answers EAGAIN at once on a Unix socket: retried until the deadline."""
+    pause = 0.005
+    while True:
+        try:
+            s.connect(path)
+            return
+        except BlockingIOError as e:
+            if e.errno != errno.EAGAIN or time.monotonic() + pause > deadline:
+                raise socket.timeout from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
 def call(cfg: Config, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     path = socket_path(cfg)
     deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(path)
+            _connect(s, path, deadline)
             s.sendall(json.dumps(request).encode() + b"\n")
             buf = bytearray()
             while not buf.endswith(b"\n"):

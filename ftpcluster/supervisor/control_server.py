@@ -20,7 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import structlog
+
 from .accept_guard import GuardedListener
+
+log = structlog.get_logger("ftpcluster.supervisor")
 
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0
@@ -120,6 +124,7 @@ class ControlServer:
         try:
             return handler(request, p)
         except Exception as e:  # a bad request must not take the supervisor down
+            log.exception("control command failed", cmd=request["cmd"])
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
     def close(self) -> None:
