@@ -46,7 +46,7 @@ def M(name: str, what: str, file: str, edits: list[tuple[str, str]], tests: list
 
 MUTATIONS: list[Mutation] = [
     M("ban-crc", "ban table reader ignores the record CRC", "ftpcluster/cluster/ban_table.py",
-      [("if kind == 0 or crc != zlib.crc32(raw[4:]):", "if kind == 0:")],
+      [("if crc == zlib.crc32(raw[4:]):", "if True:")],
       ["tests/test_ban_table.py::test_torn_record_is_skipped_not_read"]),
     M("ban-expiry", "ban table ignores expiry", "ftpcluster/cluster/ban_table.py",
       [("return self.expires_at is None or self.expires_at > now", "return True")],

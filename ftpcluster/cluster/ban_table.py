@@ -192,6 +192,13 @@ class BanTable:
             self.mm[off : off + RECORD.size] = struct.pack("<I", zlib.crc32(body)) + body
         self._publish(i)
 
+    def _bump(self) -> None:
+        """A new generation with no usable log entry: every reader parses the whole
+        table again (for tests and repairs that change bytes behind the writers' back)."""
+        gen = self.words[GEN_WORD] + 1
+        self.words[LOG_OFF // 8 + gen % LOG_SIZE] = ((gen + 1) & 0xFFFFFFFF) << 32  # a tag that never matches
+        self.words[GEN_WORD] = gen
+
     def _publish(self, i: int) -> None:
         gen = self.words[GEN_WORD] + 1
         self.words[LOG_OFF // 8 + gen % LOG_SIZE] = (gen & 0xFFFFFFFF) << 32 | i
