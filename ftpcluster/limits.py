@@ -97,13 +97,29 @@ def limits_for(cfg: Config, rec: UserRecord | None) -> UserLimits:
         cls = getattr(rec, "user_class", "")
         if cls and cls in lc.classes:
             _apply(values, lc.classes[cls], f"limits.classes.{cls}")
-        own = {USER_FIELDS[k]: v for k, v in getattr(rec, "limits", ())}
-        _apply(values, own, f"user {rec.name}")
+        for field_name, raw in getattr(rec, "limits", ()):
+            key = USER_FIELDS[field_name]
+            values[key] = _value(key, raw, f"user {rec.name}: {field_name}")
     return UserLimits(
         download_rate=values["user_download_rate"], upload_rate=values["user_upload_rate"],
         session_download_rate=values["session_download_rate"], session_upload_rate=values["session_upload_rate"],
         max_upload_size=values["max_upload_size"], quota_bytes=values["quota_bytes"], quota_files=values["quota_files"],
     )  # fmt: skip
+
+
+def user_problems(cfg: Config, users: dict[str, Any]) -> list[str]:
+    """A user's limits that cannot be read or a class that does not exist, one line
+    each (`config check` and `start`; a running node then applies the defaults)."""
+    out = []
+    for rec in users.values():
+        cls = getattr(rec, "user_class", "")
+        if cls and cls not in cfg.limits.classes:
+            out.append(f"[server] users_file: user {rec.name}: no class {cls!r} in [limits] classes")
+        try:
+            limits_for(cfg, rec)
+        except LimitsError as e:
+            out.append(f"[server] users_file: {e}")
+    return out
 
 
 def host_rates(cfg: Config) -> tuple[int, int]:

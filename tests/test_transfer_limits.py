@@ -338,3 +338,23 @@ def test_host_leases_share_one_budget_between_nodes(tmp_path):
     assert got == [30_000, 30_000, 30_000, 10_000, 0]
     assert a.take("out:alice", 8, 100_000, 30_000) == 30_000  # the next slot starts afresh
     assert b.take("out:bob", 8, 100_000, 30_000) == 30_000  # another key
+
+
+def test_limits_resolve_most_specific_first_and_bad_values_are_named():
+    from ftpcluster.config import ConfigError, from_dict
+    from ftpcluster.limits import limits_for, user_problems
+    from ftpcluster.users import UserRecord
+
+    cfg = from_dict({"limits": {"user_download_rate": "1M", "max_upload_size": 2048,
+                                "classes": {"gold": {"user_download_rate": "0", "quota_bytes": "5G"}}}})  # fmt: skip
+    gold = UserRecord("g", "$argon2id$x", "/h", user_class="gold", limits=(("quota_files", 7),))
+    lim = limits_for(cfg, gold)
+    assert (lim.download_rate, lim.quota_bytes, lim.quota_files, lim.max_upload_size) == (0, 5 << 30, 7, 2048)
+    assert limits_for(cfg, None).download_rate == 1 << 20
+    bad = UserRecord("b", "$argon2id$x", "/h", user_class="silver", limits=(("upload_rate", "fast"),))
+    assert user_problems(cfg, {"b": bad}) == [
+        "[server] users_file: user b: no class 'silver' in [limits] classes",
+        "[server] users_file: user b: upload_rate: not a size: 'fast' (use 512K, 1M, 2G or a number of bytes; \"0\" = no limit)",
+    ]
+    with pytest.raises(ConfigError, match="limits.classes.gold.user_upload_rate"):
+        from_dict({"limits": {"classes": {"gold": {"user_upload_rate": "-1"}}}})

@@ -120,7 +120,9 @@ def problems(cfg: Config, create: bool = True) -> list[str]:
             out.append(bad)
         else:
             try:
-                load_users(users)
+                from ..limits import user_problems
+
+                out += user_problems(cfg, load_users(users))
             except (UserError, OSError, ValueError) as e:
                 out.append(f"[server] users_file: bad users file {e}")
     if cfg.tls.enabled:
