@@ -99,6 +99,8 @@ class QuotaGuard:
         raise DataRefused(552, text)
 
     def finished(self, moved: int) -> None:
+        if not self.lim.has_quota:
+            return  # only max_upload_size: no usage to keep
         after = _size(self.t.path)
         d_bytes = (after or 0) - (self.existing or 0) - self.reserved
         d_files = int(after is not None) - int(self.existing is not None) - self.reserved_files
