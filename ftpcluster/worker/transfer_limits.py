@@ -150,6 +150,7 @@ class NodeTransferLimits:
         self.fallback: dict[tuple[str, int], int] = {}
         self._limits_cache: dict[Any, UserLimits] = {}
         self.last_rescan = time.monotonic()
+        self.last_lease = 0.0
 
     # ------------------------------------------------------------ who gets what
     def limits_of(self, s: Session) -> tuple[UserLimits, str]:
@@ -286,6 +287,7 @@ class NodeTransferLimits:
         return self._ring
 
     def _lease_blocking(self, name: str, slot: int, budget: int, want: int) -> int | None:
+        self.last_lease = time.monotonic()
         self._ring_here()
         return self._leaser.lease(name, slot, budget, want)
 
@@ -423,7 +425,8 @@ class NodeTransferLimits:
         """Probe ejected servers, re-read the host count; whether any server is up."""
         self._ring_here()
         self._ring.probe()
-        self._leaser.refresh_hosts()
+        busy = time.monotonic() - self.last_lease < 30.0 or self._leaser.hosts <= 1
+        self._leaser.refresh_hosts(every=2.0 if busy else 10.0)  # cheap when no rate is in use
         return bool(self._ring.any_up())
 
     def _claim(self, user: str, interval: float) -> bool:
