@@ -198,7 +198,7 @@ class TLSService:
         except (OSError, ValueError) as e:
             trace.debug("session_prefetch_failed", error=repr(e))
             return
-        if got != "none":
+        if got not in ("none", "l1"):
             trace.debug("session_prefetch", result=got)
 
     # ------------------------------------------------------------ data channels

@@ -95,17 +95,20 @@ def resumption_ids(data: bytes) -> list[bytes]:
     return out
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> bool:
+    """Wait until `fd` is readable (True) or `timeout` passed (False); no extra task."""
     fut = loop.create_future()
 
-    def ready() -> None:
+    def done(ok: bool) -> None:
         if not fut.done():
-            fut.set_result(None)
+            fut.set_result(ok)
 
-    loop.add_reader(fd, ready)
+    loop.add_reader(fd, done, True)
+    timer = loop.call_later(timeout, done, False)
     try:
-        await fut
+        return await fut
     finally:
+        timer.cancel()
         loop.remove_reader(fd)
 
 
@@ -133,13 +136,11 @@ async def peek_ids(loop: asyncio.AbstractEventLoop, sock: socket.socket, until: 
             left = until - time.monotonic()
             if left <= 0:
                 return []
-            try:
-                if data is None:
-                    await asyncio.wait_for(_readable(loop, fd), left)
-                else:  # readable but short: wait for the rest of the record
-                    await asyncio.sleep(min(RETRY_INCOMPLETE, left))
-            except asyncio.TimeoutError:
-                return []
+            if data is None:
+                if not await _readable(loop, fd, left):
+                    return []
+            else:  # readable but short: wait for the rest of the record
+                await asyncio.sleep(min(RETRY_INCOMPLETE, left))
     finally:
         if not own_fd:
             socket.close(fd)
@@ -152,7 +153,9 @@ async def prefetch(store: Any, loop: asyncio.AbstractEventLoop, sock: Any, wait_
     Returns what happened: none | l1 | fetched | miss | timeout."""
     if store is None or getattr(store, "remote", None) is None or deadline <= 0:
         return "none"
-    raw = sock if isinstance(sock, socket.socket) else socket.socket(fileno=sock.fileno())
+    # a transport's socket object has no recv: a plain one on its descriptor (family and
+    # type given, so nothing is asked of the kernel), detached afterwards
+    raw = sock if isinstance(sock, socket.socket) else socket.socket(sock.family, sock.type, 0, sock.fileno())
     try:
         ids = await peek_ids(loop, raw, time.monotonic() + wait_hello, own_fd)
     finally:
