@@ -64,9 +64,9 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "servers": ("host:port of every memcached server; the same list on every host (order does not matter: ketama).", "MemcacheServers"),
         "replicas": ("Copies written per key; 2 survives the loss of one server.", "MemcacheReplicate"),
         "connect_failures": ("Failures in a row before a server is ejected (then probed).", "MemcacheConnectFailures"),
-        "timeout": ("Connect and I/O timeout per operation.", "MemcacheTimeouts"),
+        "timeout": ("Connect and I/O timeout per operation; also how long a TLS handshake waits for a session from another host before it goes on as a full one.", "MemcacheTimeouts"),
         "namespace": ("Key prefix: two clusters can share memcached servers.", ""),
-        "probe_interval": ("How often an ejected server is tried again.", "MemcacheEjectionTimeout"),
+        "probe_interval": ("How often every process checks each server (`version`, traffic or not): a hung or dead one is skipped within about two intervals, an ejected one taken back once it answers.", "MemcacheEjectionTimeout"),
         "sync_interval": ("How often a supervisor reads the cluster's ban log.", ""),
     },
     "ban": {
