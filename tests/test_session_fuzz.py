@@ -87,9 +87,9 @@ def _home(base: Path) -> Path:
 class Driver:
     """Plays control.py: answers actions after each read, counts replies per line."""
 
-    def __init__(self, home: Path, settings_: SessionSettings) -> None:
+    def __init__(self, home: Path, settings_: SessionSettings, **session_args: object) -> None:
         self.home = home
-        self.s = Session(settings_, client_ip="127.0.0.1", session_id="1-1-1")
+        self.s = Session(settings_, client_ip="127.0.0.1", session_id="1-1-1", **session_args)  # type: ignore[arg-type]
         self.replies: list[Reply] = []
         self.actions: list[object] = []
         self.errors: list[Event] = []
@@ -213,15 +213,15 @@ def test_odd_digits_get_501_and_session_goes_on(base: Path) -> None:
 
 def test_unexpected_exception_is_451_and_logged_once(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug in a handler: 451, one handler_error event with the traceback, session goes on."""
-    from ftpcluster.worker import commands
+    from dataclasses import replace
 
-    spec = commands.COMMANDS["SYST"]
+    from ftpcluster.worker.command_table import COMMAND_TABLE
 
     def boom(s: Session, arg: str) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setitem(commands.COMMANDS, "SYST", type(spec)(spec.verb, boom, spec.arg, spec.auth, spec.help))
-    d = Driver(_home(base), SessionSettings())
+    table = {**COMMAND_TABLE, "SYST": replace(COMMAND_TABLE["SYST"], handler=boom)}
+    d = Driver(_home(base), SessionSettings(), commands=table)
     d.take(d.s.receive_data(b"SYST\r\nNOOP\r\n"))
     assert [r.code for r in d.replies] == [451, 200]
     assert len(d.errors) == 1 and "KeyError" in d.errors[0].fields["traceback"]

@@ -1,12 +1,15 @@
 """The command table: one entry per verb answers HELP, FEAT, argument checks and
 "530 log in first" for every command (pyftpdlib's proto_cmds idea), while the
-handlers themselves live in small topic modules (`handlers_*.py`)."""
+handlers themselves live in small topic modules (`handlers_*.py`). The table is
+built from an explicit list of those modules (`command_table.py`); a test can
+build a session over any other table."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Iterable
 
 if TYPE_CHECKING:
     from .session import Session
@@ -35,9 +38,6 @@ class CommandSpec:
     in_transfer: bool = False
 
 
-COMMANDS: dict[str, CommandSpec] = {}
-
-
 def command(
     verb: str,
     *,
@@ -49,18 +49,32 @@ def command(
     in_transfer: bool = False,
     aliases: tuple[str, ...] = (),
 ) -> Callable[[Handler], Handler]:
-    """Register a handler for `verb` (and its X* aliases)."""
+    """Mark a handler as the one for `verb` (and its X* aliases). Nothing global is
+    filled: `build_table` collects the marks from the modules it is given."""
 
-    def register(fn: Handler) -> Handler:
-        for v in (verb, *aliases):
-            COMMANDS[v] = CommandSpec(v, fn, arg, auth, help or v, write, urgent, in_transfer)
+    def mark(fn: Handler) -> Handler:
+        specs = tuple(CommandSpec(v, fn, arg, auth, help or v, write, urgent, in_transfer) for v in (verb, *aliases))
+        fn.ftp_commands = getattr(fn, "ftp_commands", ()) + specs  # type: ignore[attr-defined]
         return fn
 
-    return register
+    return mark
+
+
+def build_table(modules: Iterable[ModuleType]) -> dict[str, CommandSpec]:
+    """verb -> spec from the handlers marked with @command in `modules`, in order;
+    a verb claimed twice is an error, not a silent override."""
+    table: dict[str, CommandSpec] = {}
+    for module in modules:
+        for fn in vars(module).values():
+            for spec in getattr(fn, "ftp_commands", ()):
+                if spec.verb in table and table[spec.verb].handler is not spec.handler:
+                    raise ValueError(f"{spec.verb} is handled twice ({module.__name__})")
+                table[spec.verb] = spec
+    return table
 
 
 def load_handlers() -> dict[str, CommandSpec]:
-    """Import the topic modules so their decorators fill the table."""
-    from . import handlers_auth, handlers_files, handlers_info, handlers_nav, handlers_tls, handlers_transfer  # noqa: F401
+    """The server's table (for callers outside the core that only need the verbs)."""
+    from .command_table import COMMAND_TABLE
 
-    return COMMANDS
+    return dict(COMMAND_TABLE)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .account import User
 from .commands import Arg, command
 from .fs import Home
-from .handlers_info import MLST_FACTS
+from .listing import MLST_FACTS
 from .protocol import ClosePassive, VerifyPassword
+from .state import State, Step
 
 if TYPE_CHECKING:
-    from .session import Session, User
+    from .session import Session
 
 ANONYMOUS_NAMES = frozenset({"anonymous", "ftp"})
 
@@ -55,15 +57,13 @@ def password(s: Session, arg: str) -> None:
         s.reply(530, refusal)
         return
     if name.lower() in ANONYMOUS_NAMES and s.settings.anonymous_root:
-        from .session import User
-
         finish_login(s, User("anonymous", s.settings.anonymous_root, read_only=True, anonymous=True))
         return
     if not arg:
         s.emit("EmptyPassword", user=name)
     if name == "root":
         s.emit("RootLogin", user=name)
-    s.begin_wait("auth")
+    s.step(Step.CHECK_PASSWORD)
     s.act(VerifyPassword(name, arg))
 
 
@@ -109,7 +109,7 @@ def rein(s: Session, arg: str) -> None:
     s.binary = True
     s.epsv_all = False
     s.mlst_facts = list(MLST_FACTS)
-    if s.waiting != "transfer":  # a running transfer keeps its data connection and completes
+    if s.state is not State.TRANSFER:  # a running transfer keeps its data connection and completes
         s.data_ready = False
         s.act(ClosePassive())
     s.reply(220, "Service ready for new user")
@@ -117,7 +117,7 @@ def rein(s: Session, arg: str) -> None:
 
 @command("QUIT", auth=False, urgent=True, help="QUIT: end the session")
 def quit_(s: Session, arg: str) -> None:
-    if s.waiting == "transfer":
+    if s.state is State.TRANSFER:
         # RFC 959 section 4.1.1: the transfer completes and its reply comes first;
         # finish_transfer then says 221 and closes.
         s.quitting = True

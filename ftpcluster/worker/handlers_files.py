@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from .commands import Arg, command
 from .fs import PathError
-from .handlers_nav import quote_path
 from .listing import mlsx_line
 from .numbers import is_ascii_number
+from .replies import quote_path
 
 if TYPE_CHECKING:
     from .session import Session

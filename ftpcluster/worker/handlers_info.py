@@ -6,13 +6,12 @@ import os
 from typing import TYPE_CHECKING
 
 from .commands import Arg, command
-from .handlers_transfer import split_list_arg
-from .listing import list_lines
+from .listing import MLST_FACTS, list_lines
+from .parse import split_list_arg
+from .state import State
 
 if TYPE_CHECKING:
     from .session import Session
-
-MLST_FACTS = ("type", "size", "modify", "perm", "unix.mode")
 
 
 @command("SYST", auth=False, help="SYST: system type")
@@ -82,7 +81,7 @@ def stat_(s: Session, arg: str) -> None:
     if s.user is None:
         s.reply(530, "Please log in with USER and PASS first")
         return
-    if s.waiting == "transfer":
+    if s.state is State.TRANSFER:
         s.reply(450, "A transfer is in progress")
         return
     r = s.resolve(split_list_arg(arg), must_exist=True)

@@ -7,14 +7,10 @@ from typing import TYPE_CHECKING
 
 from .commands import Arg, command
 from .fs import PathError
+from .replies import quote_path
 
 if TYPE_CHECKING:
     from .session import Session
-
-
-def quote_path(path: str) -> str:
-    """RFC 959 257 quoting: double any embedded quote."""
-    return '"' + path.replace('"', '""') + '"'
 
 
 @command("PWD", help="PWD: print the current directory", aliases=("XPWD",))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from .commands import Arg, command
 from .numbers import is_ascii_number
 from .protocol import StartTLS
+from .state import Step
 
 if TYPE_CHECKING:
     from .session import Session
@@ -30,7 +31,7 @@ def auth(s: Session, arg: str) -> None:
     s.emit("TLSHandshake")
     s.reply(234, f"AUTH {mech} successful")
     s.act(StartTLS())
-    s._tls_pending = True
+    s.step(Step.START_TLS)
     if mech in ("SSL", "TLS-P"):
         # Old clients' AUTH SSL implied protected data (draft-murray-auth-ftp-ssl).
         s.pbsz = True

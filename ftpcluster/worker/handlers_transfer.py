@@ -12,7 +12,9 @@ from .commands import Arg, command
 from .fs import PathError, temp_upload_name
 from .listing import list_lines, mlsd_lines, nlst_lines
 from .numbers import ascii_int, is_ascii_number
+from .parse import split_list_arg
 from .protocol import AbortTransfer, ClosePassive, OpenPassive, SetActive, Transfer, TransferResult
+from .state import State, Step
 
 if TYPE_CHECKING:
     from .session import Session
@@ -60,7 +62,7 @@ def rest(s: Session, arg: str) -> None:
 
 @command("ALLO", arg=Arg.OPTIONAL, help="ALLO <size>: the size of the next upload (checked against quotas)")
 def allo(s: Session, arg: str) -> None:
-    s.allo = ascii_int(arg.split(" ")[0]) or 0  # type: ignore[attr-defined]
+    s.allo = ascii_int(arg.split(" ")[0]) or 0
     s.reply(202, "ALLO noted; no space needs reserving")
 
 
@@ -80,7 +82,7 @@ def pasv(s: Session, arg: str) -> None:
         s.reply(425, "PASV is for IPv4; use EPSV")
         return
     _new_data_channel(s)
-    s.begin_wait("passive")
+    s.step(Step.OPEN_PASSIVE)
     s.act(OpenPassive(extended=False))
 
 
@@ -100,7 +102,7 @@ def epsv(s: Session, arg: str) -> None:
         s.reply(522, f"Network protocol not supported, use ({_net_prt(s)})")
         return
     _new_data_channel(s)
-    s.begin_wait("passive")
+    s.step(Step.OPEN_PASSIVE)
     s.act(OpenPassive(extended=True))
 
 
@@ -187,7 +189,7 @@ def _start(s: Session, transfer: Transfer, what: str) -> None:
             return
     transfer.protected = s.prot_private
     s.transfer = transfer
-    s.begin_wait("transfer")
+    s.step(Step.START_TRANSFER)
     s.abort_requested = False
     s.reply(150, what)
     s.act(transfer)
@@ -282,14 +284,6 @@ def stou(s: Session, arg: str) -> None:
     _store(s, arg, append=False, unique=True)
 
 
-def split_list_arg(arg: str) -> str:
-    """Drop ls-style options ('-la', '-l dir') that many clients send with LIST."""
-    words = arg.split(" ")
-    while words and words[0].startswith("-"):
-        words.pop(0)
-    return " ".join(words)
-
-
 def _listing(s: Session, arg: str, kind: str) -> None:
     r = s.resolve(split_list_arg(arg) or ".", must_exist=True)
     name = os.path.basename(r.virtual) or "/"
@@ -326,7 +320,7 @@ def mlsd(s: Session, arg: str) -> None:
 
 @command("ABOR", auth=False, urgent=True, help="ABOR: stop the running transfer")
 def abor(s: Session, arg: str) -> None:
-    if s.waiting == "transfer":
+    if s.state is State.TRANSFER:
         s.abort_requested = True
         s.act(AbortTransfer())
         return  # replies come with transfer_done(aborted)

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from .fs import TEMP_PREFIX
 
+MLST_FACTS = ("type", "size", "modify", "perm", "unix.mode")  # RFC 3659 facts we offer
 _SIX_MONTHS = 180 * 86400
 CHUNK = 64 * 1024
 

@@ -7,28 +7,33 @@ bytes and performs the actions; tests drive this class with plain strings.
 
 While an asynchronous action is outstanding (a password check, a passive
 listener, a transfer) further commands are queued in order, except the
-"urgent" ones (ABOR, STAT, NOOP, QUIT) which RFC 959 allows during a transfer."""
+"urgent" ones (ABOR, STAT, NOOP, QUIT) which RFC 959 allows during a transfer.
+Which step may follow which is one table, `state.py`; the commands are a table
+too (`command_table.py`), passed in so a test can run a session over another."""
 
 from __future__ import annotations
 
 import collections
+import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from .commands import Arg, CommandSpec, load_handlers
+from .account import User
+from .command_table import COMMAND_TABLE
+from .commands import Arg, CommandSpec
 from .fs import Home, PathError, Resolved
+from .handlers_auth import finish_login
+from .handlers_transfer import finish_transfer
 from .lines import TOO_LONG, LineBuffer
+from .listing import MLST_FACTS
+from .parse import FOREIGN_PROTOCOL, NOT_IMPLEMENTED, parse_line, verb_of
 from .protocol import Action, Close, Event, Output, Reply, Transfer, TransferResult
+from .replies import os_error_reply, passive_reply
+from .state import URGENT_STATES, State, Step, next_state
+
+__all__ = ["MAX_QUEUED_LINES", "Session", "SessionSettings", "State", "User", "os_error_reply", "parse_line"]
 
 MAX_QUEUED_LINES = 32  # queued behind an asynchronous step; then the connection stops reading
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    name: str
-    home: str
-    read_only: bool = False
-    anonymous: bool = False
 
 
 @dataclass
@@ -50,15 +55,16 @@ class SessionSettings:
 
 
 class Session:
-    def __init__(self, settings: SessionSettings, client_ip: str = "", session_id: str = "") -> None:
+    def __init__(self, settings: SessionSettings, client_ip: str = "", session_id: str = "",
+                 commands: Mapping[str, CommandSpec] = COMMAND_TABLE) -> None:  # fmt: skip
         self.settings = settings
         self.client_ip = client_ip
         self.session_id = session_id
-        self.commands = load_handlers()
+        self.commands = commands
         self._lines = LineBuffer(settings.max_line)
         self._out: list[Output] = []
         self._queue: collections.deque[bytes | object] = collections.deque()
-        self.closed = False
+        self.state = State.READY  # see state.py: the one place that says what may follow what
         # protocol state
         self.user: User | None = None
         self.pending_user: str | None = None
@@ -71,16 +77,23 @@ class Session:
         self.data_ready = False  # PASV/EPSV opened or PORT/EPRT set
         self.epsv_all = False
         self.utf8 = True
-        self.mlst_facts = ["type", "size", "modify", "perm", "unix.mode"]
+        self.allo = 0  # ALLO's announced size, for the quota check of the next upload
+        self.mlst_facts = list(MLST_FACTS)
         self.tls_control = settings.implicit_tls
         self.pbsz = settings.implicit_tls
         self.prot_private = settings.implicit_tls
         # asynchronous work in flight
-        self.waiting: str | None = None  # "auth" | "passive" | "transfer"
         self.transfer: Transfer | None = None
         self.abort_requested = False
         self.quitting = False  # QUIT arrived during a transfer: 221 and close after its reply
-        self._tls_pending = False
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def step(self, step: Step) -> None:
+        """Move along the transition table (state.py); a step it does not allow raises."""
+        self.state = next_state(self.state, step)
 
     # ------------------------------------------------------------ output API
     def reply(self, code: int, text: str | tuple[str, ...] | list[str]) -> None:
@@ -99,7 +112,7 @@ class Session:
     def close(self, code: int, text: str) -> None:
         self.reply(code, text)
         self.act(Close())
-        self.closed = True
+        self.step(Step.CLOSE)
 
     # ------------------------------------------------------------ inputs
     def greeting(self) -> list[Output]:
@@ -122,31 +135,31 @@ class Session:
     def _pump(self) -> None:
         """Take buffered lines: run them, or queue them while an asynchronous step is
         outstanding (urgent ones run at once); stop taking lines once the queue is full."""
-        while not (self.closed or self._tls_pending) and len(self._queue) < MAX_QUEUED_LINES:
+        while self.state not in (State.CLOSED, State.TLS) and len(self._queue) < MAX_QUEUED_LINES:
             # After AUTH TLS nothing sent in the clear may be taken as a command
             # (STARTTLS command injection, CVE-2011-0411): tls_done() drops the buffer.
             line = self._lines.next_line()
             if line is None:
                 return
-            if self.waiting is None:
+            if self.state is State.READY:
                 self._dispatch(line)
-            elif line is not TOO_LONG and self._is_urgent(line):
+            elif line is not TOO_LONG and self.state in URGENT_STATES and self._is_urgent(line):
                 self._dispatch(line)
             else:
                 self._queue.append(line)
 
     def _is_urgent(self, line: bytes | object) -> bool:
-        verb = _verb_of(line)  # type: ignore[arg-type]
+        verb = verb_of(line)  # type: ignore[arg-type]
         spec = self.commands.get(verb)
         if spec is None:
             return False
         # REIN/USER jump ahead only when nothing is queued: replies stay in command order.
-        return spec.urgent or (spec.in_transfer and self.waiting == "transfer" and not self._queue)
+        return spec.urgent or (spec.in_transfer and self.state is State.TRANSFER and not self._queue)
 
     def _resume(self) -> None:
         """An async step finished: run queued commands until one blocks again, then
         take more of what was left in the line buffer."""
-        while self._queue and self.waiting is None and not (self.closed or self._tls_pending):
+        while self._queue and self.state is State.READY:
             self._dispatch(self._queue.popleft())
         self._pump()
 
@@ -163,14 +176,14 @@ class Session:
             self.reply(500, "Syntax error: command unrecognized")
             self.emit("UnhandledCommand", command="")
             return
-        if verb in _FOREIGN_PROTOCOL:
+        if verb in FOREIGN_PROTOCOL:
             self.emit("BadProtocol", command=verb)
             self.close(500, "This is an FTP server")
             return
         if verb != "RNTO":
             self.rename_from = None  # RFC 959: RNTO must come right after RNFR
         spec = self.commands.get(verb)
-        if spec is None and verb in _NOT_IMPLEMENTED:
+        if spec is None and verb in NOT_IMPLEMENTED:
             self.reply(502, f"{verb} not implemented")
             return
         if spec is None:
@@ -187,8 +200,6 @@ class Session:
         except OSError as e:
             self.reply(*os_error_reply(e))
         except Exception as e:  # a bug: answer, log it once with its traceback, go on
-            import traceback
-
             self.reply(451, "Local error in processing")
             self.emit("handler_error", command=verb, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
 
@@ -205,42 +216,34 @@ class Session:
         if spec.write and self.user is not None and self.user.read_only:
             self.reply(550, "Permission denied: read-only account")
             return False
-        if self.waiting == "transfer" and not (spec.urgent or spec.in_transfer):
+        if self.state is State.TRANSFER and not (spec.urgent or spec.in_transfer):
             self.reply(450, "A transfer is in progress")
             return False
         return True
 
     # ------------------------------------------------------------ async results
     def auth_done(self, user: User | None) -> list[Output]:
-        from .handlers_auth import finish_login
-
-        self.waiting = None
+        self.step(Step.AUTH_DONE)
         finish_login(self, user)
         self._resume()
         return self._take()
 
     def passive_ready(self, host: str, port: int, extended: bool) -> list[Output]:
-        self.waiting = None
+        self.step(Step.PASSIVE_DONE)
         self.data_ready = True
-        if extended:
-            self.reply(229, f"Entering Extended Passive Mode (|||{port}|)")
-        else:
-            h = host.replace(".", ",")
-            self.reply(227, f"Entering Passive Mode ({h},{port >> 8},{port & 0xFF}).")
+        self.reply(*passive_reply(host, port, extended))
         self._resume()
         return self._take()
 
     def passive_failed(self, message: str) -> list[Output]:
-        self.waiting = None
+        self.step(Step.PASSIVE_DONE)
         self.data_ready = False
         self.reply(425, message)
         self._resume()
         return self._take()
 
     def transfer_done(self, result: TransferResult) -> list[Output]:
-        from .handlers_transfer import finish_transfer
-
-        self.waiting = None
+        self.step(Step.TRANSFER_DONE)
         finish_transfer(self, result)
         self._resume()
         return self._take()
@@ -252,8 +255,8 @@ class Session:
 
     def tls_done(self) -> list[Output]:
         """The control connection is now TLS (after AUTH TLS)."""
+        self.step(Step.TLS_DONE)
         self.tls_control = True
-        self._tls_pending = False
         self._lines = LineBuffer(self.settings.max_line)
         self._queue.clear()  # sent in the clear behind AUTH TLS: never commands
         return self._take()
@@ -276,9 +279,6 @@ class Session:
         assert self.home is not None
         return self.home.resolve_entry(self.cwd, arg, must_exist)
 
-    def begin_wait(self, what: str) -> None:
-        self.waiting = what
-
     def reset_login(self) -> None:
         self.user = None
         self.pending_user = None
@@ -286,61 +286,3 @@ class Session:
         self.cwd = "/"
         self.rest = 0
         self.rename_from = None
-
-
-# Lines that show a client speaking another protocol on the FTP port (ProFTPD's BadProtocol).
-_FOREIGN_PROTOCOL = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "EHLO", "HELO", "SSH-2.0-OPENSSH"})
-
-
-# Verbs of RFC 959 and RFC 2228 that this server knows but does not implement: 502, not
-# "500 unrecognized". SMNT: one file system per user; ADAT MIC CONF ENC: unused by TLS (RFC 4217).
-_NOT_IMPLEMENTED = frozenset({"SMNT", "ADAT", "MIC", "CONF", "ENC"})
-
-
-def _verb_of(line: bytes) -> str:
-    verb, _ = parse_line(line)
-    return verb or ""
-
-
-def parse_line(line: bytes) -> tuple[str | None, str]:
-    """Split 'VERB arg' into (VERB upper-case, arg). None for a line with no verb.
-
-    Telnet IAC sequences (IP, DM, sent before ABOR) and other non-letters before the
-    verb are skipped. Arguments are UTF-8 (RFC 2640); undecodable bytes are kept as
-    surrogates so a name round-trips to the filesystem."""
-    i = 0
-    n = len(line)
-    while i < n and not (65 <= line[i] <= 90 or 97 <= line[i] <= 122):
-        if line[i] < 0x80 and line[i] not in (0x20, 0x09):
-            break  # a printable non-letter first: not a verb
-        i += 1
-    j = i
-    while j < n and j - i < 16 and (65 <= line[j] <= 90 or 97 <= line[j] <= 122 or 48 <= line[j] <= 57):
-        j += 1
-    if j == i or (j < n and line[j] != 0x20):
-        return None, ""
-    verb = line[i:j].decode("ascii").upper()
-    arg = line[j + 1 :].decode("utf-8", "surrogateescape") if j < n else ""
-    return verb, arg
-
-
-def os_error_reply(e: OSError) -> tuple[int, str]:
-    import errno
-
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return 452, "Insufficient storage space"
-    if e.errno == errno.ENOENT:
-        return 550, "No such file or directory"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return 550, "Permission denied"
-    if e.errno == errno.EEXIST:
-        return 550, "File exists"
-    if e.errno == errno.ENOTEMPTY:
-        return 550, "Directory not empty"
-    if e.errno == errno.ENOTDIR:
-        return 550, "Not a directory"
-    if e.errno == errno.EISDIR:
-        return 550, "Is a directory"
-    if e.errno == errno.ENAMETOOLONG:
-        return 550, "File name too long"
-    return 451, "Local error in processing"
