@@ -21,6 +21,7 @@ from tests.support_server import PASSWORD, REPO, cli, free_port, make_server, pa
 USER = "alice"
 FTPCLUSTER_TLS = {"session_cache": "local", "session_tickets": "local", "require_data_session_reuse": False}
 MAX_SESSIONS = 20000
+QUIET = "ftpcluster@warning"  # ftpcluster at log level warning (the main peer runs at the default, info)
 
 
 @dataclass
@@ -136,15 +137,17 @@ def prepare_files(base: Path, big_mb: int) -> Files:
 
 # -- ftpcluster ---------------------------------------------------------------
 
-def start_ftpcluster(files: Files, nodes: int) -> Peer:
-    tmp = files.base / "ftpcluster"
+def start_ftpcluster(files: Files, nodes: int, level: str = "info") -> Peer:
+    """ftpcluster at `level` (info is its default: session logging on)."""
+    name = "ftpcluster" if level == "info" else QUIET
+    tmp = files.base / name.replace("@", "-")
     (tmp / "certs").mkdir(parents=True, exist_ok=True)
     shutil.copy(files.cert, tmp / "certs" / "cert.pem")
     shutil.copy(files.key, tmp / "certs" / "key.pem")
     srv = make_server(
         tmp,
         tls=dict(FTPCLUSTER_TLS),
-        log={"level": "warning"},
+        log={"level": level},
         server={"max_sessions_per_node": MAX_SESSIONS, "idle_timeout": "600s", "login_timeout": "600s"},
     )
     _share(files, srv.home)
@@ -156,7 +159,7 @@ def start_ftpcluster(files: Files, nodes: int) -> Peer:
     def permit(ip: str) -> None:
         _check(cli("permit", "host", ip, config=srv.config, timeout=30), "permit")
 
-    return Peer("ftpcluster", srv.host, srv.port, srv.home, srv.proc, tmp / "server.log", stopper=srv.stop,
+    return Peer(name, srv.host, srv.port, srv.home, srv.proc, tmp / "server.log", stopper=srv.stop,
                 config=srv.config, ban_host=ban, permit_host=permit)  # fmt: skip
 
 

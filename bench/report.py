@@ -33,8 +33,8 @@ def summarize(w: Workload, samples: dict[str, list[float]], details: dict[str, l
             text = f"{'<=' if not w.higher_is_better else '>='} {bound:g} {w.unit}"
         else:
             r = ratios.get(peer)
-            met = None if r is None else r >= bound
-            text = f">= {bound:g}x {peer}"
+            met = None if r is None else r >= bound if w.higher_is_better else r <= bound
+            text = f"{'>=' if w.higher_is_better else '<='} {bound:g}x {peer}"
         targets.append({"target": text, "met": met})
     return {
         "name": w.name, "title": w.title, "unit": w.unit, "higher_is_better": w.higher_is_better,

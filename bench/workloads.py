@@ -61,6 +61,11 @@ class Workload:
     op: str = "session"  # what server_cpu_ms_per_op counts
     # More rows, each a number the run put in Sample.detail.
     extra: list[Extra] = field(default_factory=list)
+    # Targets on the server-CPU-per-op row: (peer, maximum ratio ftpcluster ÷ peer).
+    cpu_targets: list[tuple[str, float]] = field(default_factory=list)
+    # A session workload: also run on ftpcluster at log level warning, so the
+    # cost of the default (info) session logging stays visible.
+    log_levels: bool = False
 
 
 @dataclass
@@ -267,13 +272,16 @@ def _phase_rows(*phases: str) -> list[Extra]:
 WORKLOADS: list[Workload] = [
     Workload("idle_memory", "memory per idle session (PSS)", "KB", idle_memory, higher_is_better=False,
              targets=[("absolute", 20.0)]),  # fmt: skip
-    Workload("sessions", "sessions/s (connect, login, quit; c=32)", "/s", sessions, targets=[("pyftpdlib", 1.5)]),
-    Workload("ftps_full", "FTPS sessions/s, full handshake", "/s", ftps_full),
-    Workload("ftps_resumed", "FTPS sessions/s, resumed", "/s", ftps_resumed, targets=[("pyftpdlib", 1.5)]),
+    Workload("sessions", "sessions/s (connect, login, quit; c=32)", "/s", sessions, targets=[("pyftpdlib", 1.5)],
+             cpu_targets=[("pyftpdlib", 0.67)], log_levels=True),
+    Workload("ftps_full", "FTPS sessions/s, full handshake", "/s", ftps_full, log_levels=True),
+    Workload("ftps_resumed", "FTPS sessions/s, resumed", "/s", ftps_resumed, targets=[("pyftpdlib", 1.5)],
+             cpu_targets=[("pyftpdlib", 0.8)], log_levels=True),
     Workload("retr", "RETR big file, plain", "MiB/s", retr, targets=[("proftpd", 1.0)]),
     Workload("retr_tls", "RETR big file, TLS", "MiB/s", retr_tls, targets=[("proftpd", 1.0)]),
     Workload("stor", "STOR big file, plain", "MiB/s", stor),
-    Workload("retr_1k", "1 KB RETR/s on one session (EPSV+RETR)", "/s", retr_1k, op="RETR"),
+    Workload("retr_1k", "1 KB RETR/s on one session (EPSV+RETR)", "/s", retr_1k, op="RETR",
+             cpu_targets=[("proftpd", 1.0)], log_levels=True),
     Workload("ban_flood", "banned-client flood: rejects/s (2 client procs)", "/s", ban_flood, op="reject",
              targets=[("absolute", 20000.0)],
              extra=[Extra("legit_p50_ms", "legit login p50 during flood", "ms", higher_is_better=False),
