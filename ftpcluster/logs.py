@@ -8,10 +8,14 @@ without drowning the rest."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import json
 import logging
 import os
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -48,25 +52,64 @@ class _State:
     channels: dict[str, int] = {}
     sink: Any = None
     base: dict[str, Any] = {}
+    console: Any = None  # structlog's ConsoleRenderer when format = "console", else JSON
 
 
-def _filter(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _json_default(obj: Any) -> Any:
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+# One encoder made once: json.dumps(default=...) builds a new encoder per line.
+_encode = json.JSONEncoder(default=_json_default).encode
+
+
+class _Clock:
+    """ISO-8601 UTC timestamps as structlog's TimeStamper writes them, with the
+    date-and-seconds part formatted once a second instead of once a line."""
+
+    second = -1
+    prefix = ""
+
+    @classmethod
+    def now(cls) -> str:
+        t = time.time()
+        sec = int(t)
+        if sec != cls.second:
+            cls.second, cls.prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{cls.prefix}.{int((t - sec) * 1e6):06d}Z"
+
+
+def _prepare(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Level floor (per channel), base fields, level, timestamp: one processor, not four."""
     level = LEVELS.get(method, 20) if method != "exception" else 40
     channel = event.get("channel")
     floor = _State.channels.get(channel, _State.floor) if channel else _State.floor
     if level < floor:
         raise structlog.DropEvent
-    return event
-
-
-def _add_base(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     for k, v in _State.base.items():
         event.setdefault(k, v)
+    event["level"] = "error" if method == "exception" else method
+    event["timestamp"] = _Clock.now()
+    if "exc_info" in event or "exception" in event:
+        event = _format_exc_info(logger, method, event)
     return event
+
+
+_format_exc_info = structlog.processors.format_exc_info
+
+
+def _render(logger: Any, method: str, event: dict[str, Any]) -> str:
+    console = _State.console
+    return console(logger, method, event) if console is not None else _encode(event)
 
 
 def configure(cfg: LogConfig, base_dir: Any = None, **base: Any) -> None:
-    """Configure once per process (supervisor, then again in each node with node=...)."""
+    """Configure once per process (supervisor, then again in each node with node=...).
+    The processor chain is the same every time (what changes lives in _State), so
+    structlog may cache each logger on first use."""
     _State.floor = LEVELS.get(cfg.level, 20)
     _State.channels = {ch: LEVELS.get(str(lv).lower(), 10) for ch, lv in cfg.trace.items()}
     _State.base = dict(base)
@@ -76,35 +119,78 @@ def configure(cfg: LogConfig, base_dir: Any = None, **base: Any) -> None:
             _State.sink = ReopenableFile(path)
     else:
         _State.sink = sys.stderr
-    console = cfg.format == "console"
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        _filter,
-        _add_base,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-    ]
-    if console:
-        processors.append(structlog.dev.ConsoleRenderer(colors=_State.sink is sys.stderr and sys.stderr.isatty()))
+    if cfg.format == "console":
+        _State.console = structlog.dev.ConsoleRenderer(colors=_State.sink is sys.stderr and sys.stderr.isatty())
     else:
-        processors.append(structlog.processors.JSONRenderer())
+        _State.console = None
     structlog.configure(
-        processors=processors,
-        logger_factory=structlog.PrintLoggerFactory(file=_Sink()),
-        cache_logger_on_first_use=False,
+        processors=[structlog.contextvars.merge_contextvars, _prepare, _render],
+        logger_factory=_LineLoggerFactory(),
+        cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=logging.WARNING)
 
 
-class _Sink:
-    """Indirection so a reopen swaps the file under every existing logger."""
+def emit(method: str, fields: dict[str, Any]) -> None:
+    """A record straight to the sink, as a structlog logger bound to `fields` would
+    write it (the caller checked `enabled` first): the session log's hot path."""
+    event = _prepare(None, method, fields)
+    _Batch.write(_render(None, method, event) + "\n")
 
-    def write(self, text: str) -> int:
-        return _State.sink.write(text)
 
-    def flush(self) -> None:
-        _State.sink.flush()
+class _Batch:
+    """Lines logged on an event loop are written together once per loop iteration
+    (call_soon), not one write(2) per line; other threads write at once."""
+
+    lock = threading.Lock()
+    lines: list[str] = []
+
+    @classmethod
+    def write(cls, line: str) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with cls.lock:
+            if cls.lines:  # a flush is already scheduled: keep the order
+                cls.lines.append(line)
+                return
+            if loop is None:
+                _State.sink.write(line)
+                _State.sink.flush()
+                return
+            cls.lines.append(line)
+        loop.call_soon(flush)
+
+    @classmethod
+    def after_fork(cls) -> None:
+        cls.lock, cls.lines = threading.Lock(), []
+
+
+def flush() -> None:
+    """Write what the current loop iteration logged (also called at node exit)."""
+    with _Batch.lock:
+        if not _Batch.lines:
+            return
+        text, _Batch.lines = "".join(_Batch.lines), []
+        sink = _State.sink
+        if sink is not None:
+            sink.write(text)
+            sink.flush()
+
+
+class _LineLogger:
+    """What structlog's bound loggers call with the rendered line."""
+
+    def msg(self, message: str) -> None:
+        _Batch.write(message + "\n")
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = log = msg
+
+
+class _LineLoggerFactory:
+    def __call__(self, *args: Any) -> _LineLogger:
+        return _LineLogger()
 
 
 def reopen() -> None:
@@ -115,6 +201,11 @@ def reopen() -> None:
 def enabled(channel: str, level: str = "debug") -> bool:
     """Cheap check before building an expensive trace message."""
     return LEVELS[level] >= _State.channels.get(channel, _State.floor)
+
+
+atexit.register(flush)
+# Pending lines are written before a fork, never by the child as well.
+os.register_at_fork(before=flush, after_in_child=_Batch.after_fork)
 
 
 def get_logger(channel: str, **bound: Any) -> Any:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import Config
+from ..logs import flush as flush_logs
 from .node_table import ACCEPTING, BOOTING, STOPPING, NodeTable
 
 BOOT_ERROR = 3
@@ -66,6 +67,7 @@ def spawn(
         code = 1 if table.read(slot).state in (ACCEPTING, STOPPING) else BOOT_ERROR
     finally:
         try:
+            flush_logs()  # lines of the node's last loop iteration (batched, see logs.py)
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
