@@ -145,12 +145,11 @@ class _Batch:
     lock = threading.Lock()
     lines: list[str] = []
 
+    loops: dict[int, asyncio.AbstractEventLoop] = {}  # thread id -> the loop it last ran
+
     @classmethod
     def write(cls, line: str) -> None:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = cls._running_loop()
         with cls.lock:
             if cls.lines:  # a flush is already scheduled: keep the order
                 cls.lines.append(line)
@@ -163,8 +162,23 @@ class _Batch:
         loop.call_soon(flush)
 
     @classmethod
+    def _running_loop(cls) -> asyncio.AbstractEventLoop | None:
+        """This thread's running loop. Remembered per thread: on Python 3.11
+        asyncio.get_running_loop() makes a getpid(2) call each time."""
+        tid = threading.get_ident()
+        loop = cls.loops.get(tid)
+        if loop is not None and loop.is_running():
+            return loop  # running, and in this thread: loops do not nest
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        cls.loops[tid] = loop
+        return loop
+
+    @classmethod
     def after_fork(cls) -> None:
-        cls.lock, cls.lines = threading.Lock(), []
+        cls.lock, cls.lines, cls.loops = threading.Lock(), [], {}
 
 
 def flush() -> None:
