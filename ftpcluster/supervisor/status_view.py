@@ -43,7 +43,7 @@ def render_status(st: dict[str, Any]) -> str:
         for s in mc.get("servers", []):
             state = "up" if s.get("up") else "DOWN"
             line = f"memcached   {s['address']:24} {state:5} errors {s.get('errors', 0)}"
-            if s.get("latency_ms") is not None:
+            if s.get("up") and s.get("latency_ms") is not None:
                 line += f", latency {s['latency_ms']:.2f} ms"
             if not s.get("up") and s.get("ejected_since"):
                 line += ", down since " + time.strftime("%H:%M:%S", time.localtime(s["ejected_since"]))
