@@ -246,14 +246,13 @@ class ControlConnection(asyncio.Protocol):
         assert tls is not None and self.transport is not None and self.session is not None
         loop = asyncio.get_running_loop()
         sock = self.transport.get_extra_info("socket")
+        left = tls.handshake_timeout
         if sock is not None:  # the ClientHello waits in the socket (reading is paused)
-            await tls.prefetch(sock, own_fd=False)
+            left = await tls.prefetch(sock, own_fd=False)
         if self.closing or self.transport is None or self.transport.is_closing():
             return
         try:
-            new = await loop.start_tls(
-                self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=tls.handshake_timeout
-            )
+            new = await loop.start_tls(self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=left)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
             self.node.publish(Event("tls_failed", {"error": str(e) or type(e).__name__}), self)
             self.closing = True

@@ -236,12 +236,12 @@ class NodeServer:
             if implicit:
                 self.handshaking[ip] += 1
                 try:
-                    await self.tls.prefetch(sock)
+                    left = await self.tls.prefetch(sock)
                     await self.loop.connect_accepted_socket(
                         lambda: ControlConnection(self, client, True, info),
                         sock,
                         ssl=self.tls.context,
-                        ssl_handshake_timeout=self.tls.handshake_timeout,
+                        ssl_handshake_timeout=left,
                     )
                 finally:
                     self.handshaking[ip] -= 1

@@ -13,6 +13,7 @@ import asyncio
 import os
 import socket
 import ssl
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
@@ -183,36 +184,39 @@ class TLSService:
         self.context, self.data_context = ctx, data_ctx
 
     # ------------------------------------------------------------ before a handshake
-    async def prefetch(self, sock: Any, own_fd: bool = True) -> None:
+    async def prefetch(self, sock: Any, own_fd: bool = True) -> float:
         """Bring the session the waiting ClientHello wants to resume from memcached into
         the host cache, without blocking the loop and for at most `[memcache] timeout`
-        (then the handshake is a full one). Nothing to do without memcached."""
+        (then the handshake is a full one). Nothing to do without memcached. Returns
+        what is left of the handshake timeout (the wait for the ClientHello counts)."""
         store = self.store
         if store is None or store.remote is None:
-            return
+            return self.handshake_timeout
         from .tls_prefetch import prefetch
 
+        t0 = time.monotonic()
         try:
             got = await prefetch(store, asyncio.get_running_loop(), sock, self.handshake_timeout,
                                  self.cfg.memcache.timeout, own_fd)  # fmt: skip
         except (OSError, ValueError) as e:
             trace.debug("session_prefetch_failed", error=repr(e))
-            return
+            got = "none"
         if got not in ("none", "l1"):
             trace.debug("session_prefetch", result=got)
+        return max(0.1, self.handshake_timeout - (time.monotonic() - t0))
 
     # ------------------------------------------------------------ data channels
     def data_wrapper(self, conn: ControlConnection) -> Callable[[socket.socket], Any]:
         context, require = self.data_context, self.cfg.tls.require_data_session_reuse
-        timeout, loop = self.handshake_timeout, asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         control_tls = conn.tls_object
 
         def counted(reused: bool) -> None:
             self.count("ftpcluster_tls_handshakes_total", ("resumed" if reused else "full",))
 
         async def wrap(sock: socket.socket) -> TLSStream:
-            await self.prefetch(sock)
-            return await wrap_data(sock, context, control_tls, require, timeout, loop, counted)
+            left = await self.prefetch(sock)
+            return await wrap_data(sock, context, control_tls, require, left, loop, counted)
 
         return wrap
 
