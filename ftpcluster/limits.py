@@ -10,7 +10,7 @@ ProFTPD's MaxStoreFileSize) are checked on STOR/APPE/STOU with 552."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .sizes import SizeError, format_size, parse_size
@@ -148,5 +148,19 @@ def summary(cfg: Config) -> dict[str, Any]:
                        "rate_slot": cfg.limits.rate_slot}}  # fmt: skip
 
 
-def describe(lim: UserLimits) -> dict[str, str]:
-    return {k: (format_size(v) if k != "quota_files" else str(v)) if v else "none" for k, v in asdict(lim).items()}
+def describe_summary(lim: dict[str, Any]) -> str:
+    """One line of `ftpcluster status`: the limits in force ("none" when there are none)."""
+    parts = []
+    for key, label in (("user_download_rate", "user down"), ("user_upload_rate", "user up"),
+                       ("session_download_rate", "session down"), ("session_upload_rate", "session up"),
+                       ("host_download_rate", "host down"), ("host_upload_rate", "host up")):  # fmt: skip
+        if lim.get(key):
+            parts.append(f"{label} {format_size(int(lim[key]))}/s")
+    for key, label in (("max_upload_size", "max upload"), ("quota_bytes", "quota")):
+        if lim.get(key):
+            parts.append(f"{label} {format_size(int(lim[key]))}")
+    if lim.get("quota_files"):
+        parts.append(f"quota {lim['quota_files']} files")
+    if lim.get("classes"):
+        parts.append("classes " + ", ".join(sorted(lim["classes"])))
+    return ", ".join(parts) or "none (users may have their own: `ftpcluster quota show USER`)"

@@ -281,9 +281,13 @@ def test_max_upload_size_cuts_during_upload(cluster):
 
 
 def test_status_json_and_metrics_show_limits(cluster):
+    """The metrics counted what the tests above did on h1 (run the module, not this test alone)."""
     _, h1, _, _, _ = cluster
     st = json.loads(cli("status", "--json", config=h1.config).stdout)
     assert st["limits"]["user_download_rate"] == RATE and st["limits"]["classes"]["free"]["user_download_rate"] == 0
+    from ftpcluster.supervisor.status_view import render_status
+
+    assert "limits      user down 1M/s, user up 1M/s, classes free, trickle" in render_status(st)
     from .test_observability import scrape
 
     port = int(h1.config.read_text().split('listen = "127.0.0.1:')[-1].split('"')[0])

@@ -54,6 +54,11 @@ def render_status(st: dict[str, Any]) -> str:
     if cl:
         lines.append(f"cluster     host {cl.get('host_id')}, session key {cl.get('key_fingerprint') or '-'}, "
                      f"{len(cl.get('hosts', []))} hosts in memcached")  # fmt: skip
+    lim = st.get("limits")
+    if lim:
+        from ..limits import describe_summary
+
+        lines.append(f"limits      {describe_summary(lim)}")
     t = st.get("totals")
     if t:
         lines.append("")
