@@ -232,7 +232,8 @@ def site_used(srv: Server, user: str = "carol") -> tuple[int, int]:
 def test_quota_refusals_leave_usage_right_and_no_partial_file(cluster):
     _, h1, h2, homes, _ = cluster
     home = homes / "carol"
-    assert upload(h1, "a.bin", b"a" * 600_000) == "226"
+    assert upload(h1, "a.bin", b"a" * 600_000) == "226"  # a quota alone keeps the threaded splice path
+    assert (home / "a.bin").read_bytes() == b"a" * 600_000
     # The other host sees the upload (memcached counters), to the operator and to the client.
     q = quota_json(h2)
     assert (q["used_bytes"], q["used_files"], q["limit_bytes"], q["limit_files"]) == (600_000, 1, MiB, 3), q

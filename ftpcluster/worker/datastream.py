@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 class DataStream(Protocol):
@@ -61,6 +61,8 @@ def _splice_to_file(sock_fd: int, fd: int, stop: threading.Event, stream: Any) -
                 n = os.splice(sock_fd, w, RECV_BLOCK)
             except (BlockingIOError, InterruptedError):
                 continue
+            if stream.before_write is not None:
+                stream.before_write(n)  # a quota: the piece is still in the pipe
             if n == 0:
                 return total
             left = n
@@ -101,6 +103,9 @@ class PlainStream:
         self.sock = sock
         self.loop = loop
         self.moved = 0
+        # receive_to_fd calls it from its thread with each piece before writing it (0: the
+        # end); it raises to refuse the piece (quotas, worker/throttle.py)
+        self.before_write: Callable[[int], None] | None = None
 
     async def send_all(self, data: bytes | memoryview) -> None:
         await self.loop.sock_sendall(self.sock, data)
@@ -191,6 +196,8 @@ class PlainStream:
                         n = self.sock.recv_into(view)
                     except (BlockingIOError, InterruptedError):
                         continue
+                    if self.before_write is not None:
+                        self.before_write(n)
                     if n == 0:
                         return total
                     chunk = view[:n]

@@ -252,7 +252,18 @@ class LimitedPlainStream(PlainStream):
         return n
 
     async def receive_to_fd(self, fd: int) -> int | None:
-        return None  # every piece passes the buckets and the guard on the loop
+        """Rates: every piece passes the buckets on the loop (None). A quota alone keeps
+        the threaded splice: the guard sees each piece while it is still in the pipe."""
+        guard = self.limiter.guard
+        if self.limiter.buckets or guard is None:
+            return None
+        loop = self.loop
+
+        def before_write(n: int) -> None:
+            asyncio.run_coroutine_threadsafe(guard.received(n) if n else guard.eof(), loop).result(60)
+
+        self.before_write = before_write
+        return await super().receive_to_fd(fd)
 
     async def send_file(self, fd: int, offset: int, chunk: int) -> int:
         total = 0
