@@ -117,6 +117,11 @@ class DataChannel:
     async def connect(self) -> "socket.socket | DataStream":
         """The data socket (or TLS stream, when it was wrapped early), from the
         passive listener or by connecting out."""
+        pending = self.pending
+        if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
+            self.pending = None  # accepted early (the usual case): no timeout to arm
+            self.close()
+            return pending.result()  # type: ignore[no-any-return]
         try:
             async with asyncio.timeout(self.timeout):
                 if self.pending is not None:
@@ -183,9 +188,14 @@ def _to_crlf(data: bytes) -> bytes:
 
 
 async def _send_file(stream: DataStream, t: Transfer) -> int:
+    if not t.ascii and isinstance(stream, PlainStream):
+        # A bare descriptor: open() would add fstat, ioctl (isatty) and lseek calls.
+        fd = os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return await stream.send_file(fd, t.offset, CHUNK)
+        finally:
+            os.close(fd)
     with open(t.path, "rb") as f:
-        if not t.ascii and isinstance(stream, PlainStream):
-            return await stream.send_file(f.fileno(), t.offset, CHUNK)
         f.seek(t.offset)
         total = 0
         pending_cr = False
@@ -332,22 +342,23 @@ async def _watch(work: Awaitable[int], stream: DataStream, timeout: float) -> in
     """Run `work`, failing with TimeoutError when no byte moves for `timeout` seconds.
     A byte moved is one our side sent or received (`stream.moved`) or one the kernel
     saw acknowledged or arrive (`tcp_progress`): a slow reader is never cut off while
-    it keeps reading, even during a long blocking sendfile call."""
-    loop = asyncio.get_running_loop()
+    it keeps reading, even during a long blocking sendfile call. `work` runs in this
+    task; a timer looks at the progress (no task and no wait() per transfer)."""
+    loop = stream.loop if isinstance(stream, PlainStream) else asyncio.get_running_loop()
+    period = min(timeout / 4, 1.0)
     async with asyncio.timeout(timeout) as cm:
-        task = asyncio.ensure_future(work)
+
+        def check() -> None:
+            nonlocal last, handle
+            now = stream.moved + tcp_progress(stream.sock)
+            if now != last:
+                last = now
+                cm.reschedule(loop.time() + timeout)
+            handle = loop.call_later(period, check)
+
         last = stream.moved + tcp_progress(stream.sock)
+        handle = loop.call_later(period, check)
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=min(timeout / 4, 1.0))
-                if done:
-                    return task.result()
-                now = stream.moved + tcp_progress(stream.sock)
-                if now != last:
-                    last = now
-                    cm.reschedule(loop.time() + timeout)
+            return await work
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            handle.cancel()

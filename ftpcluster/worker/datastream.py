@@ -122,7 +122,8 @@ class PlainStream:
 
     async def send_file(self, fd: int, offset: int, chunk: int) -> int:
         global _threads_busy
-        if os.fstat(fd).st_size - offset >= THREAD_MIN and _threads_busy < THREADS:
+        size = os.fstat(fd).st_size
+        if size - offset >= THREAD_MIN and _threads_busy < THREADS:
             _threads_busy += 1
             try:
                 return await self._send_file_thread(fd, offset)
@@ -141,6 +142,12 @@ class PlainStream:
             offset += sent
             sent_total += sent
             self.moved += sent
+            if offset >= size:
+                # At the end fstat saw: ask again at once (0 = done, the usual case)
+                # instead of first waiting for the socket to drain. A small file costs
+                # two sendfile calls and no epoll round trip.
+                size = offset
+                continue
             if sent < chunk:
                 # The socket buffer is full or the file ended; yield so others run.
                 await self._writable()
