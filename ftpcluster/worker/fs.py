@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 
@@ -92,13 +93,36 @@ class Home:
         """Confine `arg`. When the target does not exist (STOR, MKD), its parent must
         resolve inside the home, and the final component must not be a dangling link."""
         virtual = self.normalize(cwd, arg)
-        lexical = self.real_of(virtual)
-        real = os.path.realpath(lexical)
+        real, exists = self._realpath(virtual)
         if not self.inside(real):
             raise PathError("path leads outside the home directory")
-        if must_exist and not os.path.lexists(real):
+        if must_exist and not exists:
             raise PathError("no such file or directory")
         return Resolved(virtual, real)
+
+    def _realpath(self, virtual: str) -> tuple[str, bool]:
+        """os.path.realpath of the home-relative path, and whether it exists, walking
+        only the components below the (already real) home: one lstat per component of
+        the client's path instead of one per component of the whole absolute path. A
+        symlink anywhere hands over to os.path.realpath."""
+        real = self.root
+        for part in virtual.split("/"):
+            if not part:
+                continue
+            real = os.path.join(real, part)
+            try:
+                mode = os.lstat(real).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                # Missing: realpath keeps the rest as written (nothing below exists)
+                return self.real_of(virtual), False
+            except OSError:
+                break
+            if stat.S_ISLNK(mode):
+                break
+        else:
+            return real, True
+        real = os.path.realpath(self.real_of(virtual))
+        return real, os.path.lexists(real)
 
     def resolve_entry(self, cwd: str, arg: str, must_exist: bool = False) -> Resolved:
         """Confine `arg` as a directory entry, without following a final symlink: what
