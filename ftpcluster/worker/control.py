@@ -146,7 +146,11 @@ class ControlConnection(asyncio.Protocol):
         s = self.session
         assert s is not None
         if isinstance(action, VerifyPassword):
-            self._spawn(self._verify(action))
+            rec = self.node.auth.cached(action.user, action.password)
+            if rec is not None:  # verified recently: answered now, no task per login
+                self._verified(rec)
+            else:
+                self._spawn(self._verify(action))
         elif isinstance(action, OpenPassive):
             self._open_passive(action.extended)
         elif isinstance(action, SetActive):
@@ -174,7 +178,7 @@ class ControlConnection(asyncio.Protocol):
                 self.transport.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.node.loop.create_task(coro)  # not get_running_loop(): a getpid(2) each on 3.11
         self.node.track(task)
         return task
 
@@ -184,12 +188,14 @@ class ControlConnection(asyncio.Protocol):
 
     def _channel(self) -> DataChannel:
         if self.data is None:
-            self.data = DataChannel(asyncio.get_running_loop(), self.node.data_timeout, self.node.passive_held, self.client_ip)
+            self.data = DataChannel(self.node.loop, self.node.data_timeout, self.node.passive_held, self.client_ip)
         return self.data
 
     # ------------------------------------------------------------ actions
     async def _verify(self, action: VerifyPassword) -> None:
-        rec = await self.node.verify_password(action.user, action.password, self)
+        self._verified(await self.node.verify_password(action.user, action.password, self))
+
+    def _verified(self, rec: Any) -> None:
         user = User(rec.name, rec.home, rec.read_only) if rec is not None else None
         if user is not None:
             self.logged_in_at = time.monotonic()
