@@ -1,4 +1,4 @@
-# ftpcluster: make run | make test | make mutate | make bench
+# ftpcluster: make run | make test | make test-fast | make mutate | make bench
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # systemd: for systemd-analyze, which verifies deploy/ftpcluster.service in the tests
 SYSPKGS := memcached haproxy lftp curl openssl iproute2 systemd
 BENCHPKGS := proftpd-core proftpd-mod-crypto
-.PHONY: run test mutate bench venv sysdeps bench-sysdeps clean
+.PHONY: run test test-fast mutate bench venv sysdeps bench-sysdeps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ sysdeps:
 
 test: venv sysdeps
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The same without the tests marked slow (multi-host, memcached faults): a quick loop while editing.
+test-fast: venv sysdeps
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # Deliberate breakages, each on a copy of the repo, each run against the tests named
 # for it: every one must turn a test red (tests/mutations.py). Not part of `make test`.

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- handlers
 def cmd_start(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    from .supervisor.arbiter import start
+    from .supervisor.boot import start
 
     if args.nodes is not None:
         if args.nodes < 1:

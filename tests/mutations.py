@@ -51,7 +51,7 @@ MUTATIONS: list[Mutation] = [
     M("ban-expiry", "ban table ignores expiry", "ftpcluster/cluster/ban_table.py",
       [("return self.expires_at is None or self.expires_at > now", "return True")],
       ["tests/test_ban_table.py::test_expired_records_are_reused_and_purged"]),
-    M("proxy-not-installed", "supervisor's nodes start without the PROXY hook", "ftpcluster/supervisor/arbiter.py",
+    M("proxy-not-installed", "supervisor's nodes start without the PROXY hook", "ftpcluster/supervisor/node_process.py",
       [(", install_proxy]\n", "]\n")],
       ["tests/test_proxy_live.py::test_header_address_is_the_session_address"]),
     M("proxy-untrusted", "PROXY headers believed from any peer", "ftpcluster/worker/proxy_accept.py",

@@ -188,6 +188,49 @@ def wait_port(host: str, port: int, timeout: float = 20, proc: subprocess.Popen[
     raise TimeoutError(f"{host}:{port} did not answer within {timeout}s")
 
 
+_cert_cache: dict[str, Path] = {}
+_hash_cache: dict[str, str] = {}
+
+
+def copy_test_cert(cert_dir: Path) -> None:
+    """cert.pem and key.pem into `cert_dir`: copies of one self-signed certificate made
+    in-process once per test process (what `ftpcluster cert generate` writes; test_ftps
+    and test_operator run that command themselves). Every server of a run presents the
+    same certificate, as the hosts of one cluster do; a test that replaces or breaks
+    the files changes only its own copies."""
+    import atexit
+    import tempfile
+
+    from ftpcluster.certs import generate_self_signed
+
+    if "dir" not in _cert_cache:
+        _cert_cache["dir"] = Path(tempfile.mkdtemp(prefix="ftpcluster-test-cert-"))
+        atexit.register(shutil.rmtree, _cert_cache["dir"], True)
+        generate_self_signed(_cert_cache["dir"])
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy2(_cert_cache["dir"] / name, cert_dir / name)  # key.pem keeps its 0600
+
+
+def add_test_user(users_file: Path, name: str, home: Path, password: str = PASSWORD) -> None:
+    """What `ftpcluster user add NAME --home HOME --password-stdin` does, in-process.
+    The hash is argon2id like the command's, made once per password per test process
+    and with the smallest cost argon2 allows: the servers verify it the same way (the
+    cost is read from the hash), in microseconds instead of a 64 MiB, tens-of-ms
+    computation on every first login of every node. test_operator and test_bad_input
+    add users through the command itself, with its full-cost hash."""
+    from ftpcluster.users import UserRecord, load_users, make_home, save_users
+
+    if password not in _hash_cache:
+        import argon2
+
+        _hash_cache[password] = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(password)
+    users = load_users(users_file)
+    users[name] = UserRecord(name, _hash_cache[password], str(home.resolve()))
+    make_home(home)
+    save_users(users_file, users)
+
+
 def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] = False, implicit: bool = False, **sections: dict[str, Any]) -> Server:
     """Write a config for a server under `tmp` (not started). Keyword sections merge
     into the generated ones, e.g. server={"max_login_attempts": 2}; `tls` is True or
@@ -218,8 +261,7 @@ def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] =
     if tls or implicit:
         cert_dir = tmp / "certs"
         if not (cert_dir / "cert.pem").exists():
-            r = cli("cert", "generate", "--out", str(cert_dir))
-            assert r.returncode == 0, r.stderr
+            copy_test_cert(cert_dir)
         cfg["tls"].update({"certificate": "certs/cert.pem", "private_key": "certs/key.pem"})
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -235,8 +277,7 @@ def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] =
     config = tmp / "ftpcluster.toml"
     write_config(config, cfg)
     home = tmp / "homes" / "alice"
-    r = cli("user", "add", "alice", "--home", str(home), "--password-stdin", config=config, input=PASSWORD + "\n")
-    assert r.returncode == 0, r.stderr
+    add_test_user(tmp / "users.toml", "alice", home)
     return Server(tmp, config, host, port, (lo, hi), home, implicit_port=implicit_port, log=tmp / "server.log")
 
 

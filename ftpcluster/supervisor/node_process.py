@@ -39,6 +39,23 @@ class NodeHandle:
     stop_deadline: float | None = None  # set once asked to stop
     killed: bool = False
 
+    def send(self, sig: int) -> None:
+        """Signal the node; one that is already gone is no error (it is reaped soon)."""
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def ask_stop(self, sig: int, deadline: float) -> None:
+        """Ask it to stop by `deadline` (an earlier deadline wins); SIGKILL after it."""
+        if self.stop_deadline is None or deadline < self.stop_deadline:
+            self.stop_deadline = deadline
+        self.send(sig)
+
+    def kill(self) -> None:
+        self.killed = True
+        self.send(signal.SIGKILL)
+
 
 def spawn(
     node_id: int,
@@ -126,3 +143,14 @@ def _child(
         slot=slot,
     )
     return run_node(ctx)
+
+
+def default_node_hooks() -> list[Callable[[Any], None]]:
+    """What every node attaches at start: logs, xferlog, metrics, bans, PROXY."""
+    from ..worker.ban_hook import install_bans
+    from ..worker.limits_hook import install_limits
+    from ..worker.observe import attach_observability
+    from ..worker.proxy_accept import install_proxy
+    from ..worker.transfer_limits import install_transfer_limits
+
+    return [attach_observability, install_bans, install_limits, install_transfer_limits, install_proxy]

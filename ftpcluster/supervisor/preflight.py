@@ -177,3 +177,22 @@ def check(cfg: Config) -> None:
     if found:
         raise StartupError(found[0])
 
+
+
+def reload_config(running: Config) -> Config:
+    """The config file read again and checked, for a reload (raises StartupError).
+    Listen addresses cannot move while the listeners stay open: they keep the
+    running values until the next restart (with a warning)."""
+    import structlog
+
+    from .. import config as config_mod
+
+    try:
+        new = config_mod.load(str(running.path) if running.path else None)
+        check(new)
+    except config_mod.ConfigError as e:
+        raise StartupError(str(e)) from None
+    if new.listen_address != running.listen_address or new.implicit_tls_address != running.implicit_tls_address:
+        structlog.get_logger("ftpcluster.supervisor").warning("listen addresses changed: they take effect at the next restart")
+        new.server.listen, new.server.implicit_tls_listen = running.server.listen, running.server.implicit_tls_listen
+    return new
