@@ -28,6 +28,25 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         srv.stop(signal.SIGINT)  # cleanup: a fast stop (tests of TERM call stop() themselves)
 
 
+@pytest.fixture(scope="module")
+def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """Like server_factory, for servers a whole test module shares (one start for
+    many checks that leave the server as they found it); stopped after the module."""
+    started: list[Server] = []
+    base = tmp_path_factory.mktemp("module")
+
+    def make(nodes: int = 1, name: str = "a", start: bool = True, **kw) -> Server:
+        srv = make_server(base / name, **kw)
+        started.append(srv)
+        if start:
+            srv.start(nodes=nodes)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop(signal.SIGINT)
+
+
 @pytest.fixture
 def server(server_factory: Callable[..., Server]) -> Server:
     """One plain FTP server with user alice."""

@@ -36,6 +36,15 @@ def _ephemeral_low() -> int:
 PORT_FLOOR, PASSIVE_FLOOR = 10000, 16000
 _used_ports: set[int] = set()
 _used_ranges: set[int] = set()
+# Under pytest-xdist (`make test` runs workers in parallel) each worker takes only the
+# ports and passive ranges of its own residue class, so two workers never hand out the
+# same one (a passive range is unbound between transfers: "free now" cannot tell).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+_WORKERS = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+def _ours(n: int) -> bool:
+    return n % _WORKERS == _WORKER
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -51,7 +60,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port free on `host` now, outside the ephemeral range (see above)."""
     for _ in range(1000):
         port = random.randrange(PORT_FLOOR, PASSIVE_FLOOR)
-        if port not in _used_ports and _bindable(host, port):
+        if _ours(port) and port not in _used_ports and _bindable(host, port):
             _used_ports.add(port)
             return port
     raise RuntimeError("no free port below the passive floor")
@@ -63,7 +72,7 @@ def passive_range(size: int = 64, host: str = "127.0.0.1") -> tuple[int, int]:
     top = min(_ephemeral_low(), 32768) - size
     for _ in range(1000):
         base = random.randrange(PASSIVE_FLOOR, top, size)
-        if base not in _used_ranges and all(_bindable(host, p) for p in range(base, base + size)):
+        if _ours(base // size) and base not in _used_ranges and all(_bindable(host, p) for p in range(base, base + size)):
             _used_ranges.add(base)
             return base, base + size - 1
     raise RuntimeError("no passive range left below the ephemeral ports")

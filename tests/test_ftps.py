@@ -54,9 +54,11 @@ def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def tls_server(server_factory):
-    return server_factory(nodes=2, tls=True, implicit=True)
+@pytest.fixture(scope="module")
+def tls_server(module_server_factory):
+    """Two nodes, explicit and implicit TLS; shared by the module's TLS checks (each
+    makes its own sessions and files)."""
+    return module_server_factory(nodes=2, tls=True, implicit=True)
 
 
 @pytest.mark.parametrize("maxv", VERSIONS, ids=["tls12", "tls13"])
