@@ -143,6 +143,12 @@ def test_bans_survive_restart(server_factory):
     assert greet(srv, "127.0.0.13").startswith(b"530")
 
 
+@pytest.fixture(scope="module")
+def idle_server(module_server_factory):
+    """A running server the bad commands are refused against (they change nothing)."""
+    return module_server_factory()
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -154,8 +160,8 @@ def test_bans_survive_restart(server_factory):
         ("permit", "host", "nonsense"),
     ],
 )
-def test_cli_errors(server, args):
-    r = cli(*args, config=server.config)
+def test_cli_errors(idle_server, args):
+    r = cli(*args, config=idle_server.config)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stderr.strip() and "Traceback" not in r.stderr
 

@@ -72,6 +72,12 @@ def url(server: Server, path: str) -> str:
     return server.url(quote(path))
 
 
+@pytest.fixture(scope="module")
+def server(module_server_factory) -> Server:
+    """One server for the module: every test uses its own paths in the home."""
+    return module_server_factory()
+
+
 # ---------------------------------------------------------------- curl
 @needs_curl
 def test_curl_upload_download_list(server: Server, tmp_path: Path) -> None:
