@@ -16,6 +16,8 @@ from .support_server import cli
 from .support_server import wait_for
 from .test_bans import bans_json, greet, login
 
+pytestmark = pytest.mark.slow  # multi-host: `make test` runs it, -m "not slow" leaves it out
+
 
 def two_hosts(server_factory, memcached, n_mc: int = 2, replicas: int = 2, **extra):
     mcs = memcached(n_mc)

@@ -18,6 +18,8 @@ import pytest
 from .support_server import cli, needs, wait_for
 from .test_ftps import ReusingFTP_TLS, client_ctx, s_client
 
+pytestmark = pytest.mark.slow  # multi-host: `make test` runs it, -m "not slow" leaves it out
+
 
 def tls_hosts(server_factory, memcached, tmp_path, tickets: str, n: int = 2, nodes: int = 1):
     mcs = memcached(1)

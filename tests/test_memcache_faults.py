@@ -30,6 +30,8 @@ from .support_server import Server, cli, make_server, wait_for
 from .test_bans import greet, login
 from .test_ftps import client_ctx
 
+pytestmark = pytest.mark.slow  # memcached faults: `make test` runs it, -m "not slow" leaves it out
+
 TIMEOUT = 0.2  # [memcache] timeout: the prefetch deadline too
 RULE = {"event": "MaxLoginAttempts", "threshold": 3, "window": "1m", "duration": "1h"}
 LOGINS = 25

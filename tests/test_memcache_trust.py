@@ -29,6 +29,8 @@ from .support_server import Server, cli, free_port, have, make_server, wait_for
 from .test_bans import bans_json, greet
 from .test_ftps import s_client
 
+pytestmark = pytest.mark.slow  # multi-host, memcached written by others: `make test` runs it, -m "not slow" leaves it out
+
 NS = "ftpcluster:v1:"
 
 

@@ -32,6 +32,8 @@ from .support_cluster import wait_for
 from .support_netns import ADDRESSES, ClientRunner, LBHost, Proc, Topology, clean_leftovers, haproxy_command, haproxy_config, netns_unavailable
 from .support_server import PASSWORD, Server, cli, free_port, have, make_server
 
+pytestmark = pytest.mark.slow  # multi-host: `make test` runs it, -m "not slow" leaves it out
+
 REPO = Path(__file__).resolve().parent.parent
 CHOICE = os.environ.get("FTPCLUSTER_MULTIHOST", "auto")
 _NETNS_WHY: list[str | None] = []

@@ -10,8 +10,12 @@ import select
 import socket
 import time
 
+import pytest
+
 from .support_cluster import alive, node_pids, ready_status
 from .support_server import cli, free_port, make_server
+
+pytestmark = pytest.mark.slow  # supervisor faults: `make test` runs it, -m "not slow" leaves it out
 
 CONNECTIONS = 200
 

@@ -26,7 +26,8 @@ from .support_server import PASSWORD, Server, cli, free_port, make_server, wait_
 MiB = 1 << 20
 RATE = MiB
 HUGE = 64 * MiB
-pytestmark = pytest.mark.skipif(not have_memcached(), reason="memcached is not installed")
+pytestmark = [pytest.mark.skipif(not have_memcached(), reason="memcached is not installed"),
+              pytest.mark.slow]  # multi-host: `make test` runs it, -m "not slow" leaves it out
 
 
 @pytest.fixture(scope="module")
