@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import ftplib
-import json
 import os
 import re
 import time
 from typing import Any, Callable
 
-from .support_server import Server, cli
+from .support_server import Server
 
 
 def status(srv: Server) -> dict[str, Any]:
-    r = cli("status", "--json", config=srv.config, timeout=20)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return srv.status(timeout=20)
 
 
 def node_pids(srv: Server) -> dict[int, int]:

@@ -137,7 +137,32 @@ class Server:
         logf.close()
         if wait:
             wait_port(self.host, self.port, proc=self.proc, log=self.log)
+            self.wait_nodes(nodes)
         return self
+
+    def status(self, timeout: float = 10) -> dict[str, Any]:
+        """What `ftpcluster status --json` prints, asked over the control socket from
+        this process (no CLI start per poll; test_supervisor checks the command)."""
+        from ftpcluster import config as config_mod
+        from ftpcluster.supervisor.control_client import call
+
+        reply = call(config_mod.load(str(self.config)), {"cmd": "status"}, timeout=timeout)
+        assert reply.get("ok"), reply
+        return reply["status"]
+
+    def wait_nodes(self, nodes: int, timeout: float = 20) -> bool:
+        """Wait until `nodes` nodes accept (the first greeting comes from the first node
+        up; tests that spread sessions over nodes need them all). Bounded; a start
+        meant to stay short of that (a test's business) just returns False."""
+
+        def ready() -> bool:
+            try:
+                st = self.status(timeout=5)
+            except Exception:
+                return False
+            return sum(n["state"] == "accepting" for n in st["nodes"]) >= nodes
+
+        return bool(wait_for(ready, timeout, step=0.05))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         if self.proc is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ftplib
 import hashlib
 import io
+import json
 import os
 import signal
 import stat
@@ -76,6 +77,8 @@ def test_status_json_and_passive_slices(server_factory):
     f.quit()
     text = cli("status", config=srv.config)
     assert text.returncode == 0 and str(srv.proc.pid) in text.stdout
+    as_json = cli("status", "--json", config=srv.config)  # the helpers ask the socket in-process
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["supervisor_pid"] == srv.proc.pid
 
 
 def test_control_socket_is_owner_only(server):
