@@ -75,7 +75,7 @@ MUTATIONS: list[Mutation] = [
       [("        if not self.inside(real):\n", "        if False:\n")],
       ["tests/test_bad_input.py::test_path_escapes_refused"]),
     M("symlink-escape", "confinement checks the lexical path, not where links lead", "ftpcluster/worker/fs.py",
-      [("real = os.path.realpath(lexical)", "real = os.path.normpath(lexical)")],
+      [("real = os.path.realpath(self.real_of(virtual))", "real = os.path.normpath(self.real_of(virtual))")],
       ["tests/test_properties.py::test_known_escapes_refused", "tests/test_bad_input.py::test_path_escapes_refused"]),
     M("upload-in-place", "STOR writes the target in place (no temp file + atomic rename)",
       "ftpcluster/worker/handlers_transfer.py",
