@@ -58,6 +58,7 @@ class ControlConnection(asyncio.Protocol):
         self._performing = False
         self._write_paused = False  # the client does not read our replies
         self._read_paused = False  # we stopped reading (client not reading, or commands backlogged)
+        self._local_ip: str | None = None  # our address on this connection, once a PASV asked
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -205,7 +206,9 @@ class ControlConnection(asyncio.Protocol):
     def _open_passive(self, extended: bool) -> None:
         s = self.session
         assert s is not None and self.transport is not None
-        local = self.transport.get_extra_info("sockname")[0]
+        local = self._local_ip
+        if local is None:  # asked once per session: uvloop calls getsockname each time
+            local = self._local_ip = self.transport.get_extra_info("sockname")[0]
         channel = self._channel()
         channel.allowed_peers = self.node.data_peers(self)
         channel.close()  # this session's previous listener does not count against the limit

@@ -34,6 +34,8 @@ class DataRefused(Exception):
 
 
 def same_host(a: str, b: str) -> bool:
+    if a == b:
+        return True  # the usual case, without parsing two addresses per data connection
     try:
         x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
     except ValueError:
@@ -78,7 +80,7 @@ class DataChannel:
         if self.held is not None:
             self.held[self.holder] += 1
         self.pending = self.loop.create_task(self._accept_early(early_wrap))
-        return self.listener.getsockname()[1]
+        return ports.last_port  # the port it just bound (no getsockname call)
 
     async def _accept_early(self, wrap: TLSWrap | None) -> "socket.socket | DataStream":
         sock = await self._accept()
@@ -343,22 +345,34 @@ async def _watch(work: Awaitable[int], stream: DataStream, timeout: float) -> in
     A byte moved is one our side sent or received (`stream.moved`) or one the kernel
     saw acknowledged or arrive (`tcp_progress`): a slow reader is never cut off while
     it keeps reading, even during a long blocking sendfile call. `work` runs in this
-    task; a timer looks at the progress (no task and no wait() per transfer)."""
+    task; a timer looks at the progress every `timeout`/4 (at most 1 s) and cancels
+    the task when none came for `timeout` (no task, no wait(), no asyncio.timeout
+    per transfer: a small RETR is over long before the first look)."""
     loop = stream.loop if isinstance(stream, PlainStream) else asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
+    assert task is not None
     period = min(timeout / 4, 1.0)
-    async with asyncio.timeout(timeout) as cm:
+    last = stream.moved + tcp_progress(stream.sock)
+    last_at = loop.time()
+    expired = False
 
-        def check() -> None:
-            nonlocal last, handle
-            now = stream.moved + tcp_progress(stream.sock)
-            if now != last:
-                last = now
-                cm.reschedule(loop.time() + timeout)
-            handle = loop.call_later(period, check)
-
-        last = stream.moved + tcp_progress(stream.sock)
+    def check() -> None:
+        nonlocal last, last_at, handle, expired
+        now = stream.moved + tcp_progress(stream.sock)
+        if now != last:
+            last, last_at = now, loop.time()
+        elif loop.time() - last_at >= timeout:
+            expired = True
+            task.cancel()
+            return
         handle = loop.call_later(period, check)
-        try:
-            return await work
-        finally:
-            handle.cancel()
+
+    handle = loop.call_later(period, check)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
+            raise TimeoutError from None  # ours, not an ABOR or a stop
+        raise
+    finally:
+        handle.cancel()

@@ -83,6 +83,7 @@ class NodeServer:
         self.connecting = 0
         self.handshaking: collections.Counter[str] = collections.Counter()  # client ip -> implicit-TLS handshakes
         self._ids = itertools.count(1)
+        self._pid = os.getpid()  # for session ids: the node is made after the fork
         self._listeners: list[tuple[socket.socket, bool]] = []
         self.tls: Any = None
         self._memcache: Any = None
@@ -147,7 +148,7 @@ class NodeServer:
         return self._settings[implicit_tls]
 
     def new_session_id(self) -> str:
-        return f"{self.node_id}-{os.getpid()}-{next(self._ids)}"
+        return f"{self.node_id}-{self._pid}-{next(self._ids)}"
 
     # ------------------------------------------------------------ accepting
     def start_accepting(self) -> None:

@@ -10,6 +10,9 @@ import errno
 import socket
 
 
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
 class NoPassivePort(Exception):
     """Every port of the range is in use."""
 
@@ -20,6 +23,7 @@ class PassivePorts:
             raise ValueError(f"bad passive range {low}-{high}")
         self.low, self.high = low, high
         self._next = low
+        self.last_port = 0  # the port open() bound last
 
     @property
     def size(self) -> int:
@@ -30,12 +34,15 @@ class PassivePorts:
         for _ in range(self.size):
             port = self._next
             self._next = self.low if port >= self.high else port + 1
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # Non-blocking from the start: no ioctl after the fact
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((host, port))
                 sock.listen(1)
-                sock.setblocking(False)
+                if not _NONBLOCK:
+                    sock.setblocking(False)
+                self.last_port = port
                 return sock
             except OSError as e:
                 sock.close()
