@@ -159,12 +159,20 @@ def emit(method: str, fields: dict[str, Any]) -> None:
     _Batch.write(_render(None, method, event) + "\n")
 
 
+# Lines logged on an event loop wait at most this long (or until MAX_PENDING of
+# them) and go out in one write: a quiet node's session makes its three lines in
+# three loop iterations, so a flush per iteration would still be a write per line.
+FLUSH_AFTER = 0.05
+MAX_PENDING = 256
+
+
 class _Batch:
-    """Lines logged on an event loop are written together once per loop iteration
-    (call_soon), not one write(2) per line; other threads write at once."""
+    """Lines logged on an event loop are written together (FLUSH_AFTER), not one
+    write(2) per line; other threads write at once (after any that wait)."""
 
     lock = threading.Lock()
     lines: list[str] = []
+    due = 0.0  # when the waiting lines' flush is due (monotonic)
 
     loops: dict[int, asyncio.AbstractEventLoop] = {}  # thread id -> the loop it last ran
 
@@ -172,15 +180,20 @@ class _Batch:
     def write(cls, line: str) -> None:
         loop = cls._running_loop()
         with cls.lock:
-            if cls.lines:  # a flush is already scheduled: keep the order
-                cls.lines.append(line)
-                return
-            if loop is None:
+            pending = len(cls.lines)
+            if not pending and loop is None:
                 _State.sink.write(line)
                 _State.sink.flush()
                 return
-            cls.lines.append(line)
-        loop.call_soon(flush)
+            cls.lines.append(line)  # after any that wait: the order is kept
+            if not pending:
+                cls.due = time.monotonic() + FLUSH_AFTER
+            elif loop is not None and pending + 1 < MAX_PENDING and time.monotonic() < cls.due + FLUSH_AFTER:
+                return  # a flush is scheduled (and its loop still runs: it is not late)
+        if pending:
+            flush()  # a thread without a loop, MAX_PENDING lines, or a loop that stopped
+        else:
+            loop.call_later(FLUSH_AFTER, flush)  # type: ignore[union-attr]
 
     @classmethod
     def _running_loop(cls) -> asyncio.AbstractEventLoop | None:

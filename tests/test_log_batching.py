@@ -1,5 +1,5 @@
-"""Log lines made during one event-loop iteration reach the file in one write, after
-the iteration; lines from threads without a loop are written at once; the session
+"""Log lines made on an event loop reach the file together, in one write at most
+FLUSH_AFTER later; lines from threads without a loop are written at once; the session
 log's fast path writes the same fields a structlog logger would."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _configured(tmp_path: Path) -> CountingFile:
     return sink
 
 
-def test_one_write_per_loop_iteration(tmp_path: Path) -> None:
+def test_lines_on_a_loop_are_written_together(tmp_path: Path) -> None:
     sink = _configured(tmp_path)
     log = logs.get_logger("session", node=7)
 
@@ -42,21 +42,23 @@ def test_one_write_per_loop_iteration(tmp_path: Path) -> None:
             log.info("connect", n=i)
         logs.emit("info", {"channel": "session", "node": 7, "session": "s1", "event": "login ok"})
         log.debug("below the floor")
-        before = list(sink.writes)
         await asyncio.sleep(0)
+        log.info("connect", n=5)  # a later loop iteration
+        before = list(sink.writes)
+        await asyncio.sleep(logs.FLUSH_AFTER * 3)
         return before
 
     before = asyncio.run(main())
-    assert before == []  # nothing written inside the iteration
+    assert before == []  # nothing written at once
     assert len(sink.writes) == 1
     lines = [json.loads(x) for x in sink.writes[0].splitlines()]
-    assert [x["event"] for x in lines] == ["connect"] * 5 + ["login ok"]
+    assert [x["event"] for x in lines] == ["connect"] * 5 + ["login ok", "connect"]
     for x in lines:
         assert x["channel"] == "session" and x["node"] == 7 and x["level"] == "info"
         assert x["timestamp"].endswith("Z") and len(x["timestamp"]) == len("2026-01-01T00:00:00.000000Z")
     # same field order from structlog's logger and from the session log's fast path
     assert list(lines[0]) == ["channel", "node", "n", "event", "level", "timestamp"]
-    assert list(lines[-1]) == ["channel", "node", "session", "event", "level", "timestamp"]
+    assert list(lines[-2]) == ["channel", "node", "session", "event", "level", "timestamp"]
 
 
 def test_thread_without_loop_writes_at_once(tmp_path: Path) -> None:
@@ -71,3 +73,15 @@ def test_thread_without_loop_writes_at_once(tmp_path: Path) -> None:
     t.start()
     t.join(5)
     assert len(got) == 1 and len(got[0]) == 1 and json.loads(got[0][0])["event"] == "server down"
+
+
+def test_lines_left_by_a_stopped_loop_go_out_with_the_next(tmp_path: Path) -> None:
+    sink = _configured(tmp_path)
+
+    async def main() -> None:
+        logs.get_logger("session").info("last words")  # the loop ends before the flush
+
+    asyncio.run(main())
+    assert sink.writes == []
+    logs.get_logger("supervisor").info("after the loop")  # no loop here: written at once
+    assert [json.loads(x)["event"] for x in "".join(sink.writes).splitlines()] == ["last words", "after the loop"]
