@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
-from .support_server import Server, needs
+from .support_server import Server, needs, wait_for
 
 ENV = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/tmp")}
 
@@ -109,7 +109,8 @@ def test_curl_resume_download(server: Server, tmp_path: Path) -> None:
     out.write_bytes(data[:700_000])
     curl("-C", "-", "-o", str(out), url(server, "/big file.bin"))
     assert out.read_bytes() == data
-    sent = [e for e in transfers(server) if e.get("path") == "/big file.bin"]
+    # log lines are written in batches (up to 50 ms late): wait for this one
+    sent = wait_for(lambda: [e for e in transfers(server) if e.get("path") == "/big file.bin"])
     assert sent and sent[-1]["bytes"] == 1_300_000  # resumed, not downloaded again
     # An explicit offset too.
     out2 = tmp_path / "tail.bin"
@@ -125,7 +126,7 @@ def test_curl_resume_upload_and_append(server: Server, tmp_path: Path) -> None:
     (server.home / "up.bin").write_bytes(data[:900_000])  # an upload that was cut off
     curl("-C", "-", "-T", str(src), url(server, "/up.bin"))
     assert (server.home / "up.bin").read_bytes() == data
-    sent = [e for e in transfers(server) if e.get("path") == "/up.bin"]
+    sent = wait_for(lambda: [e for e in transfers(server) if e.get("path") == "/up.bin"])
     assert sent and sent[-1]["bytes"] == 1_100_000  # only the missing part crossed the wire
     (server.home / "log.txt").write_bytes(b"first\n")
     more = tmp_path / "more.txt"
