@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import time
 
+import structlog
+import structlog.testing
 from hypothesis import given, settings, strategies as st
 
+from ftpcluster.cluster import record_mac
 from ftpcluster.cluster.record_mac import RecordMac
 from ftpcluster.cluster.session_seal import Sealer, Secret, generate_key_file, load_secrets, parse_key_file
 
@@ -70,21 +73,32 @@ def test_key_file_retired_stamp_round_trip():
     assert [s.retired for s in got] == [None, 1700000000.0]
 
 
-def test_rejections_counted_and_logged_once_per_interval(capsys):
+def test_rejections_counted_and_logged_once_per_interval(monkeypatch):
+    # capture_logs with a fresh logger, not capsys: an earlier test in this process may
+    # have configured structlog (cached loggers, another stream).
+    monkeypatch.setattr(record_mac, "log", structlog.get_logger("ftpcluster.memcache"))
     counted: list[tuple[str, tuple[str, ...]]] = []
     m = mac_for(A, count=lambda n, l: counted.append((n, l)))
-    assert m.open("banlog", "banlog:1", None) is None and not counted  # a miss is not a rejection
-    for _ in range(3):
-        assert m.open("banlog", "banlog:1", b"forged", server="127.0.0.1:11211") is None
+
+    def mac_lines(logs: list[dict]) -> list[dict]:
+        return [e for e in logs if "without a valid MAC" in e["event"]]
+
+    with structlog.testing.capture_logs() as logs:
+        assert m.open("banlog", "banlog:1", None) is None and not counted  # a miss is not a rejection
+        for _ in range(3):
+            assert m.open("banlog", "banlog:1", b"forged", server="127.0.0.1:11211") is None
     assert counted == [("ftpcluster_memcache_rejected_total", ("banlog",))] * 3
-    assert capsys.readouterr().out.count("without a valid MAC") == 1  # the first at once, with its server
+    assert len(mac_lines(logs)) == 1  # the first at once, with its server
     assert m.rejected == {("banlog", "127.0.0.1:11211"): 2}  # the next ones wait for the interval
-    m.open("ban", "ban:host:1.1.1.1", b"x", server="127.0.0.1:11211")
-    assert "without a valid MAC" not in capsys.readouterr().out
+    with structlog.testing.capture_logs() as logs:
+        m.open("ban", "ban:host:1.1.1.1", b"x", server="127.0.0.1:11211")
+    assert not mac_lines(logs)
     m._next_log = 0.0  # the interval is over: one line per (kind, server) with its count
-    m.open("ban", "ban:host:1.1.1.1", b"x", server="127.0.0.1:11211")
-    out = capsys.readouterr().out
-    assert out.count("without a valid MAC") == 2 and out.count("count=2") == 2 and "127.0.0.1:11211" in out
+    with structlog.testing.capture_logs() as logs:
+        m.open("ban", "ban:host:1.1.1.1", b"x", server="127.0.0.1:11211")
+    lines = mac_lines(logs)
+    assert len(lines) == 2 and [e.get("count") for e in lines] == [2, 2]
+    assert all(e.get("server") == "127.0.0.1:11211" for e in lines)
 
 
 def test_counter_names_are_keyed():
