@@ -27,6 +27,8 @@ from .test_bad_input import LINKS, Raw, node_pid
 
 DATA_TIMEOUT = 2.0
 THREAD_MIN = 1 << 20  # FTPCLUSTER_SENDFILE_THREAD_MIN for this server: 1 MB files take the threaded path
+BLOCK = 1 << 20  # FTPCLUSTER_SENDFILE_BLOCK: ... in 1 MB sendfile calls, so a 2.5 MB file spans three
+ENV = {"FTPCLUSTER_SENDFILE_THREAD_MIN": str(THREAD_MIN), "FTPCLUSTER_SENDFILE_BLOCK": str(BLOCK)}
 PASSIVE_PER_HOST = 4
 
 
@@ -34,15 +36,16 @@ PASSIVE_PER_HOST = 4
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = make_server(tmp_path_factory.mktemp("abuse"), server={
         "data_timeout": f"{DATA_TIMEOUT}s", "max_passive_per_host": PASSIVE_PER_HOST})  # fmt: skip
-    old = os.environ.get("FTPCLUSTER_SENDFILE_THREAD_MIN")
-    os.environ["FTPCLUSTER_SENDFILE_THREAD_MIN"] = str(THREAD_MIN)
+    old = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
     try:
         s.start(nodes=1)
     finally:
-        if old is None:
-            del os.environ["FTPCLUSTER_SENDFILE_THREAD_MIN"]
-        else:
-            os.environ["FTPCLUSTER_SENDFILE_THREAD_MIN"] = old
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     s.home.mkdir(parents=True, exist_ok=True)
     pid = node_pid(s)
     yield s
@@ -80,8 +83,8 @@ def _epsv_socket(c: Raw, rcvbuf: int = 0) -> socket.socket:
 
 def test_slow_readers_get_whole_files(srv: Server) -> None:
     """64 KB/s over the loop path (160 KB file) and 1 MB/s over the threaded sendfile path
-    (2.5 MB, one sendfile call for the whole file): each takes about 2.5 s, longer than
-    data_timeout, and neither is cut."""
+    (2.5 MB, larger than the 1 MB sendfile block: three calls, each blocking while the
+    reader drains it): each takes about 2.5 s, longer than data_timeout, and neither is cut."""
     files = {"small.bin": (160 << 10, 64 << 10), "big.bin": (THREAD_MIN * 5 // 2, 1 << 20)}
     for name, (size, _) in files.items():
         (srv.home / name).write_bytes(os.urandom(1024) * (size // 1024))

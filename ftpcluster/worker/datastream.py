@@ -32,11 +32,12 @@ class DataStream(Protocol):
     async def close(self, clean: bool = True) -> None: ...
 
 
-# Files at least this big are sent from a thread. The environment variable lets a
-# test send a small file down the threaded path (a slow reader of a big file is slow).
+# Files at least this big are sent from a thread, in sendfile calls of BLOCK bytes.
+# The environment variables let a test send a small file down the threaded path in
+# several calls (a slow reader of a big file is slow).
 THREAD_MIN = int(os.environ.get("FTPCLUSTER_SENDFILE_THREAD_MIN", 8 << 20))
 THREADS = 8  # concurrent threaded sends per node; more use the event loop
-BLOCK = 16 << 20
+BLOCK = int(os.environ.get("FTPCLUSTER_SENDFILE_BLOCK", 16 << 20))
 RECV_BLOCK = 1 << 20
 _threads_busy = 0
 _executor: ThreadPoolExecutor | None = None
