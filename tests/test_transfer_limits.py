@@ -283,8 +283,9 @@ def test_max_upload_size_cuts_during_upload(cluster):
 
 
 def test_status_json_and_metrics_show_limits(cluster):
-    """The metrics counted what the tests above did on h1 (run the module, not this test alone)."""
-    _, h1, _, _, _ = cluster
+    """status shows the limits; h1's metrics count what this test does (deltas from a
+    reading taken first, so earlier tests cannot satisfy them)."""
+    _, h1, _, homes, _ = cluster
     st = json.loads(cli("status", "--json", config=h1.config).stdout)
     assert st["limits"]["user_download_rate"] == RATE and st["limits"]["classes"]["free"]["user_download_rate"] == 0
     from ftpcluster.supervisor.status_view import render_status
@@ -293,12 +294,23 @@ def test_status_json_and_metrics_show_limits(cluster):
     from .test_observability import scrape
 
     port = int(h1.config.read_text().split('listen = "127.0.0.1:')[-1].split('"')[0])
+    out = (("direction", "out"),)
+    before_refusal = (("limit", "max_upload_size"), ("when", "before"))
+    during_refusal = (("limit", "max_upload_size"), ("when", "during"))
+    m0 = scrape(port)
+    assert download(h1, "one.bin", MiB) == MiB  # alice: throttled at 1 MiB/s
+    assert upload(h1, "m.up", b"z" * 10, user="bob", allo=900_000) == "552"  # refused before
+    assert upload(h1, "m.up", b"z" * 900_000, user="bob") == "552"  # cut during
+    assert not (homes / "bob" / "m.up").exists()
     m = scrape(port)
-    assert m[("ftpcluster_throttled_bytes_total", (("direction", "out"),))] >= 2.5 * MiB  # h1's throttled downloads
-    assert m[("ftpcluster_throttle_waits_total", (("direction", "out"),))] > 0
-    # h1 refused carol's ALLO 900000 before and cut her APPE past 800K and bob's 900K STOR during.
-    assert m[("ftpcluster_quota_refusals_total", (("limit", "max_upload_size"), ("when", "before")))] >= 1
-    assert m[("ftpcluster_quota_refusals_total", (("limit", "max_upload_size"), ("when", "during")))] >= 2
+
+    def delta(name: str, labels: tuple) -> float:
+        return m.get((name, labels), 0) - m0.get((name, labels), 0)
+
+    assert delta("ftpcluster_throttled_bytes_total", out) >= MiB // 2
+    assert delta("ftpcluster_throttle_waits_total", out) > 0
+    assert delta("ftpcluster_quota_refusals_total", before_refusal) == 1
+    assert delta("ftpcluster_quota_refusals_total", during_refusal) == 1
 
 
 # ---------------------------------------------------------------- memcached down (last: it kills memcached)
