@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .datachannel import DataChannel, run_transfer
+from .fs_port import run_off_loop
 from .passive import NoPassivePort
 from .protocol import (
     AbortTransfer,
@@ -23,6 +24,7 @@ from .protocol import (
     OpenPassive,
     Output,
     Reply,
+    RunBlocking,
     SetActive,
     StartTLS,
     Transfer,
@@ -161,6 +163,8 @@ class ControlConnection(asyncio.Protocol):
                 self.data.close()
         elif isinstance(action, Transfer):
             self.transfer_task = self._spawn(self._transfer(action))
+        elif isinstance(action, RunBlocking):
+            self._spawn(self._run_blocking(action))
         elif isinstance(action, AbortTransfer):
             if self.transfer_task is not None:
                 self.transfer_task.cancel()
@@ -202,6 +206,12 @@ class ControlConnection(asyncio.Protocol):
             self.logged_in_at = time.monotonic()
         if self.session is not None:
             self._report(self.session.auth_done(user))
+
+    async def _run_blocking(self, action: RunBlocking) -> None:
+        """A filesystem port call that can block (listing, STOU name), on a thread."""
+        result = await run_off_loop(action.call)
+        if self.session is not None:
+            self._report(self.session.blocking_done(result))
 
     def _open_passive(self, extended: bool) -> None:
         s = self.session

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 from .account import User
 from .commands import Arg, command
-from .fs import Home
 from .listing import MLST_FACTS
 from .protocol import ClosePassive, VerifyPassword
 from .state import State, Step
@@ -81,8 +80,7 @@ def finish_login(s: Session, user: User | None) -> None:
             s.reply(530, "Login incorrect")
         return
     s.user = user
-    s.home = Home(user.home)
-    s.cwd = "/"
+    s.open_home(user.home)
     s.pending_user = None
     s.emit("login", user=user.name, anonymous=user.anonymous)
     s.reply(230, f"User {user.name} logged in" + (", read-only access" if user.read_only else ""))

@@ -4,7 +4,6 @@ MFMT MLST SITE (CHMOD, HELP)."""
 from __future__ import annotations
 
 import calendar
-import os
 import stat
 import time
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
 @command("MKD", arg=Arg.REQUIRED, help="MKD <dir>: make a directory", write=True, aliases=("XMKD",))
 def mkd(s: Session, arg: str) -> None:
     r = s.resolve(arg)
-    os.mkdir(r.real, 0o755)
+    s.fs.mkdir(r.real)
     s.reply(257, f"{quote_path(r.virtual)} created")
 
 
@@ -31,17 +30,17 @@ def rmd(s: Session, arg: str) -> None:
     r = s.resolve_entry(arg, must_exist=True)  # a symlink to a directory: ENOTDIR, the target stays
     if r.virtual == "/":
         raise PathError("Cannot remove the home directory")
-    os.rmdir(r.real)
+    s.fs.rmdir(r.real)
     s.reply(250, "Directory removed")
 
 
 @command("DELE", arg=Arg.REQUIRED, help="DELE <file>: delete a file", write=True)
 def dele(s: Session, arg: str) -> None:
     r = s.resolve_entry(arg, must_exist=True)  # a symlink: remove the link, never its target
-    if not os.path.islink(r.real) and os.path.isdir(r.real):
+    st = s.fs.lstat(r.real)
+    if st is not None and stat.S_ISDIR(st.st_mode):  # a link to a directory is removed itself
         raise PathError("Is a directory: use RMD")
-    size = os.lstat(r.real).st_size
-    os.unlink(r.real)
+    size = s.fs.remove(r.real)
     s.emit("delete", path=r.virtual, size=size)
     s.reply(250, "File deleted")
 
@@ -64,9 +63,8 @@ def rnto(s: Session, arg: str) -> None:
     dst = s.resolve_entry(arg)  # an existing symlink there is replaced, its target untouched
     if dst.virtual == "/":
         raise PathError("Invalid target")
-    replaced = os.lstat(dst.real) if dst.real != src.real and os.path.lexists(dst.real) else None
-    os.rename(src.real, dst.real)
-    fields = {} if replaced is None or not stat.S_ISREG(replaced.st_mode) else {"replaced_size": replaced.st_size}
+    replaced = s.fs.rename(src.real, dst.real)  # the size of a regular file it replaced
+    fields = {} if replaced is None else {"replaced_size": replaced}
     s.emit("rename", source=src.virtual, target=dst.virtual, **fields)
     s.reply(250, "Rename successful")
 
@@ -74,7 +72,7 @@ def rnto(s: Session, arg: str) -> None:
 @command("SIZE", arg=Arg.REQUIRED, help="SIZE <file>: size in bytes")
 def size(s: Session, arg: str) -> None:
     r = s.resolve(arg, must_exist=True)
-    st = os.stat(r.real)
+    st = s.fs.stat(r.real)
     if not stat.S_ISREG(st.st_mode):
         raise PathError("Not a regular file")
     if not s.binary:
@@ -88,7 +86,7 @@ def size(s: Session, arg: str) -> None:
 @command("MDTM", arg=Arg.REQUIRED, help="MDTM <file>: modification time (UTC)")
 def mdtm(s: Session, arg: str) -> None:
     r = s.resolve(arg, must_exist=True)
-    st = os.stat(r.real)
+    st = s.fs.stat(r.real)
     if not stat.S_ISREG(st.st_mode):
         raise PathError("Not a regular file")
     s.reply(213, time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime)))
@@ -114,14 +112,14 @@ def mfmt(s: Session, arg: str) -> None:
         s.reply(501, "Syntax: MFMT YYYYMMDDHHMMSS path")
         return
     r = s.resolve(path, must_exist=True)
-    os.utime(r.real, (when, when))
+    s.fs.utime(r.real, when)
     s.reply(213, f"Modify={stamp}; {r.virtual}")
 
 
 @command("MLST", arg=Arg.OPTIONAL, help="MLST [path]: facts about one file")
 def mlst(s: Session, arg: str) -> None:
     r = s.resolve(arg or ".", must_exist=True)
-    st = os.stat(r.real)
+    st = s.fs.stat(r.real)
     line = mlsx_line(r.virtual, st, s.mlst_facts, writable=not (s.user and s.user.read_only)).decode("utf-8", "surrogateescape")
     # The reply encoder starts a middle line with one space: with the entry's own
     # "facts SP path" that is exactly RFC 3659 section 7.2's " facts path".
@@ -156,7 +154,7 @@ def site(s: Session, arg: str) -> None:
             s.reply(501, "Syntax: SITE CHMOD <octal mode 0-777> <path>")
             return
         r = s.resolve(path, must_exist=True)
-        os.chmod(r.real, mode)
+        s.fs.chmod(r.real, mode)
         s.reply(200, "SITE CHMOD command successful")
     else:
         s.reply(500, f"SITE {sub} not understood")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import posixpath
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .commands import Arg, command
-from .listing import MLST_FACTS, list_lines
+from .listing import MLST_FACTS
 from .parse import split_list_arg
 from .state import State
 
@@ -85,10 +86,18 @@ def stat_(s: Session, arg: str) -> None:
         s.reply(450, "A transfer is in progress")
         return
     r = s.resolve(split_list_arg(arg), must_exist=True)
-    status = 212 if os.path.isdir(r.real) else 213  # RFC 959: directory / file status
-    body: list[str] = []
-    for chunk in list_lines(r.real, os.path.basename(r.virtual) or "/", root=s.home.root if s.home else ""):
-        body.extend(line for line in chunk.decode("utf-8", "surrogateescape").split("\r\n") if line)
-        if len(body) > 10_000:
-            break
-    s.reply(status, [f"Status of {r.virtual}:", *body, "End of status"])
+    status = 212 if s.fs.is_dir(r.real) else 213  # RFC 959: directory / file status
+
+    def answer(s: Session, chunks: list[bytes]) -> None:
+        body: list[str] = []
+        for chunk in chunks:
+            body.extend(line for line in chunk.decode("utf-8", "surrogateescape").split("\r\n") if line)
+            if len(body) > 10_000:
+                break
+        s.reply(status, [f"Status of {r.virtual}:", *body, "End of status"])
+
+    call = partial(s.fs.listing, "LIST", r.real, posixpath.basename(r.virtual) or "/", [], True)
+    if s.state is State.READY:
+        s.run_blocking("STAT", call, answer)
+    else:  # urgent, while a password check or a passive open is out: no second step
+        answer(s, call())

@@ -21,9 +21,9 @@ def pwd(s: Session, arg: str) -> None:
 @command("CWD", arg=Arg.REQUIRED, help="CWD <dir>: change directory", aliases=("XCWD",))
 def cwd(s: Session, arg: str) -> None:
     r = s.resolve(arg, must_exist=True)
-    if not os.path.isdir(r.real):
+    if not s.fs.is_dir(r.real):
         raise PathError("Not a directory")
-    if not os.access(r.real, os.X_OK):
+    if not s.fs.can(r.real, os.X_OK):
         raise PathError("Permission denied")
     s.cwd = r.virtual
     s.reply(250, f'Directory changed to {quote_path(r.virtual)}')

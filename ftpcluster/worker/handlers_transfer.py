@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import posixpath
 import stat
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .commands import Arg, command
-from .fs import PathError, temp_upload_name
-from .listing import list_lines, mlsd_lines, nlst_lines
+from .fs import PathError, Resolved, temp_upload_name
 from .numbers import ascii_int, is_ascii_number
 from .parse import split_list_arg
 from .protocol import AbortTransfer, ClosePassive, OpenPassive, SetActive, Transfer, TransferResult
@@ -174,13 +175,20 @@ def eprt(s: Session, arg: str) -> None:
 
 
 # ------------------------------------------------------------------ transfers
+def _refusal(s: Session) -> tuple[int, str] | None:
+    """Why no transfer can start now, whatever it would move."""
+    if s.settings.tls_required in ("data", "both") and not s.prot_private:
+        return 521, "Data connections must be protected: use PBSZ 0 and PROT P"
+    if not s.data_ready:
+        return 425, "Use PASV, EPSV, PORT or EPRT first"
+    return None
+
+
 def _start(s: Session, transfer: Transfer, what: str) -> None:
     """Common checks, then 150 and the Transfer action."""
-    if s.settings.tls_required in ("data", "both") and not s.prot_private:
-        s.reply(521, "Data connections must be protected: use PBSZ 0 and PROT P")
-        return
-    if not s.data_ready:
-        s.reply(425, "Use PASV, EPSV, PORT or EPRT first")
+    refusal = _refusal(s)
+    if refusal is not None:
+        s.reply(*refusal)
         return
     if s.settings.limits is not None:
         refusal = s.settings.limits.check(s, transfer)  # quotas, max upload size; sets transfer.wrap
@@ -203,10 +211,10 @@ def _type_name(s: Session) -> str:
 def retr(s: Session, arg: str) -> None:
     offset, s.rest = s.rest, 0
     r = s.resolve(arg, must_exist=True)
-    st = os.stat(r.real)
+    st = s.fs.stat(r.real)
     if not stat.S_ISREG(st.st_mode):
         raise PathError("Not a regular file")
-    if not os.access(r.real, os.R_OK):
+    if not s.fs.can(r.real, os.R_OK):
         raise PathError("Permission denied")
     if offset and not s.binary:
         s.reply(554, "Resuming in ASCII mode is not supported; use TYPE I")
@@ -227,26 +235,37 @@ def _store(s: Session, arg: str, append: bool, unique: bool) -> None:
         s.reply(554, "REST offset beyond the end of the file: STOU makes a new, empty file")
         return
     if unique:
+        # Searching a free name can take up to a thousand lookups: off the loop.
         base = s.resolve(arg or "ftp.upload")
-        name = base.real
-        for i in range(1, 1000):
-            if not os.path.lexists(name):
-                break
-            name = f"{base.real}.{i}"
-        else:
-            s.reply(553, "Could not find a unique name")
-            return
-        r = s.resolve(s.home.to_virtual(name))  # type: ignore[union-attr]
-    else:
-        r = s.resolve(arg)
-    if r.virtual == "/" or os.path.isdir(r.real):
+        s.run_blocking("STOU", partial(s.fs.unique_name, base.real), _store_unique)
+        return
+    _store_at(s, s.resolve(arg), append, False, offset)
+
+
+def _store_unique(s: Session, name: str | None) -> None:
+    if name is None:
+        s.reply(553, "Could not find a unique name")
+        return
+    _store_at(s, s.resolve(s.fs.to_virtual(name)), False, True, 0)
+
+
+def _size(s: Session, real: str) -> int | None:
+    """The size of what `real` leads to, None when nothing is there."""
+    try:
+        return s.fs.stat(real).st_size
+    except OSError:
+        return None
+
+
+def _store_at(s: Session, r: Resolved, append: bool, unique: bool, offset: int) -> None:
+    if r.virtual == "/" or s.fs.is_dir(r.real):
         raise PathError("Is a directory")
     parent = os.path.dirname(r.real)
-    if not os.path.isdir(parent):
+    if not s.fs.is_dir(parent):
         s.reply(553, "No such directory")
         return
     in_place = append or offset > 0 or unique or not s.settings.atomic_uploads
-    if offset and (not os.path.exists(r.real) or offset > os.path.getsize(r.real)):
+    if offset and offset > (_size(s, r.real) or 0):
         # A missing file is empty: any offset is past its end (no zero-filled hole).
         s.reply(554, "REST offset beyond the end of the file")
         return
@@ -286,21 +305,24 @@ def stou(s: Session, arg: str) -> None:
 
 def _listing(s: Session, arg: str, kind: str) -> None:
     r = s.resolve(split_list_arg(arg) or ".", must_exist=True)
-    name = os.path.basename(r.virtual) or "/"
+    name = posixpath.basename(r.virtual) or "/"
     writable = not (s.user and s.user.read_only)
-    if kind == "MLSD":
-        if not os.path.isdir(r.real):
-            s.reply(501, "MLSD needs a directory")
-            return
-        lines = mlsd_lines(r.real, s.mlst_facts, writable, root=s.home.root)  # type: ignore[union-attr]
-    elif kind == "NLST":
-        lines = nlst_lines(r.real, name)
-    else:
-        if os.path.isdir(r.real) and not os.access(r.real, os.R_OK | os.X_OK):
-            raise PathError("Permission denied")
-        lines = list_lines(r.real, name, root=s.home.root)  # type: ignore[union-attr]
-    t = Transfer("send_lines", lines=lines, ascii=True, virtual=r.virtual, command=kind)
-    _start(s, t, f"Here comes the listing of {r.virtual}")
+    if kind == "MLSD" and not s.fs.is_dir(r.real):
+        s.reply(501, "MLSD needs a directory")
+        return
+    if kind == "LIST" and s.fs.is_dir(r.real) and not s.fs.can(r.real, os.R_OK | os.X_OK):
+        raise PathError("Permission denied")
+    refusal = _refusal(s)
+    if refusal is not None:  # no data connection: do not read the directory for nothing
+        s.reply(*refusal)
+        return
+
+    def send(s: Session, chunks: list[bytes]) -> None:
+        t = Transfer("send_lines", lines=iter(chunks), ascii=True, virtual=r.virtual, command=kind)
+        _start(s, t, f"Here comes the listing of {r.virtual}")
+
+    # A listing is a scandir, a stat per entry and a sort: built off the loop, then sent.
+    s.run_blocking(kind, partial(s.fs.listing, kind, r.real, name, list(s.mlst_facts), writable), send)
 
 
 @command("LIST", arg=Arg.OPTIONAL, help="LIST [path]: long listing")

@@ -8,7 +8,7 @@ what the ban engine, metrics and logs subscribe to (ProFTPD's event model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,14 @@ class AbortTransfer:
 
 
 @dataclass(frozen=True, slots=True)
+class RunBlocking:
+    """Run a filesystem port call that can block (a listing, STOU's name search) off
+    the event loop; answer with Session.blocking_done(its result or exception)."""
+
+    call: Callable[[], Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Flush the replies so far, then close the control connection."""
 
@@ -108,7 +116,7 @@ class Event:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Action = StartTLS | VerifyPassword | OpenPassive | SetActive | ClosePassive | Transfer | AbortTransfer | Close
+Action = StartTLS | VerifyPassword | OpenPassive | SetActive | ClosePassive | Transfer | AbortTransfer | RunBlocking | Close
 Output = Reply | Action | Event
 
 

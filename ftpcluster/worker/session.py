@@ -21,13 +21,14 @@ from typing import Any, Callable, Mapping
 from .account import User
 from .command_table import COMMAND_TABLE
 from .commands import Arg, CommandSpec
-from .fs import Home, PathError, Resolved
+from .fs import PathError, Resolved
+from .fs_port import FS, LocalFS
 from .handlers_auth import finish_login
 from .handlers_transfer import finish_transfer
 from .lines import TOO_LONG, LineBuffer
 from .listing import MLST_FACTS
 from .parse import FOREIGN_PROTOCOL, NOT_IMPLEMENTED, parse_line, verb_of
-from .protocol import Action, Close, Event, Output, Reply, Transfer, TransferResult
+from .protocol import Action, Close, Event, Output, Reply, RunBlocking, Transfer, TransferResult
 from .replies import os_error_reply, passive_reply
 from .state import URGENT_STATES, State, Step, next_state
 
@@ -56,11 +57,13 @@ class SessionSettings:
 
 class Session:
     def __init__(self, settings: SessionSettings, client_ip: str = "", session_id: str = "",
-                 commands: Mapping[str, CommandSpec] = COMMAND_TABLE) -> None:  # fmt: skip
+                 commands: Mapping[str, CommandSpec] = COMMAND_TABLE,
+                 fs: Callable[[str], FS] = LocalFS) -> None:  # fmt: skip
         self.settings = settings
         self.client_ip = client_ip
         self.session_id = session_id
         self.commands = commands
+        self.open_fs = fs  # home directory -> the port the handlers use after login
         self._lines = LineBuffer(settings.max_line)
         self._out: list[Output] = []
         self._queue: collections.deque[bytes | object] = collections.deque()
@@ -69,7 +72,7 @@ class Session:
         self.user: User | None = None
         self.pending_user: str | None = None
         self.login_failures = 0
-        self.home: Home | None = None
+        self.home: FS | None = None  # the logged-in user's files (the filesystem port)
         self.cwd = "/"
         self.binary = True
         self.rest = 0
@@ -86,6 +89,8 @@ class Session:
         self.transfer: Transfer | None = None
         self.abort_requested = False
         self.quitting = False  # QUIT arrived during a transfer: 221 and close after its reply
+        self._then: Callable[[Session, Any], None] | None = None  # continues after RunBlocking
+        self._blocking_verb = ""
 
     @property
     def closed(self) -> bool:
@@ -193,8 +198,14 @@ class Session:
         if not self._allowed(spec, arg):
             return
         self.emit("command", verb=verb)
+        self._guarded(verb, spec.handler, arg)
+
+    def _guarded(self, verb: str, fn: Callable[[Session, Any], None], arg: Any) -> None:
+        """Run a handler (or its continuation): refusals and OS errors become replies."""
         try:
-            spec.handler(self, arg)
+            if isinstance(arg, Exception):
+                raise arg  # a blocking call failed: answered like the handler's own error
+            fn(self, arg)
         except PathError as e:
             self.reply(550, str(e))
         except OSError as e:
@@ -248,6 +259,15 @@ class Session:
         self._resume()
         return self._take()
 
+    def blocking_done(self, result: Any) -> list[Output]:
+        """A RunBlocking call returned `result` (or raised it): the handler goes on."""
+        self.step(Step.BLOCKING_DONE)
+        then, self._then = self._then, None
+        if then is not None and not self.closed:
+            self._guarded(self._blocking_verb, then, result)
+        self._resume()
+        return self._take()
+
     def passive_expired(self) -> None:
         """The I/O layer closed a passive listener no transfer used within data_timeout:
         the next transfer command needs a new PASV/EPSV (425 otherwise)."""
@@ -278,6 +298,24 @@ class Session:
         """The directory entry itself, a final symlink not followed (DELE, RMD, RNFR, RNTO)."""
         assert self.home is not None
         return self.home.resolve_entry(self.cwd, arg, must_exist)
+
+    def run_blocking(self, verb: str, call: Callable[[], Any], then: Callable[[Session, Any], None]) -> None:
+        """Have the I/O layer run `call` (a port call that can block) off the loop, then
+        `then(session, result)`; commands that arrive meanwhile wait in order."""
+        self.step(Step.RUN_BLOCKING)
+        self._then = then
+        self._blocking_verb = verb
+        self.act(RunBlocking(call))
+
+    @property
+    def fs(self) -> FS:
+        """The logged-in user's files (handlers that need a login only run after it)."""
+        assert self.home is not None
+        return self.home
+
+    def open_home(self, root: str) -> None:
+        self.home = self.open_fs(root)
+        self.cwd = "/"
 
     def reset_login(self) -> None:
         self.user = None
