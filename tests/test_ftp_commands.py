@@ -47,21 +47,6 @@ def raw_retr(f: ftplib.FTP, cmd: str) -> bytes:
 
 
 # ---------------------------------------------------------------- login and session
-def test_user_pass_quit_rein_noop(server: Server) -> None:
-    f = server.ftp(login=False)
-    assert code(f.getwelcome()) == "220"
-    assert perm_code(f, "NOOP") == "200"
-    assert perm_code(f, "PWD") == "530"  # not logged in yet
-    assert perm_code(f, "PASS x") == "503"  # PASS before USER
-    assert code(f.sendcmd(f"USER {server.user}")) == "331"
-    assert code(f.sendcmd(f"PASS {server.password}")) == "230"
-    assert perm_code(f, f"PASS {server.password}") == "503"  # already logged in
-    assert code(f.sendcmd("PWD")) == "257"
-    assert code(f.sendcmd("REIN")) == "220"
-    assert perm_code(f, "PWD") == "530"  # REIN logged us out
-    f.login(server.user, server.password)
-    assert code(f.sendcmd("ACCT x")) == "202"
-    assert code(f.quit()) == "221"
 
 
 def test_wrong_password_is_530(server: Server) -> None:
@@ -72,133 +57,9 @@ def test_wrong_password_is_530(server: Server) -> None:
     f.quit()
 
 
-def test_syst_feat_opts_help(server: Server) -> None:
-    f = server.ftp()
-    assert f.sendcmd("SYST").startswith("215 UNIX")
-    feat = f.sendcmd("FEAT")
-    assert code(feat) == "211"
-    for word in ("UTF8", "EPSV", "EPRT", "MLST", "SIZE", "MDTM", "MFMT", "REST STREAM"):
-        assert word in feat
-    assert code(f.sendcmd("OPTS UTF8 ON")) == "200"
-    assert perm_code(f, "OPTS UTF8 OFF") == "504"
-    assert perm_code(f, "OPTS NOPE") == "501"
-    # OPTS MLST narrows the facts MLST/MLSD return.
-    assert code(f.sendcmd("OPTS MLST type;size;")) == "200"
-    (server.home / "m.txt").write_bytes(b"12345")
-    mlst = f.sendcmd("MLST m.txt")
-    assert "type=file;size=5;" in mlst and "modify=" not in mlst
-    assert "type*;size*;" in f.sendcmd("FEAT")
-    helpall = f.sendcmd("HELP")
-    assert code(helpall) == "214" and "RETR" in helpall and "XPWD" in helpall
-    assert code(f.sendcmd("HELP STOR")) == "214"
-    assert perm_code(f, "HELP BOGUS") == "502"
-    f.quit()
-
-
-def test_stat_server_and_path(server: Server) -> None:
-    f = server.ftp()
-    st = f.sendcmd("STAT")
-    assert code(st) == "211" and "Logged in as alice" in st and "Session " in st
-    (server.home / "d").mkdir()
-    (server.home / "d" / "inner.txt").write_bytes(b"x" * 7)
-    listing = f.sendcmd("STAT d")
-    assert code(listing) == "212" and "inner.txt" in listing  # directory status
-    assert code(f.sendcmd("STAT d/inner.txt")) == "213"  # file status
-    assert perm_code(f, "STAT nope") == "550"
-    f.quit()
-
-
-def test_type_mode_stru_allo(server: Server) -> None:
-    f = server.ftp()
-    assert code(f.sendcmd("TYPE A")) == "200"
-    assert code(f.sendcmd("TYPE I")) == "200"
-    assert code(f.sendcmd("TYPE L 8")) == "200"
-    assert perm_code(f, "TYPE E") == "504"
-    assert code(f.sendcmd("MODE S")) == "200"
-    assert perm_code(f, "MODE B") == "504"
-    assert code(f.sendcmd("STRU F")) == "200"
-    assert perm_code(f, "STRU R") == "504"
-    assert code(f.sendcmd("ALLO 1000")) == "202"
-    f.quit()
-
 
 # ---------------------------------------------------------------- navigation and file management
-def test_pwd_cwd_cdup_mkd_rmd(server: Server) -> None:
-    f = server.ftp()
-    assert f.pwd() == "/"
-    assert f.mkd("a") == "/a"
-    assert (server.home / "a").is_dir()
-    f.mkd("a/b")
-    f.cwd("a/b")
-    assert f.pwd() == "/a/b"
-    assert code(f.sendcmd("CDUP")) == "250"
-    assert f.pwd() == "/a"
-    f.cwd("/")
-    assert code(f.sendcmd("CDUP")) == "250"  # CDUP at the root stays there
-    assert f.pwd() == "/"
-    assert perm_code(f, "CWD nope") == "550"
-    (server.home / "file").write_bytes(b"")
-    assert perm_code(f, "CWD file") == "550"
-    assert perm_code(f, "RMD a") == "550"  # not empty
-    f.rmd("a/b")
-    f.rmd("a")
-    assert not (server.home / "a").exists()
-    assert perm_code(f, "RMD /") == "550"
-    assert perm_code(f, "MKD file") == "550"  # exists
-    f.quit()
 
-
-def test_x_aliases(server: Server) -> None:
-    f = server.ftp()
-    assert code(f.sendcmd("XMKD xd")) == "257"
-    assert (server.home / "xd").is_dir()
-    assert code(f.sendcmd("XCWD xd")) == "250"
-    assert '"/xd"' in f.sendcmd("XPWD")
-    assert code(f.sendcmd("XCUP")) == "250"
-    assert '"/"' in f.sendcmd("XPWD")
-    assert code(f.sendcmd("XRMD xd")) == "250"
-    assert not (server.home / "xd").exists()
-    f.quit()
-
-
-def test_dele_rename_size_mdtm_mfmt(server: Server) -> None:
-    f = server.ftp()
-    (server.home / "a.txt").write_bytes(b"hello world")
-    assert f.size("a.txt") == 11
-    (server.home / "dir").mkdir()
-    assert perm_code(f, "SIZE dir") == "550"
-    assert perm_code(f, "SIZE nope") == "550"
-    assert code(f.sendcmd("RNFR a.txt")) == "350"
-    assert code(f.sendcmd("RNTO dir/b.txt")) == "250"
-    assert not (server.home / "a.txt").exists()
-    assert (server.home / "dir" / "b.txt").read_bytes() == b"hello world"
-    assert perm_code(f, "RNFR nope") == "550"
-    assert code(f.sendcmd("MFMT 20200102030405 dir/b.txt")) == "213"
-    assert f.sendcmd("MDTM dir/b.txt") == "213 20200102030405"
-    assert int((server.home / "dir" / "b.txt").stat().st_mtime) == 1577934245
-    assert perm_code(f, "MFMT 2020 dir/b.txt") == "501"
-    assert perm_code(f, "MFMT 20201340250000 dir/b.txt") == "501"
-    assert code(f.delete("dir/b.txt")) == "250"
-    assert not (server.home / "dir" / "b.txt").exists()
-    assert perm_code(f, "DELE dir") == "550"  # a directory
-    assert perm_code(f, "DELE nope") == "550"
-    f.quit()
-
-
-def test_site_chmod_and_help(server: Server) -> None:
-    f = server.ftp()
-    p = server.home / "c.txt"
-    p.write_bytes(b"x")
-    assert code(f.sendcmd("SITE CHMOD 600 c.txt")) == "200"
-    assert p.stat().st_mode & 0o777 == 0o600
-    assert code(f.sendcmd("SITE CHMOD 0755 c.txt")) == "200"
-    assert p.stat().st_mode & 0o777 == 0o755
-    assert perm_code(f, "SITE CHMOD 999 c.txt") == "501"
-    assert perm_code(f, "SITE CHMOD 600") == "501"
-    assert perm_code(f, "SITE CHMOD 600 nope") == "550"
-    assert code(f.sendcmd("SITE HELP")) == "214"
-    assert perm_code(f, "SITE NOPE") == "500"
-    f.quit()
 
 
 # ---------------------------------------------------------------- listings

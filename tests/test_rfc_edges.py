@@ -73,16 +73,6 @@ def test_mlst_entry_is_one_space_facts_space_path(srv: Server) -> None:
 
 
 # ---------------------------------------------------------------- 2. SIZE under TYPE A
-def test_size_refused_in_ascii_mode(srv: Server) -> None:
-    """SIZE under TYPE A would have to read the whole file to count line ends: 550,
-    as ProFTPD does; binary SIZE is unchanged."""
-    c = login(srv)
-    assert c.cmd("TYPE A") == 200
-    code, text = c.reply_to("SIZE lines.txt")
-    assert code == 550 and b"ASCII" in text
-    assert c.cmd("TYPE I") == 200
-    assert c.reply_to("SIZE lines.txt") == (213, b"213 8")
-    c.close()
 
 
 @pytest.mark.skipif(not have("curl"), reason="curl not installed")
@@ -100,14 +90,6 @@ def test_curl_ascii_resume_upload_survives_size_refusal(srv: Server, tmp_path: P
 
 
 # ---------------------------------------------------------------- 3. EPSV/EPRT protocol
-def test_epsv_and_eprt_of_the_other_family_is_522(srv: Server) -> None:
-    """RFC 2428 sections 2-3: 522 with the protocols this connection can use."""
-    c = login(srv)
-    code, text = c.reply_to("EPSV 2")
-    assert code == 522 and text.endswith(b"(1)")
-    assert c.cmd("EPRT |2|::1|50000|") == 522
-    assert c.cmd("EPSV 1") == 229
-    c.close()
 
 
 # ---------------------------------------------------------------- 4. REST with uploads
@@ -240,15 +222,6 @@ def test_data_connection_dropped_mid_retr_is_426(srv: Server, tls: bool) -> None
 
 
 # ---------------------------------------------------------------- 8. SITE HELP topics
-def test_site_help_topics(srv: Server) -> None:
-    f = srv.ftp()
-    assert "CHMOD" in f.sendcmd("SITE HELP")
-    assert f.sendcmd("SITE HELP chmod").startswith("214 CHMOD")
-    with pytest.raises(ftplib.error_perm, match="^501"):
-        f.sendcmd("SITE HELP NOSUCH")
-    with pytest.raises(ftplib.error_perm, match="^500"):
-        f.sendcmd("SITE NOSUCH")
-    f.quit()
 
 
 # ---------------------------------------------------------------- the same over IPv6

@@ -26,6 +26,7 @@ from ftpcluster.worker.protocol import (
     Close,
     OpenPassive,
     Reply,
+    RunBlocking,
     StartTLS,
     Transfer,
     TransferResult,
@@ -183,9 +184,15 @@ def _drive(s: Session, outputs: list, home: Path, depth: int = 0) -> None:
             _drive(s, s.passive_ready("127.0.0.1", 50000, out.extended), home, depth + 1)
         elif isinstance(out, Transfer):
             if out.lines is not None:
-                for _ in out.lines:  # listings are generated lazily: run them as the I/O layer would
+                for _ in out.lines:  # built off the loop (RunBlocking), sent by the I/O layer
                     pass
             _drive(s, s.transfer_done(TransferResult("ok", bytes=1)), home, depth + 1)
+        elif isinstance(out, RunBlocking):  # control.py runs it on a thread
+            try:
+                result = out.call()
+            except Exception as e:  # noqa: BLE001
+                result = e
+            _drive(s, s.blocking_done(result), home, depth + 1)
         elif isinstance(out, StartTLS):
             _drive(s, s.tls_done(), home, depth + 1)
         elif isinstance(out, Close):

@@ -31,6 +31,7 @@ from ftpcluster.worker.protocol import (
     Event,
     OpenPassive,
     Reply,
+    RunBlocking,
     StartTLS,
     Transfer,
     TransferResult,
@@ -128,11 +129,17 @@ class Driver:
                 self.take(self.s.passive_ready("127.0.0.1", 50000, a.extended))
             elif isinstance(a, Transfer):
                 if a.lines is not None:
-                    for _chunk in a.lines:  # listings are generated lazily, by the I/O layer
+                    for _chunk in a.lines:  # listings come built (RunBlocking), the I/O layer sends them
                         pass
                 self.take(self.s.transfer_done(TransferResult("ok", bytes=1)))
             elif isinstance(a, TransferResult):
                 self.take(self.s.transfer_done(a))
+            elif isinstance(a, RunBlocking):  # control.py runs it on a thread
+                try:
+                    result = a.call()
+                except Exception as e:  # noqa: BLE001
+                    result = e
+                self.take(self.s.blocking_done(result))
             elif isinstance(a, StartTLS):
                 self.take(self.s.tls_done())
         raise AssertionError("actions never settled")
