@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .durations import DurationError, parse_duration
+from .events import BAN_EVENTS
+from .limits import LimitsError, check_limits
 
 DEFAULT_DATA_DIR = "ftpcluster-data"
 SEARCH_PATHS = ("./ftpcluster.toml", "/etc/ftpcluster/ftpcluster.toml")
@@ -352,8 +354,6 @@ def validate(cfg: Config) -> None:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"ban.classes.{name}: not a network: {net!r}") from None
-    from .cluster.metrics_store import BAN_EVENTS
-
     for i, rule in enumerate(cfg.ban.rules):
         if not isinstance(rule, dict) or "event" not in rule:
             raise ConfigError(f"ban.rules[{i}]: needs at least 'event'")
@@ -370,8 +370,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"ban.rules[{i}].threshold: a positive integer")
     if cfg.metrics.listen:
         parse_hostport(cfg.metrics.listen, "metrics.listen")
-    from .limits import LimitsError, check_limits
-
     try:
         check_limits(cfg.limits)
     except LimitsError as e:

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from . import config as config_mod
+from .events import BAN_EVENTS
 
 # (section, key) -> (what it does, the ProFTPD directive it corresponds to or "")
 KEYS: dict[str, dict[str, tuple[str, str]]] = {
@@ -198,8 +199,6 @@ def render_markdown() -> str:
         out.append("")
         extra = _MD_NOTES.get(section)
         if extra:
-            from .cluster.metrics_store import BAN_EVENTS
-
             out += [extra.strip().replace("{events}", ", ".join(BAN_EVENTS)), ""]
     return "\n".join(out)
 

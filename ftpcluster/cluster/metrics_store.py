@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..events import BAN_EVENTS
+
 MAGIC = b"FTPCMET1"
 HEADER = struct.Struct("<8sII")  # magic, slots, metrics
 
@@ -34,11 +36,7 @@ class MetricDef:
 
 
 BAN_KINDS = ("host", "user", "userhost", "class")
-BAN_EVENTS = (
-    "MaxLoginAttempts", "MaxLoginAttemptsFromUser", "LoginRate", "ClientConnectRate", "MaxConnectionsPerHost",
-    "MaxClientsPerHost", "MaxClientsPerUser", "MaxHostsPerUser", "TimeoutIdle", "TimeoutLogin", "TimeoutNoTransfer",
-    "UnhandledCommand", "BadProtocol", "EmptyPassword", "RootLogin", "TLSHandshake",
-)  # fmt: skip
+
 # what memcached serves that must carry a MAC (record_mac.py); "tls" = a sealed session that did not open
 RECORD_KINDS = ("ban", "banlog", "banidx", "tlsuser", "tls", "host", "quota")
 
@@ -64,7 +62,7 @@ def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -
         MetricDef("ftpcluster_bans_added_total", "counter", "Bans added", ("kind", "origin"),
                   tuple((k, o) for k in BAN_KINDS for o in ("local", "cluster"))),  # fmt: skip
         MetricDef("ftpcluster_ban_rejects_total", "counter", "Connections or logins refused by a ban"),
-        MetricDef("ftpcluster_ban_events_total", "counter", "Ban-rule events seen", ("event",), tuple((e,) for e in BAN_EVENTS)),
+        MetricDef("ftpcluster_ban_events_total", "counter", "Ban-rule events seen", ("event",), tuple((e.value,) for e in BAN_EVENTS)),
         MetricDef(
             "ftpcluster_memcache_operations_total",
             "counter",

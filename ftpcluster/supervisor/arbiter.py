@@ -25,7 +25,7 @@ from .control_server import Pending
 from .daemon import ReadyReport
 from .endpoints import Endpoints
 from .host_services import HostServices
-from .node_process import BOOT_ERROR, NodeHandle, default_node_hooks, spawn
+from .node_process import BOOT_ERROR, NodeHandle, spawn
 from .node_table import ACCEPTING, FREE, NodeTable, passive_slices
 from .pidfile import remove_pidfile, write_pidfile
 from .preflight import StartupError, reload_config
@@ -79,7 +79,6 @@ class Arbiter:
         self.restarts = 0
         self.watchdog = systemd.watchdog_interval()
         self.last_watchdog = 0.0
-        self.node_hooks: list[Callable[[Any], None]] = default_node_hooks()
         self.handlers: dict[str, Callable[[dict[str, Any], Pending], dict[str, Any] | None]] = {
             "status": lambda req, p: {"ok": True, "status": self.status()},
             "stop": self._cmd_stop,
@@ -315,7 +314,7 @@ class Arbiter:
             close.append(self.ready.fd)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = spawn(node_id, slot, self.cfg, self.listeners, self.table, passive, self.alive_r, close, self.node_hooks)
+        pid = spawn(node_id, slot, self.cfg, self.listeners, self.table, passive, self.alive_r, close)
         self.nodes[pid] = NodeHandle(node_id, pid, slot, self.generation, passive)
         log.debug("node started", node=node_id, pid=pid, slot=slot, passive=f"{passive[0]}-{passive[1]}")
 

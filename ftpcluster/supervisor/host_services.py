@@ -16,8 +16,11 @@ import structlog
 
 from ..cluster import metrics_layout
 from ..cluster.presence import Presence
+from ..cluster.tls_cache import create_cache
 from ..config import Config
 from ..limits import summary as limits_summary
+from ..worker.observe import command_verbs
+from ..worker.tls import probe_mode
 
 log = structlog.get_logger("ftpcluster.supervisor")
 Handler = Callable[[dict[str, Any], Any], "dict[str, Any] | None"]
@@ -26,23 +29,21 @@ TLS_CACHES, TLS_TICKETS = ("internal", "shm", "shm+memcache"), ("off", "local", 
 
 def open_metrics(cfg: Config) -> tuple[Any, Any]:
     """The host's metrics store and the supervisor's writer into it."""
-    store = metrics_layout.create(cfg)
+    store = metrics_layout.create(cfg, command_verbs())
     return store, store.writer(metrics_layout.SUPERVISOR_SLOT)
 
 
 def shared_state(cfg: Config, writer: Any) -> dict[str, Any]:
     """The TLS session cache the nodes map after the fork, and the TLS mode in force
     (also published as the ftpcluster_tls_mode gauge)."""
-    from ..worker import tls
-
-    mode = tls.probe_mode(cfg)
+    mode = probe_mode(cfg)
     if mode.get("fallback_reason"):
         log.warning("TLS sessions are cached per worker only", reason=mode["fallback_reason"])
     if mode.get("enabled"):
         for c in TLS_CACHES:
             for t in TLS_TICKETS:
                 writer.set("ftpcluster_tls_mode", int((c, t) == (mode["session_cache"], mode["session_tickets"])), (c, t))
-    return {"tls_cache": tls.create_cache(cfg), "tls_mode": mode}
+    return {"tls_cache": create_cache(cfg), "tls_mode": mode}
 
 
 def new_cluster(cfg: Config) -> Any:
@@ -127,7 +128,8 @@ class HostServices:
         cluster = None
         try:
             metrics, writer = self.metrics, self.metrics_writer
-            if metrics_layout.store_path(new) != metrics_layout.store_path(self.cfg):
+            verbs = command_verbs()
+            if metrics_layout.store_path(new, verbs) != metrics_layout.store_path(self.cfg, verbs):
                 metrics, writer = open_metrics(new)
             shared = shared_state(new, writer)
             cluster = new_cluster(new)

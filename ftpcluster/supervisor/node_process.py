@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..config import Config
 from ..logs import flush as flush_logs
@@ -66,7 +66,6 @@ def spawn(
     passive: tuple[int, int],
     parent_fd: int,
     close_fds: list[int],
-    hooks: list[Callable[[Any], None]],
 ) -> int:
     """Fork a node; returns the child's pid in the parent and never returns in the child."""
     supervisor_pid = os.getpid()
@@ -76,7 +75,7 @@ def spawn(
         return pid
     code = BOOT_ERROR
     try:
-        code = _child(node_id, slot, cfg, listeners, table, passive, parent_fd, close_fds, hooks, supervisor_pid)
+        code = _child(node_id, slot, cfg, listeners, table, passive, parent_fd, close_fds, supervisor_pid)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -101,7 +100,6 @@ def _child(
     passive: tuple[int, int],
     parent_fd: int,
     close_fds: list[int],
-    hooks: list[Callable[[Any], None]],
     supervisor_pid: int,
 ) -> int:
     for sig in RESET_SIGNALS:
@@ -139,18 +137,7 @@ def _child(
         passive_range=passive,
         heartbeat=heartbeat,
         parent_fd=parent_fd,
-        hooks=list(hooks),
         slot=slot,
     )
     return run_node(ctx)
 
-
-def default_node_hooks() -> list[Callable[[Any], None]]:
-    """What every node attaches at start: logs, xferlog, metrics, bans, PROXY."""
-    from ..worker.ban_hook import install_bans
-    from ..worker.limits_hook import install_limits
-    from ..worker.observe import attach_observability
-    from ..worker.proxy_accept import install_proxy
-    from ..worker.transfer_limits import install_transfer_limits
-
-    return [attach_observability, install_bans, install_limits, install_transfer_limits, install_proxy]

@@ -1,4 +1,4 @@
-"""Node hook: bans at the door, at login and on sessions already open.
+"""Node service: bans at the door, at login and on sessions already open.
 
 - Admission (before any protocol object or TLS): a banned address gets
   `530 <message>` and a close, counted, never logged per connection.
@@ -15,23 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from ..cluster.ban_engine import EVENT_TARGET, BanEngine
+from ..cluster.ban_layout import host_id, open_tables
 from ..cluster.ban_table import Ban
-from .protocol import Event
-
-if TYPE_CHECKING:
-    from .control import ControlConnection
-    from .node import NodeServer
+from ..cluster.cluster_counters import ClusterCounters
+from ..cluster.metrics_store import SlotWriter
+from ..cluster.record_mac import load_record_mac
+from ..config import Config
+from .node_api import NodeCore
+from .protocol import Event, EventName, SessionInfo
 
 log = structlog.get_logger("ftpcluster.ban")
 trace = structlog.get_logger("ftpcluster.trace.ban")
 WATCH_INTERVAL = 0.25
 # Session events that are rule events under another name.
-ALIASES = {"login": "LoginRate"}
+ALIASES = {EventName.LOGIN: EventName.LOGIN_RATE}
 
 
 MAX_PENDING = 1000  # cluster counts queued for the memcached thread; more are dropped
@@ -39,9 +41,10 @@ COUNT_DEADLINE = 2.0  # seconds a cluster count may wait for the memcached threa
 
 
 class NodeBans:
-    def __init__(self, server: NodeServer, engine: BanEngine) -> None:
+    def __init__(self, server: NodeCore, engine: BanEngine, metrics: SlotWriter | None = None) -> None:
         self.server = server
         self.engine = engine
+        self.metrics = metrics
         self.gen = engine.view.gen
         self.rate_rule = "ClientConnectRate" in engine.by_event
         cfg = server.cfg
@@ -56,11 +59,7 @@ class NodeBans:
     # ------------------------------------------------------------ cluster-wide counts
     def _cluster_count(self, ring: Any, ckey: str, window: float) -> float | None:
         """On the memcached thread; the cluster key (read there, once) names the counters."""
-        from ..cluster.cluster_counters import ClusterCounters
-
         if self._counter_name is None:
-            from ..cluster.record_mac import load_record_mac
-
             # SealError without a cluster key: the count fails, the host count alone decides
             self._counter_name = load_record_mac(self.server.cfg, ring.prefix).counter_name
         return ClusterCounters(ring, self._counter_name).add(ckey, window)
@@ -97,20 +96,19 @@ class NodeBans:
             self.kick_matching(rule.message)
 
     def _count(self, name: str, labels: tuple[str, ...] = (), n: int = 1) -> None:
-        metrics = getattr(self.server, "metrics", None)
-        if metrics is not None:
-            metrics.inc(name, labels, n)
+        if self.metrics is not None:
+            self.metrics.inc(name, labels, n)
 
     # ------------------------------------------------------------ the door
     def admission(self, ip: str) -> str | None:
         ban = self.engine.host_ban(ip)
         if ban is None and self.rate_rule:
-            fired = self.engine.event("ClientConnectRate", ip)
+            fired = self.engine.event(EventName.CLIENT_CONNECT_RATE, ip)
             if fired is not None:
                 self._added(fired[0], ip, "")
                 ban = fired[0]
             else:
-                self.count_cluster("ClientConnectRate", ip, "")
+                self.count_cluster(EventName.CLIENT_CONNECT_RATE, ip, "")
         if ban is None:
             return None
         self._count("ftpcluster_ban_rejects_total")
@@ -125,12 +123,12 @@ class NodeBans:
         return self.engine.message(ban, ip, user)
 
     # ------------------------------------------------------------ events
-    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
+    def __call__(self, event: Event, info: SessionInfo | None) -> None:
         name = ALIASES.get(event.name, event.name)
         if name not in EVENT_TARGET or name not in self.engine.by_event:
             return
-        ip = conn.client_ip if conn is not None else str(event.fields.get("ip", ""))
-        user = str(event.fields.get("user") or (conn.user_name if conn is not None else "") or "")
+        ip = info.client_ip if info is not None else str(event.fields.get("ip", ""))
+        user = str(event.fields.get("user") or (info.user if info is not None else "") or "")
         fired = self.engine.event(name, ip, user)
         if fired is not None:
             ban, rule = fired
@@ -147,7 +145,7 @@ class NodeBans:
     # ------------------------------------------------------------ sessions already open
     def kick_matching(self, rule_message: str = "") -> int:
         engine, n = self.engine, 0
-        for conn in list(self.server.sessions):
+        for conn in list(self.server.open_sessions):
             if conn.closing:
                 continue
             user = conn.user_name or ""
@@ -166,24 +164,18 @@ class NodeBans:
             await asyncio.sleep(WATCH_INTERVAL)
 
 
-def open_engine(cfg: Any) -> BanEngine:
-    from ..cluster.ban_layout import host_id, open_tables
-
+def open_engine(cfg: Config) -> BanEngine:
     table, counters = open_tables(cfg)
     return BanEngine(cfg, table, counters, origin_host=host_id(cfg))
 
 
-def install_bans(server: NodeServer) -> None:
-    if not server.cfg.ban.enabled or getattr(server, "bans", None) is not None:
-        return
+def open_bans(server: NodeCore, metrics: SlotWriter | None) -> NodeBans | None:
+    """The node's bans, or None: `[ban]` off, or no ban table (logged)."""
+    if not server.cfg.ban.enabled:
+        return None
     try:
         engine = open_engine(server.cfg)
     except (OSError, ValueError) as e:
         log.error("ban table unavailable: bans are not enforced on this node", error=str(e))
-        return
-    bans = NodeBans(server, engine)
-    server.bans = bans  # type: ignore[attr-defined]
-    server.admission.insert(0, bans.admission)
-    server.subscribers.append(bans)
-    server.user_gates.insert(0, bans.user_gate)
-    server.track(server.loop.create_task(bans.watch()))
+        return None
+    return NodeBans(server, engine, metrics)

@@ -21,10 +21,12 @@ from .protocol import (
     Close,
     ClosePassive,
     Event,
+    EventName,
     OpenPassive,
     Output,
     Reply,
     RunBlocking,
+    SessionInfo,
     SetActive,
     StartTLS,
     Transfer,
@@ -61,17 +63,19 @@ class ControlConnection(asyncio.Protocol):
         self._write_paused = False  # the client does not read our replies
         self._read_paused = False  # we stopped reading (client not reading, or commands backlogged)
         self._local_ip: str | None = None  # our address on this connection, once a PASV asked
+        self.session_info: SessionInfo | None = None  # what event subscribers see of this session
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         node = self.node
         self.session = Session(node.session_settings(self.implicit_tls), self.client_ip, node.new_session_id())
+        self.session_info = SessionInfo(self.session.session_id, self.client_ip)
         node.session_opened(self)
         if self.implicit_tls:
             self.tls_object = transport.get_extra_info("ssl_object")
             resumed = bool(self.tls_object is not None and self.tls_object.session_reused)
-            node.publish(Event("tls_established", {"resumed": resumed}), self)
+            self._publish(Event(EventName.TLS_ESTABLISHED, {"resumed": resumed}))
         self.perform(self.session.greeting())
 
     def data_received(self, data: bytes) -> None:
@@ -137,7 +141,7 @@ class ControlConnection(asyncio.Protocol):
                     if self.transport is not None and not self.transport.is_closing():
                         self.transport.write(out.encode())
                 elif isinstance(out, Event):
-                    self.node.publish(out, self)
+                    self._publish(out)
                 else:
                     self._act(out)
         finally:
@@ -193,8 +197,36 @@ class ControlConnection(asyncio.Protocol):
 
     def _channel(self) -> DataChannel:
         if self.data is None:
-            self.data = DataChannel(self.node.loop, self.node.data_timeout, self.node.passive_held, self.client_ip)
+            self.data = DataChannel(self.node.loop, self.node.data_timeout, self.node.passive_held,
+                                    self.client_ip, self.node.passive_proxy_reader)  # fmt: skip
         return self.data
+
+    # ------------------------------------------------------------ events
+    def describe(self) -> SessionInfo:
+        """The session as event subscribers see it, brought up to date from the core."""
+        info, s = self.session_info, self.session
+        assert info is not None and s is not None
+        user = s.user
+        info.user = user.name if user is not None else None
+        info.anonymous = bool(user is not None and user.anonymous)
+        info.pending_user = s.pending_user
+        info.home = s.home.root if s.home is not None else ""
+        return info
+
+    def _publish(self, event: Event) -> None:
+        info = self.describe()
+        if event.name == EventName.LOGIN:
+            info.tls_session_id = self._tls_session_id()
+        self.node.publish(event, info)
+
+    def _tls_session_id(self) -> bytes | None:
+        if self.tls_object is None:
+            return None
+        try:
+            sess = self.tls_object.session
+        except (AttributeError, ValueError):
+            return None
+        return sess.id if sess is not None and sess.id else None
 
     # ------------------------------------------------------------ actions
     async def _verify(self, action: VerifyPassword) -> None:
@@ -224,14 +256,14 @@ class ControlConnection(asyncio.Protocol):
         channel.close()  # this session's previous listener does not count against the limit
         limit = self.node.cfg.server.max_passive_per_host
         if limit and self.node.passive_held[self.client_ip] >= limit:
-            self.node.publish(Event("passive_limit", {"held": limit}), self)
+            self._publish(Event(EventName.PASSIVE_LIMIT, {"held": limit}))
             self.perform(s.passive_failed(f"Can't open passive connection: {limit} passive ports already open from your address"))
             return
         try:
-            early = self.node.tls.data_wrapper(self) if (s.prot_private and self.node.tls is not None) else None
+            early = self.node.tls.data_wrapper(self.tls_object) if (s.prot_private and self.node.tls is not None) else None
             port = channel.open_passive(self.node.passive_ports, local, early)
         except NoPassivePort as e:
-            self.node.publish(Event("passive_exhausted", {}), self)
+            self._publish(Event(EventName.PASSIVE_EXHAUSTED, {}))
             self.perform(s.passive_failed(f"Can't open passive connection: {e}"))
             return
         except OSError as e:
@@ -244,7 +276,7 @@ class ControlConnection(asyncio.Protocol):
 
     async def _transfer(self, t: Transfer) -> None:
         channel = self._channel()
-        tls_wrap = self.node.tls.data_wrapper(self) if (t.protected and self.node.tls is not None) else None
+        tls_wrap = self.node.tls.data_wrapper(self.tls_object) if (t.protected and self.node.tls is not None) else None
         if t.temp_path:
             self.node.uploads.started(t.temp_path)  # found again if this node dies mid-upload
         try:
@@ -273,7 +305,7 @@ class ControlConnection(asyncio.Protocol):
         try:
             new = await loop.start_tls(self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=left)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
-            self.node.publish(Event("tls_failed", {"error": str(e) or type(e).__name__}), self)
+            self._publish(Event(EventName.TLS_FAILED, {"error": str(e) or type(e).__name__}))
             self.closing = True
             if self.transport is not None:
                 self.transport.abort()
@@ -284,7 +316,7 @@ class ControlConnection(asyncio.Protocol):
         self._read_paused = False  # the TLS transport reads from the start
         ack_now(new.get_extra_info("socket"))  # the client's USER may wait on it (see quickack.py)
         self.tls_object = new.get_extra_info("ssl_object")
-        self.node.publish(Event("tls_established", {"resumed": bool(self.tls_object and self.tls_object.session_reused)}), self)
+        self._publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(self.tls_object and self.tls_object.session_reused)}))
         self._report(self.session.tls_done())
         early, self._tls_early = self._tls_early or [], None
         if early and not self.closing:

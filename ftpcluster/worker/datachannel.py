@@ -14,15 +14,18 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, Awaitable, Callable, ClassVar
+from typing import Any, Awaitable, Callable
 
 from .datastream import DataStream, PlainStream, tcp_progress
 from .passive import PassivePorts
 from .protocol import Transfer, TransferResult
+from .replies import os_error_reply
 
 CHUNK = 256 * 1024
 
 TLSWrap = Callable[[socket.socket], Awaitable[DataStream]]
+# (sock, addr) -> the real client ip from a PROXY header, or None = drop the connection
+ProxyReader = Callable[[socket.socket, Any], Awaitable["str | None"]]
 
 
 class DataRefused(Exception):
@@ -48,13 +51,12 @@ def same_host(a: str, b: str) -> bool:
 
 
 class DataChannel:
-    # Set per process by proxy_accept.install_proxy when passive listeners expect PROXY
-    # headers (`[proxy_protocol] passive`): (sock, addr) -> the real client ip, None = drop.
-    proxy_reader: ClassVar[Callable[[socket.socket, Any], Awaitable[str | None]] | None] = None
-
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float,
-                 held: collections.Counter[str] | None = None, holder: str = "") -> None:  # fmt: skip
+                 held: collections.Counter[str] | None = None, holder: str = "",
+                 proxy_reader: ProxyReader | None = None) -> None:  # fmt: skip
         self.loop = loop
+        # When passive listeners expect PROXY headers (`[proxy_protocol] passive`).
+        self.proxy_reader = proxy_reader
         self.timeout = timeout
         self.listener: socket.socket | None = None
         self.listening_since = 0.0  # monotonic time the passive listener opened
@@ -325,8 +327,6 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
     except TimeoutError:
         return TransferResult("failed", code=426, message="Data connection timed out; transfer aborted")
     except OSError as e:
-        from .session import os_error_reply
-
         # A TLS record layer error mid-transfer (the client dropped or truncated the
         # data connection) is the same 426 as a reset plain connection.
         if isinstance(e, (ConnectionError, BrokenPipeError, ssl.SSLError)) or e.errno is None:

@@ -1,4 +1,4 @@
-"""Node hook: the per-host and per-user limits of `[server]`, counted over every
+"""Node service: the per-host and per-user limits of `[server]`, counted over every
 node of the host (cluster/presence.py), and the ban events they raise.
 
 - `max_connections_per_host`: checked at the door (421, before any session).
@@ -11,64 +11,60 @@ client that keeps hitting a limit. Off (0) by default: no cost at all then."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
 
 import structlog
 
-from .protocol import Event
-
-if TYPE_CHECKING:
-    from ..cluster.presence import Presence
-    from .control import ControlConnection
-    from .node import NodeServer
+from ..cluster.presence import Presence
+from .node_api import NodeCore
+from .protocol import Event, EventName, SessionInfo
 
 log = structlog.get_logger("ftpcluster.limits")
 
 
 class NodeLimits:
-    def __init__(self, server: NodeServer, presence: Presence) -> None:
+    def __init__(self, server: NodeCore, presence: Presence) -> None:
         s = server.cfg.server
         self.server = server
         self.p = presence
-        self.region = server.ctx.slot
+        self.region = server.slot
         self.max_conn, self.max_host = s.max_connections_per_host, s.max_clients_per_host
         self.max_user, self.max_hosts = s.max_clients_per_user, s.max_hosts_per_user
-        self.logged: dict[int, tuple[str, str]] = {}  # id(conn) -> (user, ip) counted at login
+        self.logged: dict[str, tuple[str, str]] = {}  # session id -> (user, ip) counted at login
         self.user_hosts: dict[str, Counter[str]] = {}
 
     def admission(self, ip: str) -> str | None:
         if self.max_conn and self.p.total("c:" + ip) >= self.max_conn:
-            self.server.publish_raw("MaxConnectionsPerHost", ip)
+            self.server.publish_raw(EventName.MAX_CONNECTIONS_PER_HOST, ip)
             return "421 Too many connections from your host, try again later"
         return None
 
     def user_gate(self, user: str, ip: str) -> str | None:
         p = self.p
         if self.max_host and p.total("l:" + ip) >= self.max_host:
-            event, text = "MaxClientsPerHost", "Too many logged-in clients from your host"
+            event, text = EventName.MAX_CLIENTS_PER_HOST, "Too many logged-in clients from your host"
         elif self.max_user and p.total("u:" + user) >= self.max_user:
-            event, text = "MaxClientsPerUser", f"Too many sessions for {user}"
+            event, text = EventName.MAX_CLIENTS_PER_USER, f"Too many sessions for {user}"
         elif self.max_hosts and p.total(f"uh:{user}|{ip}") == 0 and p.total("hu:" + user) >= self.max_hosts:
-            event, text = "MaxHostsPerUser", f"Too many hosts logged in as {user}"
+            event, text = EventName.MAX_HOSTS_PER_USER, f"Too many hosts logged in as {user}"
         else:
             return None
         self.server.publish_raw(event, ip, user=user)
         log.info("login refused by limit", limit=event, user=user, client=ip)
         return text
 
-    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
-        if conn is None:
+    def __call__(self, event: Event, info: SessionInfo | None) -> None:
+        if info is None:
             return
         name, p, r = event.name, self.p, self.region
-        if name == "connect":
-            p.add(r, "c:" + conn.client_ip, 1)
-        elif name == "login":
-            user, ip = str(event.fields.get("user", "")), conn.client_ip
-            self.logged[id(conn)] = (user, ip)
+        if name == EventName.CONNECT:
+            p.add(r, "c:" + info.client_ip, 1)
+        elif name == EventName.LOGIN:
+            user, ip = str(event.fields.get("user", "")), info.client_ip
+            self.logged[info.session_id] = (user, ip)
             self._login(user, ip, 1)
-        elif name == "disconnect":
-            p.add(r, "c:" + conn.client_ip, -1)
-            got = self.logged.pop(id(conn), None)
+        elif name == EventName.DISCONNECT:
+            p.add(r, "c:" + info.client_ip, -1)
+            got = self.logged.pop(info.session_id, None)
             if got is not None:
                 self._login(*got, -1)
 
@@ -89,20 +85,15 @@ class NodeLimits:
                 del self.user_hosts[user]
 
 
-def install_limits(server: NodeServer) -> None:
+def open_limits(server: NodeCore) -> NodeLimits | None:
+    """The node's session limits, or None: all off, or no presence table (logged)."""
     s = server.cfg.server
     if not (s.max_connections_per_host or s.max_clients_per_host or s.max_clients_per_user or s.max_hosts_per_user):
-        return
-    from ..cluster.presence import Presence
-
+        return None
     try:
         presence = Presence(server.cfg.state_dir / "presence.shm")
     except (OSError, ValueError) as e:
         log.error("presence table unavailable: per-host limits are not enforced on this node", error=str(e))
-        return
-    presence.activate(server.ctx.slot)
-    limits = NodeLimits(server, presence)
-    server.limits = limits  # type: ignore[attr-defined]
-    server.admission.append(limits.admission)
-    server.user_gates.append(limits.user_gate)
-    server.subscribers.append(limits)
+        return None
+    presence.activate(server.slot)
+    return NodeLimits(server, presence)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..cluster.metrics_store import BAN_EVENTS, SlotWriter
-from .protocol import Event
-
-if TYPE_CHECKING:
-    from .control import ControlConnection
+from ..cluster.metrics_store import SlotWriter
+from .protocol import BAN_EVENTS, Event, EventName, SessionInfo
 
 _BAN_EVENTS = frozenset(BAN_EVENTS)
 _TRANSFER_STATUS = {"ok": "ok", "aborted": "aborted"}
@@ -19,24 +14,24 @@ class MetricsSubscriber:
         self.w = writer
         self.verbs = verbs
 
-    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
+    def __call__(self, event: Event, info: SessionInfo | None) -> None:
         name, f, w = event.name, event.fields, self.w
-        if name == "command":
+        if name == EventName.COMMAND:
             verb = f.get("verb", "")
             w.inc("ftpcluster_commands_total", (verb if verb in self.verbs else "other",))
-        elif name == "connect":
+        elif name == EventName.CONNECT:
             w.inc("ftpcluster_sessions_total")
-        elif name == "login":
+        elif name == EventName.LOGIN:
             w.inc("ftpcluster_logins_total", ("ok",))
-        elif name == "login_failed":
+        elif name == EventName.LOGIN_FAILED:
             w.inc("ftpcluster_logins_total", ("failed",))
-        elif name == "transfer":
+        elif name == EventName.TRANSFER:
             direction = "in" if f.get("direction") == "i" else "out"
             w.inc("ftpcluster_bytes_total", (direction,), int(f.get("bytes", 0)))
             w.inc("ftpcluster_transfers_total", (direction, _TRANSFER_STATUS.get(f.get("status", ""), "failed")))
-        elif name == "tls_established":
+        elif name == EventName.TLS_ESTABLISHED:
             w.inc("ftpcluster_tls_handshakes_total", ("resumed" if f.get("resumed") else "full",))
-        elif name == "tls_failed":
+        elif name == EventName.TLS_FAILED:
             w.inc("ftpcluster_tls_handshakes_total", ("failed",))
         elif name in _BAN_EVENTS:
-            w.inc("ftpcluster_ban_events_total", (name,))
+            w.inc("ftpcluster_ban_events_total", (str(name),))

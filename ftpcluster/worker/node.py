@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import itertools
 import os
 import signal
@@ -18,25 +19,27 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Collection
 
 import structlog
 
+from ..cluster.memcache_thread import MemcacheThread
 from ..config import Config
+from ..logs import reopen
 from ..users import Authenticator, UserRecord, load_users
 from .control import ControlConnection
+from .loops import new_event_loop
 from .passive import PassivePorts
-from .protocol import Event
+from .protocol import Event, EventName, SessionInfo
+from .services import NodeServices, build_services
 from .session import SessionSettings
 from .upload_journal import UploadJournal
+from .users_watch import watch_users
 
 log = structlog.get_logger("ftpcluster.worker")
 
 ACCEPT_BATCH = 64
-Subscriber = Callable[[Event, ControlConnection], None]
-Admission = Callable[[str], str | None]  # client ip -> refusal message, or None to admit
-UserGate = Callable[[str, str], str | None]  # (user, client ip) -> refusal text, or None
 
 
 @dataclass
@@ -50,20 +53,20 @@ class NodeContext:
     passive_range: tuple[int, int] | None = None  # this node's slice; None = the whole range
     heartbeat: Callable[[dict[str, Any]], None] | None = None  # called about once a second
     parent_fd: int | None = None  # read end of a pipe; EOF = the supervisor died
-    hooks: list[Callable[["NodeServer"], None]] = field(default_factory=list)  # attach bans, metrics, ...
     slot: int = 0  # this node's row in the host's shared tables (node table, metrics)
 
 
 class NodeServer:
+    """Accepts, keeps the sessions and their timers, and hands events to its services
+    (`NodeServices`, built here once; see services.py)."""
+
     def __init__(self, ctx: NodeContext, loop: asyncio.AbstractEventLoop) -> None:
         self.ctx = ctx
         self.cfg = cfg = ctx.config
         self.loop = loop
         self.node_id = ctx.node_id
+        self.slot = ctx.slot
         self.sessions: set[ControlConnection] = set()
-        self.subscribers: list[Subscriber] = []
-        self.admission: list[Admission] = []
-        self.user_gates: list[UserGate] = []  # checked at PASS: bans, per-host/user limits
         self.tasks: set[asyncio.Task[Any]] = set()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
         self._inflight: dict[bytes, asyncio.Future[Any]] = {}
@@ -85,25 +88,26 @@ class NodeServer:
         self._ids = itertools.count(1)
         self._pid = os.getpid()  # for session ids: the node is made after the fork
         self._listeners: list[tuple[socket.socket, bool]] = []
-        self.tls: Any = None
-        self._memcache: Any = None
+        self._memcache: MemcacheThread | None = None
         self._memcache_lock = threading.Lock()
         self.auth = Authenticator({})
         self.reload_users()
-        self._build_tls()
+        self.services = NodeServices()  # nothing counts before the metrics row exists
+        self.services = svc = build_services(self, self._count)
+        self.tls = svc.tls
+        self.subscribers = svc.subscribers()
+        self.admission = svc.admission()
+        self.user_gates = svc.user_gates()  # checked at PASS: bans, per-host/user limits
+        self.passive_proxy_reader = svc.passive_proxy_reader()
         self._settings = {False: self._make_settings(False), True: self._make_settings(True)}
 
     # ------------------------------------------------------------ set-up
     def reload_users(self) -> None:
         self.auth = Authenticator(load_users(self.cfg.resolve(self.cfg.server.users_file)))
 
-    def _build_tls(self) -> None:
-        if not self.cfg.tls.enabled:
-            return
-        from .tls import TLSService
-
-        self.tls = TLSService(self.cfg, count=self._count, memcache=self.memcache)
-        self.subscribers.append(self.tls.remember_login)
+    @property
+    def open_sessions(self) -> Collection[ControlConnection]:
+        return self.sessions
 
     def memcache(self) -> Any:
         """The node's memcached thread (TLS sessions, cluster ban counts) and its health
@@ -111,15 +115,13 @@ class NodeServer:
         thread: no memcached call of the node runs on the loop."""
         with self._memcache_lock:
             if self._memcache is None:
-                from ..cluster.memcache_thread import MemcacheThread
-
                 loop = self.loop
                 self._memcache = MemcacheThread(self.cfg, count=lambda n, l: loop.call_soon_threadsafe(self._count, n, l))
                 self._memcache.start()
         return self._memcache
 
     def _count(self, name: str, labels: tuple[str, ...]) -> None:
-        metrics = getattr(self, "metrics", None)  # set by the observability hook
+        metrics = self.services.metrics
         if metrics is not None:
             metrics.inc(name, labels)
 
@@ -135,6 +137,7 @@ class NodeServer:
             tls_required=self.cfg.tls.required if self.tls is not None else "off",
             implicit_tls=implicit,
             user_gate=self.user_gate,
+            limits=self.services.transfer_limits,
         )
 
     def user_gate(self, user: str, ip: str) -> str | None:
@@ -216,9 +219,9 @@ class NodeServer:
 
     async def _connect_counted(self, sock: socket.socket, client: tuple[str, int], implicit: bool) -> None:
         info: dict[str, Any] = {}
-        hook = getattr(self, "proxy_hook", None)
-        if hook is not None:
-            got = await hook(sock, client)
+        proxy = self.services.proxy
+        if proxy is not None:
+            got = await proxy.control_hook(sock, client)
             if got is None:
                 sock.close()
                 return
@@ -251,19 +254,20 @@ class NodeServer:
             else:
                 await self.loop.connect_accepted_socket(lambda: ControlConnection(self, client, False, info), sock)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
-            self.publish_raw("tls_failed" if implicit else "connect_failed", client[0], error=str(e) or type(e).__name__)
+            self.publish_raw(EventName.TLS_FAILED if implicit else EventName.CONNECT_FAILED, client[0],
+                             error=str(e) or type(e).__name__)  # fmt: skip
             sock.close()
 
     # ------------------------------------------------------------ session bookkeeping
     def session_opened(self, conn: ControlConnection) -> None:
         self.sessions.add(conn)
         self.sessions_total += 1
-        self.publish(Event("connect", {}), conn)
+        self.publish(Event(EventName.CONNECT, {}), conn.describe())
 
     def session_closed(self, conn: ControlConnection) -> None:
         if conn in self.sessions:
             self.sessions.discard(conn)
-            self.publish(Event("disconnect", {}), conn)
+            self.publish(Event(EventName.DISCONNECT, {}), conn.describe())
         if self.stopping and not self.sessions:
             self.stopped.set()
 
@@ -272,10 +276,10 @@ class NodeServer:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def publish(self, event: Event, conn: ControlConnection) -> None:
+    def publish(self, event: Event, info: SessionInfo | None) -> None:
         for sub in self.subscribers:
             try:
-                sub(event, conn)
+                sub(event, info)
             except Exception:  # a listener must never take a session down
                 log.exception("event subscriber failed", event_name=event.name)
 
@@ -284,7 +288,7 @@ class NodeServer:
         fields["ip"] = ip
         for sub in self.subscribers:
             with contextlib.suppress(Exception):
-                sub(Event(name, fields), None)  # type: ignore[arg-type]
+                sub(Event(name, fields), None)
 
     def data_peers(self, conn: ControlConnection) -> tuple[str, ...]:
         """Who may open this session's passive data connection."""
@@ -344,8 +348,6 @@ class NodeServer:
 
     def reopen_logs(self) -> None:
         """SIGUSR1 (logrotate): reopen the log file and every subscriber that writes one."""
-        from ..logs import reopen
-
         reopen()
         for sub in self.subscribers:
             again = getattr(sub, "reopen", None)
@@ -401,8 +403,6 @@ def _watch_parent(loop: asyncio.AbstractEventLoop, fd: int, server: NodeServer) 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     """Linux prctl(PR_SET_PDEATHSIG): the kernel signals us when the supervisor dies."""
-    import ctypes
-
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, sig, 0, 0, 0)
@@ -411,8 +411,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 async def serve(ctx: NodeContext) -> int:
     loop = asyncio.get_running_loop()
     server = NodeServer(ctx, loop)
-    for hook in ctx.hooks:
-        hook(server)
+    server.services.start(server)
     loop.add_signal_handler(signal.SIGTERM, server.graceful_stop)
     loop.add_signal_handler(signal.SIGINT, server.fast_stop)
     loop.add_signal_handler(signal.SIGQUIT, server.fast_stop)
@@ -420,8 +419,6 @@ async def serve(ctx: NodeContext) -> int:
     loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
     if ctx.parent_fd is not None:
         _watch_parent(loop, ctx.parent_fd, server)
-    from .users_watch import watch_users
-
     server.track(loop.create_task(watch_users(server)))
     server.uploads.open()  # removes temporary upload files of nodes that died
     server.start_accepting()
@@ -439,8 +436,6 @@ async def serve(ctx: NodeContext) -> int:
 
 def run_node(ctx: NodeContext, use_uvloop: bool | None = None) -> int:
     """Run a node until it is told to stop; returns the exit status."""
-    from .loops import new_event_loop
-
     loop = new_event_loop(use_uvloop)
     try:
         return loop.run_until_complete(serve(ctx))

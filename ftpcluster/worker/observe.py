@@ -1,38 +1,46 @@
-"""Node hook: session logs, xferlog and shared-memory metrics subscribe to session events."""
+"""A node's observers: session logs, xferlog and shared-memory metrics subscribe to
+session events (built once by services.build_services)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ..cluster import metrics_layout
+from ..cluster.metrics_store import SlotWriter
+from ..config import Config
+from .commands import load_handlers
 from .metrics_events import MetricsSubscriber
+from .node_api import NodeCore
+from .protocol import Event, EventName, SessionInfo, Subscriber
 from .session_log import SessionLogger
-
-if TYPE_CHECKING:
-    from .node import NodeServer
+from .xferlog import XferLog
 
 
-def attach_observability(server: NodeServer) -> None:
-    cfg = server.cfg
-    server.subscribers.append(SessionLogger(server.node_id))
-    if cfg.log.xferlog:
-        from .xferlog import XferLog
+def command_verbs() -> list[str]:
+    """The verbs the metrics count one by one (the rest as "other")."""
+    return sorted(load_handlers())
 
-        server.subscribers.append(XferLog(str(cfg.resolve(cfg.log.xferlog))))
+
+def open_metrics(cfg: Config, slot: int) -> SlotWriter | None:
+    """This node's row of the supervisor-made store, or None (a node run by hand)."""
     try:
-        from ..cluster import metrics_layout
-
-        store = metrics_layout.open_existing(cfg)
+        store = metrics_layout.open_existing(cfg, command_verbs())
     except (OSError, ValueError):
-        return  # no supervisor-made store (a node run by hand): no metrics
-    writer = store.writer(server.ctx.slot)
-    server.metrics = writer  # type: ignore[attr-defined]  # other hooks count through it
-    from .commands import load_handlers
+        return None
+    return store.writer(slot)
 
-    server.subscribers.append(MetricsSubscriber(writer, frozenset(load_handlers())))
-    sessions = server.sessions
 
-    def gauge(event, conn) -> None:  # type: ignore[no-untyped-def]
-        if event.name in ("connect", "disconnect"):
-            writer.set("ftpcluster_sessions", len(sessions))
+def observers(core: NodeCore, metrics: SlotWriter | None) -> list[Subscriber]:
+    cfg = core.cfg
+    subs: list[Subscriber] = [SessionLogger(core.node_id)]
+    if cfg.log.xferlog:
+        subs.append(XferLog(str(cfg.resolve(cfg.log.xferlog))))
+    if metrics is None:
+        return subs
+    subs.append(MetricsSubscriber(metrics, frozenset(command_verbs())))
+    sessions = core.open_sessions
 
-    server.subscribers.append(gauge)
+    def gauge(event: Event, info: SessionInfo | None) -> None:
+        if event.name in (EventName.CONNECT, EventName.DISCONNECT):
+            metrics.set("ftpcluster_sessions", len(sessions))
+
+    subs.append(gauge)
+    return subs

@@ -7,8 +7,13 @@ what the ban engine, metrics and logs subscribe to (ProFTPD's event model)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
+
+# The event names are defined in the bottom layer (config.py validates ban rules against
+# them, cluster/ counts them) and re-exported here for the session side.
+from ..events import BAN_EVENTS, EventName  # noqa: F401
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +115,36 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """Something happened that other parts may count (bans, metrics, logs)."""
+    """Something happened that other parts may count (bans, metrics, logs).
+    `name` is an `EventName` (a plain string with the same value works alike)."""
 
-    name: str
+    name: EventName | str
     fields: dict[str, Any] = field(default_factory=dict)
 
+
+@dataclass(slots=True)
+class SessionInfo:
+    """What an event subscriber may know of the session an event came from: plain
+    values kept current by the connection, never the connection itself (so a
+    subscriber cannot write to the client, and needs no asyncio to be tested)."""
+
+    session_id: str
+    client_ip: str
+    user: str | None = None  # logged in as
+    pending_user: str | None = None  # named by USER, not logged in yet
+    anonymous: bool = False
+    home: str = ""  # the logged-in user's home directory on disk
+    tls_session_id: bytes | None = None  # the control connection's TLS session, set at login
+
+    def real_path(self, virtual: str) -> str:
+        """Where a path of the session's view is on disk (as `fs.Home.real_of`)."""
+        if not self.home:
+            return virtual
+        return os.path.join(self.home, virtual.lstrip("/")) if virtual != "/" else self.home
+
+
+# Subscribers get every event; `None` for one outside any session (a failed accept).
+Subscriber = Callable[[Event, "SessionInfo | None"], None]
 
 Action = StartTLS | VerifyPassword | OpenPassive | SetActive | ClosePassive | Transfer | AbortTransfer | RunBlocking | Close
 Output = Reply | Action | Event

@@ -1,6 +1,7 @@
 """PROXY protocol receiver for a node: read the header from the raw accepted socket
-before anything else happens on it (no banner, no TLS), and install it as the
-node's `proxy_hook` and, when `[proxy_protocol] passive`, the passive listeners'.
+before anything else happens on it (no banner, no TLS): the node asks its
+`ProxyReceiver` on the control and implicit-TLS listeners and, when
+`[proxy_protocol] passive`, its data channels on the passive ones.
 
 Only peers in `trusted` may (and then must) send a header; from anyone else no
 header is read, so an untrusted peer's header is just a bad FTP command. Reads
@@ -12,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..config import ProxyProtocolConfig
 from ..logs import enabled, get_logger
 from .proxy_protocol import MAX_V2_LENGTH, NeedMore, ProxyError, ProxyHeader, ProxyParser
-
-if TYPE_CHECKING:
-    from .node import NodeServer
 
 log = get_logger("proxy")
 
@@ -191,16 +189,8 @@ class ProxyReceiver:
         }
 
 
-def install_proxy(server: NodeServer) -> None:
-    """Node hook: when `[proxy_protocol] enabled`, read PROXY headers on the control and
-    implicit-TLS listeners (and the passive ones with `passive = true`). Idempotent."""
-    cfg = server.cfg.proxy_protocol
-    if not cfg.enabled or getattr(server, "proxy", None) is not None:
-        return
-    receiver = ProxyReceiver(cfg, server.loop, metrics=lambda: getattr(server, "metrics", None))
-    server.proxy = receiver  # type: ignore[attr-defined]
-    server.proxy_hook = receiver.control_hook  # type: ignore[attr-defined]
-    if cfg.passive:
-        from .datachannel import DataChannel
-
-        DataChannel.proxy_reader = staticmethod(receiver.data_peer)  # type: ignore[assignment]
+def open_proxy(cfg: ProxyProtocolConfig, loop: asyncio.AbstractEventLoop, metrics: Any = None) -> ProxyReceiver | None:
+    """The node's PROXY receiver when `[proxy_protocol] enabled`, else None."""
+    if not cfg.enabled:
+        return None
+    return ProxyReceiver(cfg, loop, metrics=lambda: metrics)

@@ -6,13 +6,10 @@ style tools and humans can see who tried what from where."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..logs import emit, enabled, get_logger
-from .protocol import Event
-
-if TYPE_CHECKING:
-    from .control import ControlConnection
+from .protocol import Event, EventName, SessionInfo
 
 # event name -> (level, message); anything not listed is only traced on the "session" channel
 _LEVELS: dict[str, tuple[str, str]] = {
@@ -43,32 +40,29 @@ class SessionLogger:
         self.log = get_logger("session", node=node_id)
         self.cmdlog = get_logger("command", node=node_id)
 
-    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
-        if event.name == "command":
+    def __call__(self, event: Event, info: SessionInfo | None) -> None:
+        if event.name == EventName.COMMAND:
             if enabled("command"):
-                self.cmdlog.debug("command", **self.context(conn), verb=event.fields.get("verb"))
+                self.cmdlog.debug("command", **self.context(info), verb=event.fields.get("verb"))
             return
-        spec = _LEVELS.get(event.name)
-        level, message = spec if spec is not None else ("debug", event.name)
+        spec = _LEVELS.get(str(event.name))
+        level, message = spec if spec is not None else ("debug", str(event.name))
         if not enabled("session", level):
             return  # below the level: skip building the record (a hot path at warning)
         # The record as self.log.<level>(message, **fields) builds it, without
         # structlog's bound-logger round trip (three of these per session at info).
         fields = {"channel": "session", "node": self.node_id, **event.fields}
-        if conn is not None:
-            fields.update(self.context(conn))
+        if info is not None:
+            fields.update(self.context(info))
         fields["event"] = message
         emit(level, fields)
 
     @staticmethod
-    def context(conn: ControlConnection | None) -> dict[str, Any]:
-        if conn is None:
+    def context(info: SessionInfo | None) -> dict[str, Any]:
+        if info is None:
             return {}
-        s = conn.session
-        ctx: dict[str, Any] = {"session": s.session_id if s else None, "client": conn.client_ip}
-        if s is not None:
-            if s.user is not None:
-                ctx["user"] = s.user.name
-            elif s.pending_user is not None:
-                ctx["user"] = s.pending_user
+        ctx: dict[str, Any] = {"session": info.session_id, "client": info.client_ip}
+        user = info.user if info.user is not None else info.pending_user
+        if user is not None:
+            ctx["user"] = user
         return ctx

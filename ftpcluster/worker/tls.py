@@ -14,15 +14,19 @@ import os
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import structlog
 
+from ..cluster.session_seal import SealError, derive, load_sealer
+from ..cluster.tls_cache import open_cache
+from ..cluster.tls_store import TwoLevelStore
 from ..config import Config
 from .datatls import TLSStream, wrap_data
-
-if TYPE_CHECKING:
-    from .control import ControlConnection
+from .protocol import Event, EventName, SessionInfo
+from .tls_native import NativeUnavailable, ctx_pointer, install_session_cache
+from .tls_prefetch import prefetch as prefetch_session
+from .tls_tickets import install_ticket_keys
 
 log = structlog.get_logger("ftpcluster.tls")
 trace = structlog.get_logger("ftpcluster.trace.tls")
@@ -34,34 +38,6 @@ TICKET_PERIOD = 3600.0
 # every node of a host seals tickets alike under `session_tickets = "local"`.
 HOST_TICKET_SECRET = os.urandom(32)
 Counter = Callable[[str, tuple[str, ...]], None]
-
-
-def cache_path(cfg: Config) -> Any:
-    """Named by its layout: a reload that resizes it gets a new file, never a
-    truncated one under old nodes' mappings (SIGBUS)."""
-    lay = _layout(cfg)
-    return cfg.state_dir / f"tls-sessions-{lay['sets']}x{lay['ways']}.shm"
-
-
-def create_cache(cfg: Config) -> Any:
-    """The host's L1 session cache file; the supervisor creates it before forking."""
-    from ..cluster.shm_cache import ShmCache
-
-    if not (cfg.tls.enabled and cfg.tls.session_cache in ("local", "memcache")):
-        return None
-    path = cache_path(cfg)
-    if path.exists():
-        try:
-            return ShmCache(path, **_layout(cfg))  # a reload: keep what the nodes share
-        except ValueError:
-            pass
-    return ShmCache(path, **_layout(cfg), create=True)
-
-
-def _layout(cfg: Config) -> dict[str, int]:
-    entries = max(64, int(cfg.tls.session_cache_size))
-    ways = 4
-    return {"sets": max(16, entries // ways), "ways": ways, "slot_size": 1024}
 
 
 def build_context(cfg: Config) -> ssl.SSLContext:
@@ -82,8 +58,6 @@ def probe_mode(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"enabled": cfg.tls.enabled}
     if not cfg.tls.enabled:
         return out
-    from .tls_native import NativeUnavailable, ctx_pointer
-
     reason = None
     try:
         ctx_pointer(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
@@ -136,12 +110,9 @@ class TLSService:
         trace.debug("session_cache_error", error=repr(e))
 
     def _install_cache(self, ctx: ssl.SSLContext, cfg: Config) -> None:
-        from ..cluster.shm_cache import ShmCache
-        from .tls_native import NativeUnavailable, install_session_cache
-
         try:
             if self.store is None:
-                self.store = self._make_store(cfg, ShmCache(cache_path(cfg), **_layout(cfg)))
+                self.store = self._make_store(cfg, open_cache(cfg))
             sid = (cfg.tls.session_context or cfg.memcache.namespace).encode()[:32]
             install_session_cache(ctx, self.store, cfg.tls.session_lifetime, sid, self._on_error)
             self.cache_mode = "shm+memcache" if self.store.remote is not None else "shm"
@@ -149,9 +120,6 @@ class TLSService:
             self._warn("shared TLS session cache", str(e))
 
     def _make_store(self, cfg: Config, l1: Any) -> Any:
-        from ..cluster.session_seal import SealError, load_sealer
-        from ..cluster.tls_store import TwoLevelStore
-
         sealer = None
         if cfg.tls.session_cache == "memcache" and cfg.memcache.enabled:
             try:
@@ -162,10 +130,6 @@ class TLSService:
         return TwoLevelStore(cfg, l1, sealer, self.count, remote)
 
     def _install_tickets(self, ctx: ssl.SSLContext, cfg: Config) -> None:
-        from ..cluster.session_seal import SealError, derive, load_sealer
-        from .tls_native import NativeUnavailable
-        from .tls_tickets import install_ticket_keys
-
         try:
             # local: the host secret every node inherited from the supervisor
             secret = HOST_TICKET_SECRET
@@ -192,11 +156,9 @@ class TLSService:
         store = self.store
         if store is None or store.remote is None:
             return self.handshake_timeout
-        from .tls_prefetch import prefetch
-
         t0 = time.monotonic()
         try:
-            got = await prefetch(store, asyncio.get_running_loop(), sock, self.handshake_timeout,
+            got = await prefetch_session(store, asyncio.get_running_loop(), sock, self.handshake_timeout,
                                  self.cfg.memcache.timeout, own_fd)  # fmt: skip
         except (OSError, ValueError) as e:
             trace.debug("session_prefetch_failed", error=repr(e))
@@ -206,10 +168,11 @@ class TLSService:
         return max(0.1, self.handshake_timeout - (time.monotonic() - t0))
 
     # ------------------------------------------------------------ data channels
-    def data_wrapper(self, conn: ControlConnection) -> Callable[[socket.socket], Any]:
+    def data_wrapper(self, control_tls: Any) -> Callable[[socket.socket], Any]:
+        """For a data connection of the session whose control connection is `control_tls`
+        (its ssl.SSLObject): the session to resume is that one's."""
         context, require = self.data_context, self.cfg.tls.require_data_session_reuse
         loop = asyncio.get_running_loop()
-        control_tls = conn.tls_object
 
         def counted(reused: bool) -> None:
             self.count("ftpcluster_tls_handshakes_total", ("resumed" if reused else "full",))
@@ -220,16 +183,11 @@ class TLSService:
 
         return wrap
 
-    def remember_login(self, event: Any, conn: Any) -> None:
+    def remember_login(self, event: Event, info: SessionInfo | None) -> None:
         """Subscriber: a TLS login's session id, kept so a ban on the user can revoke it."""
-        if event.name != "login" or conn is None or self.store is None or conn.tls_object is None:
+        if event.name != EventName.LOGIN or info is None or self.store is None or not info.tls_session_id:
             return
-        try:
-            sess = conn.tls_object.session
-        except (AttributeError, ValueError):
-            return
-        if sess is not None and sess.id:
-            self.store.remember_user(str(event.fields.get("user", "")), sess.id)
+        self.store.remember_user(str(event.fields.get("user", "")), info.tls_session_id)
 
     def status(self) -> dict[str, Any]:
         return {"session_cache": self.cache_mode, "session_tickets": self.ticket_mode, "warnings": list(self.warnings)}

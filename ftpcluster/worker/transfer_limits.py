@@ -1,4 +1,4 @@
-"""Node hook: rates, quotas and the maximum upload size of `[limits]`.
+"""Node service: rates, quotas and the maximum upload size of `[limits]`.
 
 Checked synchronously when a transfer starts (`check`, called by the session
 core): 552 before any byte when the size is known (ALLO, REST, APPE) and
@@ -18,21 +18,24 @@ import os
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import structlog
 
+from ..cluster.host_lease import HostLeases
+from ..cluster.memcache_ring import Ring
+from ..cluster.metrics_store import SlotWriter
 from ..cluster.quota_store import LocalUsage, MemcacheUsage, scan_home
+from ..cluster.rate_lease import RateLeaser
+from ..cluster.record_mac import load_record_mac
+from ..cluster.session_seal import SealError
 from ..limits import NONE, UserLimits, host_rates, limits_for
 from ..sizes import format_size
 from .datachannel import DataRefused
-from .protocol import Event, Transfer
+from .node_api import NodeCore
+from .protocol import Event, EventName, SessionInfo, Transfer
+from .session import Session
 from .throttle import Bucket, ClusterBucket, Limiter, LocalBucket, wrap_stream
-
-if TYPE_CHECKING:
-    from .control import ControlConnection
-    from .node import NodeServer
-    from .session import Session
 
 log = structlog.get_logger("ftpcluster.limits")
 SNAPSHOT_AGE = 1.0  # a usage snapshot older than this is refreshed in the background
@@ -118,8 +121,9 @@ def _size(path: str) -> int | None:
 
 
 class NodeTransferLimits:
-    def __init__(self, server: NodeServer) -> None:
+    def __init__(self, server: NodeCore, metrics: SlotWriter | None = None) -> None:
         self.server = server
+        self.metrics = metrics
         cfg = self.cfg = server.cfg
         self.slot = cfg.limits.rate_slot
         self.nodes = max(1, cfg.server.nodes)
@@ -137,8 +141,6 @@ class NodeTransferLimits:
         self.buckets: dict[tuple[str, str], ClusterBucket] = {}
         self.host_leases: Any = None
         try:
-            from ..cluster.host_lease import HostLeases
-
             self.host_leases = HostLeases(cfg.state_dir / "rates.shm")
         except (OSError, ValueError) as e:
             log.error("rate table unavailable: each node takes its own share of host limits", error=str(e))
@@ -157,7 +159,10 @@ class NodeTransferLimits:
         user = s.user
         if user is None:
             return NONE, ""
-        rec = None if user.anonymous else self.server.auth.users.get(user.name)
+        return self.user_limits(user.name, user.anonymous), user.name
+
+    def user_limits(self, name: str, anonymous: bool) -> UserLimits:
+        rec = None if anonymous else self.server.auth.users.get(name)
         lim = self._limits_cache.get(rec)
         if lim is None:
             if len(self._limits_cache) > 10000:
@@ -165,10 +170,10 @@ class NodeTransferLimits:
             try:
                 lim = limits_for(self.cfg, rec)
             except ValueError as e:  # a bad value in the users file: no limits rather than no service
-                log.error("bad limits for user", user=user.name, error=str(e))
+                log.error("bad limits for user", user=name, error=str(e))
                 lim = limits_for(self.cfg, None)
             self._limits_cache[rec] = lim
-        return lim, user.name
+        return lim
 
     def check(self, s: Session, t: Transfer) -> tuple[int, str] | None:
         """Before 150: a refusal (code, text), or None; sets `t.wrap` when limits apply."""
@@ -267,12 +272,6 @@ class NodeTransferLimits:
     def _ring_here(self) -> Any:
         """The Ring, built on the memcached thread that uses it."""
         if self._ring is None:
-            from ..cluster.memcache_ring import Ring
-            from ..cluster.rate_lease import RateLeaser
-
-            from ..cluster.record_mac import load_record_mac
-            from ..cluster.session_seal import SealError
-
             loop = self.server.loop
             count = lambda n, l: loop.call_soon_threadsafe(self.count, n, l)  # noqa: E731
             # the node's health checker: a hung server is skipped, not waited on, once seen
@@ -383,22 +382,22 @@ class NodeTransferLimits:
         self._remember(user, (b, f))
 
     # ------------------------------------------------------------ events and background work
-    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
-        if conn is None or conn.session is None or conn.session.user is None:
+    def __call__(self, event: Event, info: SessionInfo | None) -> None:
+        if info is None or info.user is None:
             return
         name = event.name
-        if name not in ("login", "delete", "rename"):
+        if name not in (EventName.LOGIN, EventName.DELETE, EventName.RENAME):
             return
-        s = conn.session
-        lim, user = self.limits_of(s)
-        if not lim.has_quota or s.home is None:
+        user = info.user
+        lim = self.user_limits(user, info.anonymous)
+        if not lim.has_quota or not info.home:
             return
-        home = s.home.root
+        home = info.home
         self.quota_users[user] = home
-        if name == "login":
+        if name == EventName.LOGIN:
             self.refresh(user, home)
             return
-        size = event.fields.get("size" if name == "delete" else "replaced_size")
+        size = event.fields.get("size" if name == EventName.DELETE else "replaced_size")
         if isinstance(size, int) and size >= 0:
             self.quota_add_soon(user, home, -size, -1)
 
@@ -454,18 +453,7 @@ class NodeTransferLimits:
         return lines
 
     def count(self, name: str, labels: tuple[str, ...] = (), n: int = 1) -> None:
-        metrics = getattr(self.server, "metrics", None)
-        if metrics is not None:
+        if self.metrics is not None:
             with contextlib.suppress(Exception):
-                metrics.inc(name, labels, n)
+                self.metrics.inc(name, labels, n)
 
-
-def install_transfer_limits(server: NodeServer) -> None:
-    """Always installed: a user's own limits in the users file need no [limits] key.
-    Costs a transfer without limits one dictionary lookup."""
-    svc = NodeTransferLimits(server)
-    server.transfer_limits = svc  # type: ignore[attr-defined]
-    for settings in server._settings.values():
-        settings.limits = svc
-    server.subscribers.append(svc)
-    server.track(server.loop.create_task(svc.background()))

@@ -9,14 +9,10 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import structlog
 
 from ..users import UserError, load_users
-
-if TYPE_CHECKING:
-    from .node import NodeServer
+from .node_api import NodeCore
 
 log = structlog.get_logger("ftpcluster.users")
 INTERVAL = 1.0  # seconds between stat() calls: a change is live within about 1-2 s
@@ -30,7 +26,7 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-async def watch_users(server: NodeServer, interval: float = INTERVAL) -> None:
+async def watch_users(server: NodeCore, interval: float = INTERVAL) -> None:
     path = server.cfg.resolve(server.cfg.server.users_file)
     seen = _signature(path)
     while not server.stopped.is_set():

@@ -15,12 +15,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import TYPE_CHECKING
 
-from .protocol import Event
-
-if TYPE_CHECKING:
-    from .control import ControlConnection
+from .protocol import Event, EventName, SessionInfo
 
 _WS = re.compile(r"\s")
 
@@ -63,27 +59,26 @@ class XferLog:
         except OSError:
             pass  # a full disk must not break transfers
 
-    def __call__(self, event: Event, conn: ControlConnection | None) -> None:
+    def __call__(self, event: Event, info: SessionInfo | None) -> None:
         """Event subscriber: transfers and deletions."""
-        if conn is None or event.name not in ("transfer", "delete"):
+        if info is None or event.name not in (EventName.TRANSFER, EventName.DELETE):
             return
-        s = conn.session
-        user = s.user if s is not None else None
         f = event.fields
-        real = conn.session.home.real_of(f.get("path", "")) if s is not None and s.home is not None else f.get("path", "")
-        if event.name == "delete":
-            line = format_line(time.time(), 0, conn.client_ip, 0, real, False, "d", bool(user and user.anonymous), user.name if user else "", True)
+        real = info.real_path(f.get("path", ""))
+        user, anonymous = info.user or "", bool(info.user and info.anonymous)
+        if event.name == EventName.DELETE:
+            line = format_line(time.time(), 0, info.client_ip, 0, real, False, "d", anonymous, user, True)
         else:
             line = format_line(
                 time.time(),
                 f.get("seconds", 0.0),
-                conn.client_ip,
+                info.client_ip,
                 int(f.get("bytes", 0)),
                 real,
                 bool(f.get("ascii")),
                 f.get("direction", "o"),
-                bool(user and user.anonymous),
-                user.name if user else "",
+                anonymous,
+                user,
                 f.get("status") == "ok",
             )
         self.write(line)
