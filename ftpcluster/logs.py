@@ -110,13 +110,17 @@ def _prepare(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     floor = _State.channels.get(channel, _State.floor) if channel else _State.floor
     if level < floor:
         raise structlog.DropEvent
-    for k, v in _State.base.items():
-        event.setdefault(k, v)
-    event["level"] = "error" if method == "exception" else method
-    event["timestamp"] = _Clock.now()
+    _finish(event, "error" if method == "exception" else method)
     if "exc_info" in event or "exception" in event:
         event = _format_exc_info(logger, method, event)
     return event
+
+
+def _finish(event: dict[str, Any], level: str) -> None:
+    for k, v in _State.base.items():
+        event.setdefault(k, v)
+    event["level"] = level
+    event["timestamp"] = _Clock.now()
 
 
 _format_exc_info = structlog.processors.format_exc_info
@@ -155,8 +159,9 @@ def configure(cfg: LogConfig, base_dir: Any = None, **base: Any) -> None:
 def emit(method: str, fields: dict[str, Any]) -> None:
     """A record straight to the sink, as a structlog logger bound to `fields` would
     write it (the caller checked `enabled` first): the session log's hot path."""
-    event = _prepare(None, method, fields)
-    _Batch.write(_render(None, method, event) + "\n")
+    _finish(fields, method)
+    console = _State.console
+    _Batch.write((_encode(fields) if console is None else console(None, method, fields)) + "\n")
 
 
 # Lines logged on an event loop wait at most this long (or until MAX_PENDING of
@@ -172,7 +177,7 @@ class _Batch:
 
     lock = threading.Lock()
     lines: list[str] = []
-    due = 0.0  # when the waiting lines' flush is due (monotonic)
+    flusher: asyncio.AbstractEventLoop | None = None  # the loop whose call_later flushes the waiting lines
 
     loops: dict[int, asyncio.AbstractEventLoop] = {}  # thread id -> the loop it last ran
 
@@ -187,11 +192,11 @@ class _Batch:
                 return
             cls.lines.append(line)  # after any that wait: the order is kept
             if not pending:
-                cls.due = time.monotonic() + FLUSH_AFTER
-            elif loop is not None and pending + 1 < MAX_PENDING and time.monotonic() < cls.due + FLUSH_AFTER:
-                return  # a flush is scheduled (and its loop still runs: it is not late)
+                cls.flusher = loop
+            elif loop is cls.flusher and pending + 1 < MAX_PENDING:
+                return  # this loop runs the flush it scheduled
         if pending:
-            flush()  # a thread without a loop, MAX_PENDING lines, or a loop that stopped
+            flush()  # a thread without a loop, MAX_PENDING lines, or the flusher's loop stopped
         else:
             loop.call_later(FLUSH_AFTER, flush)  # type: ignore[union-attr]
 
@@ -212,7 +217,7 @@ class _Batch:
 
     @classmethod
     def after_fork(cls) -> None:
-        cls.lock, cls.lines, cls.loops = threading.Lock(), [], {}
+        cls.lock, cls.lines, cls.loops, cls.flusher = threading.Lock(), [], {}, None
 
 
 def flush() -> None:
