@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from .account import User
 from .commands import Arg, command
 from .listing import MLST_FACTS
-from .protocol import ClosePassive, VerifyPassword
+from .protocol import ClosePassive, EventName, VerifyPassword
 from .state import State, Step
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def user(s: Session, arg: str) -> None:
         # RFC 959 allows a new USER to start over; transfer parameters (TYPE, PORT/PASV) stay.
         s.reset_login()
     s.pending_user = arg
-    s.emit("user", user=arg)
+    s.emit(EventName.USER, user=arg)
     if arg.lower() in ANONYMOUS_NAMES and s.settings.anonymous_root:
         s.reply(331, "Anonymous login ok, send your e-mail address as password")
     else:
@@ -52,16 +52,16 @@ def password(s: Session, arg: str) -> None:
     refusal = gate(name, s.client_ip) if gate is not None else None
     if refusal is not None:
         s.pending_user = None
-        s.emit("login_refused", user=name, reason=refusal)
+        s.emit(EventName.LOGIN_REFUSED, user=name, reason=refusal)
         s.reply(530, refusal)
         return
     if name.lower() in ANONYMOUS_NAMES and s.settings.anonymous_root:
         finish_login(s, User("anonymous", s.settings.anonymous_root, read_only=True, anonymous=True))
         return
     if not arg:
-        s.emit("EmptyPassword", user=name)
+        s.emit(EventName.EMPTY_PASSWORD, user=name)
     if name == "root":
-        s.emit("RootLogin", user=name)
+        s.emit(EventName.ROOT_LOGIN, user=name)
     s.step(Step.CHECK_PASSWORD)
     s.act(VerifyPassword(name, arg))
 
@@ -71,10 +71,10 @@ def finish_login(s: Session, user: User | None) -> None:
     if user is None:
         s.login_failures += 1
         s.pending_user = None
-        s.emit("login_failed", user=name, attempt=s.login_failures)
+        s.emit(EventName.LOGIN_FAILED, user=name, attempt=s.login_failures)
         if s.login_failures >= s.settings.max_login_attempts:
-            s.emit("MaxLoginAttempts", user=name)
-            s.emit("MaxLoginAttemptsFromUser", user=name)
+            s.emit(EventName.MAX_LOGIN_ATTEMPTS, user=name)
+            s.emit(EventName.MAX_LOGIN_ATTEMPTS_FROM_USER, user=name)
             s.close(530, "Login incorrect; too many attempts, closing connection")
         else:
             s.reply(530, "Login incorrect")
@@ -82,7 +82,7 @@ def finish_login(s: Session, user: User | None) -> None:
     s.user = user
     s.open_home(user.home)
     s.pending_user = None
-    s.emit("login", user=user.name, anonymous=user.anonymous)
+    s.emit(EventName.LOGIN, user=user.name, anonymous=user.anonymous)
     s.reply(230, f"User {user.name} logged in" + (", read-only access" if user.read_only else ""))
 
 

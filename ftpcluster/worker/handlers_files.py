@@ -12,6 +12,7 @@ from .commands import Arg, command
 from .fs import PathError
 from .listing import mlsx_line
 from .numbers import is_ascii_number
+from .protocol import EventName
 from .replies import quote_path
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def dele(s: Session, arg: str) -> None:
     if st is not None and stat.S_ISDIR(st.st_mode):  # a link to a directory is removed itself
         raise PathError("Is a directory: use RMD")
     size = s.fs.remove(r.real)
-    s.emit("delete", path=r.virtual, size=size)
+    s.emit(EventName.DELETE, path=r.virtual, size=size)
     s.reply(250, "File deleted")
 
 
@@ -65,7 +66,7 @@ def rnto(s: Session, arg: str) -> None:
         raise PathError("Invalid target")
     replaced = s.fs.rename(src.real, dst.real)  # the size of a regular file it replaced
     fields = {} if replaced is None else {"replaced_size": replaced}
-    s.emit("rename", source=src.virtual, target=dst.virtual, **fields)
+    s.emit(EventName.RENAME, source=src.virtual, target=dst.virtual, **fields)
     s.reply(250, "Rename successful")
 
 

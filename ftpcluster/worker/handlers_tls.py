@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from .commands import Arg, command
 from .numbers import is_ascii_number
-from .protocol import StartTLS
+from .protocol import EventName, StartTLS
 from .state import Step
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def auth(s: Session, arg: str) -> None:
     if s.user is not None:
         s.reply(503, "AUTH must come before login")
         return
-    s.emit("TLSHandshake")
+    s.emit(EventName.TLS_HANDSHAKE)
     s.reply(234, f"AUTH {mech} successful")
     s.act(StartTLS())
     s.step(Step.START_TLS)

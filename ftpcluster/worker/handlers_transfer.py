@@ -14,7 +14,7 @@ from .commands import Arg, command
 from .fs import PathError, Resolved, temp_upload_name
 from .numbers import ascii_int, is_ascii_number
 from .parse import split_list_arg
-from .protocol import AbortTransfer, ClosePassive, OpenPassive, SetActive, Transfer, TransferResult
+from .protocol import AbortTransfer, ClosePassive, EventName, OpenPassive, SetActive, Transfer, TransferResult
 from .state import State, Step
 
 if TYPE_CHECKING:
@@ -357,7 +357,7 @@ def finish_transfer(s: Session, result: TransferResult) -> None:
     s.data_ready = False
     if t is not None:
         s.emit(
-            "transfer",
+            EventName.TRANSFER,
             command=t.command,
             path=t.virtual,
             bytes=result.bytes,

@@ -28,7 +28,7 @@ from .handlers_transfer import finish_transfer
 from .lines import TOO_LONG, LineBuffer
 from .listing import MLST_FACTS
 from .parse import FOREIGN_PROTOCOL, NOT_IMPLEMENTED, parse_line, verb_of
-from .protocol import Action, Close, Event, Output, Reply, RunBlocking, Transfer, TransferResult
+from .protocol import Action, Close, Event, EventName, Output, Reply, RunBlocking, Transfer, TransferResult
 from .replies import os_error_reply, passive_reply
 from .state import URGENT_STATES, State, Step, next_state
 
@@ -107,7 +107,7 @@ class Session:
     def act(self, action: Action) -> None:
         self._out.append(action)
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: EventName, **fields: Any) -> None:
         self._out.append(Event(name, fields))
 
     def _take(self) -> list[Output]:
@@ -171,7 +171,7 @@ class Session:
     def _dispatch(self, line: bytes | object) -> None:
         if line is TOO_LONG:
             self.reply(500, "Command line too long")
-            self.emit("BadProtocol", reason="line too long")
+            self.emit(EventName.BAD_PROTOCOL, reason="line too long")
             return
         assert isinstance(line, bytes)
         if self.quitting:
@@ -179,10 +179,10 @@ class Session:
         verb, arg = parse_line(line)
         if verb is None:
             self.reply(500, "Syntax error: command unrecognized")
-            self.emit("UnhandledCommand", command="")
+            self.emit(EventName.UNHANDLED_COMMAND, command="")
             return
         if verb in FOREIGN_PROTOCOL:
-            self.emit("BadProtocol", command=verb)
+            self.emit(EventName.BAD_PROTOCOL, command=verb)
             self.close(500, "This is an FTP server")
             return
         if verb != "RNTO":
@@ -193,11 +193,11 @@ class Session:
             return
         if spec is None:
             self.reply(500, f"{verb} not understood")
-            self.emit("UnhandledCommand", command=verb)
+            self.emit(EventName.UNHANDLED_COMMAND, command=verb)
             return
         if not self._allowed(spec, arg):
             return
-        self.emit("command", verb=verb)
+        self.emit(EventName.COMMAND, verb=verb)
         self._guarded(verb, spec.handler, arg)
 
     def _guarded(self, verb: str, fn: Callable[[Session, Any], None], arg: Any) -> None:
@@ -212,7 +212,7 @@ class Session:
             self.reply(*os_error_reply(e))
         except Exception as e:  # a bug: answer, log it once with its traceback, go on
             self.reply(451, "Local error in processing")
-            self.emit("handler_error", command=verb, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            self.emit(EventName.HANDLER_ERROR, command=verb, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
 
     def _allowed(self, spec: CommandSpec, arg: str) -> bool:
         if spec.arg is Arg.REQUIRED and not arg:
@@ -283,7 +283,8 @@ class Session:
 
     def timed_out(self, what: str) -> list[Output]:
         """Idle or login timeout: tell the client why, then close."""
-        event = {"login": "TimeoutLogin", "idle": "TimeoutIdle", "no_transfer": "TimeoutNoTransfer"}[what]
+        event = {"login": EventName.TIMEOUT_LOGIN, "idle": EventName.TIMEOUT_IDLE,
+                 "no_transfer": EventName.TIMEOUT_NO_TRANSFER}[what]
         self.emit(event)
         text = "No transfer timeout" if what == "no_transfer" else f"{what.capitalize()} timeout"
         self.close(421, f"{text}: closing control connection")

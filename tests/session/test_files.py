@@ -234,3 +234,18 @@ def test_size_refused_in_ascii_mode(drv: Driver) -> None:
     assert r.code == 550 and "ASCII" in str(r.text)
     assert d.code("TYPE I") == 200
     assert d.text("SIZE lines.txt") == "213 8"
+
+
+def test_events_are_event_names(make: Callable[..., Driver]) -> None:
+    """The core emits members of the one event enum, never free strings."""
+    from ftpcluster.worker.protocol import EventName
+
+    d = make(tls_available=True)
+    for line in ("AUTH TLS", "USER root", "PASS", "USER alice", "PASS s3cret-pw", "MKD x", "RNFR x", "RNTO y",
+                 "EPSV", "RETR f.txt", "DELE lines.txt", "XYZZY", "\x00"):  # fmt: skip
+        d.send(line)
+    d.send("GET / HTTP/1.0")
+    names = {e.name for e in d.events}
+    assert {"TLSHandshake", "user", "EmptyPassword", "RootLogin", "login_failed", "login", "command", "rename",
+            "transfer", "delete", "UnhandledCommand", "BadProtocol"} <= names  # fmt: skip
+    assert all(type(e.name) is EventName for e in d.events), [e.name for e in d.events if type(e.name) is not EventName]
