@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from .certs import generate_self_signed, generate_session_key
 from .config import Config
 from .users import add_user, load_users, random_password
 
@@ -17,13 +18,9 @@ def prepare(cfg: Config) -> None:
     cfg.resolve(cfg.server.root).mkdir(parents=True, exist_ok=True)
     cert, key = cfg.resolve(cfg.tls.certificate), cfg.resolve(cfg.tls.private_key)
     if cfg.tls.enabled and not (cert.exists() and key.exists()):
-        from .certs import generate_self_signed
-
         generate_self_signed(cert.parent)
     session_key = cfg.resolve(cfg.tls.session_key_file)
     if not session_key.exists():
-        from .certs import generate_session_key
-
         generate_session_key(session_key)
     users_file = cfg.resolve(cfg.server.users_file)
     if not load_users(users_file):

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from .cluster.session_seal import generate_key_file
+
 
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -58,8 +60,6 @@ def generate_self_signed(out_dir: str | Path, ecdsa: bool = False, common_name: 
 
 def generate_session_key(path: str | Path) -> Path:
     """A new cluster secret for sealing cached TLS sessions and deriving ticket keys."""
-    from .cluster.session_seal import generate_key_file
-
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     generate_key_file(p)

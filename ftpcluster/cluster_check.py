@@ -19,6 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from .cluster.host_registry import key_fingerprint, read_hosts
+from .cluster.memcache_ring import Ring
+from .cluster.record_mac import load_record_mac
+from .cluster.session_seal import SealError
 from .config import Config, parse_hostport
 
 REFUSAL_WAIT = 10.0
@@ -85,8 +89,6 @@ def check_memcached(cfg: Config) -> list[Result]:
 def check_hosts(cfg: Config, hosts: list[dict[str, Any]], expect: int, rejected: int = 0) -> list[Result]:
     """`rejected`: host records in memcached without a valid MAC under this host's key
     (a host with another [tls] session_key_file, or forged), which are not listed."""
-    from .cluster.host_registry import key_fingerprint
-
     names = ", ".join(f"{h['address']}:{h['port']} ({h['host']})" for h in hosts) or "none"
     foreign = (f"; {rejected} record(s) not MACed under this host's cluster key ignored (a host with another "
                "[tls] session_key_file, or forged): copy the key file from one host to all, then reload") if rejected else ""  # fmt: skip
@@ -193,10 +195,6 @@ def check_tls(cfg: Config, hosts: list[dict[str, Any]], balancer: str, source: s
 def run(cfg: Config, control: Callable[[dict[str, Any]], dict[str, Any]], balancer: str = "", expect: int = 0, source: str = "") -> list[Result]:
     if not cfg.memcache.enabled:
         return [Result("memcached", False, "[memcache] enabled = false: this host is not part of a cluster")]
-    from .cluster.host_registry import read_hosts
-    from .cluster.memcache_ring import Ring
-    from .cluster.record_mac import load_record_mac
-    from .cluster.session_seal import SealError
 
     results = check_memcached(cfg)
     ring = Ring(cfg)

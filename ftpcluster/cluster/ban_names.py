@@ -6,10 +6,8 @@ Normalises so that the same ban is always stored under the same name
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..config import Config
+from ..config import Config
 
 _USER_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 

@@ -23,6 +23,7 @@ from .. import __version__
 from ..config import Config, parse_hostport
 from .memcache_ring import Ring
 from .record_mac import Count, RecordMac, load_record_mac, server_of
+from .session_seal import SealError, fingerprint, load_sealer
 
 PUBLISH_EVERY = 5.0
 READ_EVERY = 1.0
@@ -34,8 +35,6 @@ MAX_HOSTS = 256
 
 def key_fingerprint(cfg: Config) -> str:
     """The non-secret id of this host's current session key, or "" without one."""
-    from .session_seal import SealError, fingerprint, load_sealer
-
     try:
         return fingerprint(load_sealer(cfg.resolve(cfg.tls.session_key_file)))
     except SealError:
@@ -83,8 +82,6 @@ class HostRegistry:
     a Ring belongs to one thread)."""
 
     def __init__(self, cfg: Config, host_id: str, count: Count | None = None) -> None:
-        from .session_seal import SealError
-
         self.cfg = cfg
         self.host_id = host_id
         self.ring = Ring(cfg)

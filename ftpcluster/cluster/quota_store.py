@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .memcache_ring import Ring
+from .record_mac import load_record_mac
+from .session_seal import SealError
 
 TEMP_PREFIX = ".ftpcluster-upload."  # in-flight atomic uploads: counted by their reservations instead
 COUNTER_TTL_MIN = 3600
@@ -238,9 +240,6 @@ class LocalUsage:
 
 def memcache_usage(cfg: Any, ring: Ring) -> MemcacheUsage | None:
     """None without a usable cluster key: usage then stays out of memcached."""
-    from .record_mac import load_record_mac
-    from .session_seal import SealError
-
     try:
         return MemcacheUsage(ring, load_record_mac(cfg, ring.prefix), cfg.limits.quota_rescan_interval)
     except SealError:

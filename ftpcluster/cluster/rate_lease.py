@@ -24,6 +24,7 @@ import time
 
 from typing import Any
 
+from .host_registry import read_hosts
 from .memcache_ring import Ring
 
 KEY_TTL = 5  # seconds a slot's counter outlives it
@@ -51,8 +52,6 @@ class RateLeaser:
         now = time.monotonic()
         if self.ring is not None and self.mac is not None and now - self._hosts_read >= every:
             self._hosts_read = now
-            from .host_registry import read_hosts
-
             try:
                 n = len(read_hosts(self.ring, self.mac))
             except Exception:

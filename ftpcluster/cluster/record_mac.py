@@ -31,14 +31,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import structlog
 
+from ..config import Config
 from .session_seal import Secret, derive, load_secrets
-
-if TYPE_CHECKING:
-    from ..config import Config
 
 log = structlog.get_logger("ftpcluster.memcache")
 Count = Callable[[str, tuple[str, ...]], None]

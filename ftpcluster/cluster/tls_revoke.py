@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from .record_mac import server_of
+
 MAX_IDS = 16
 ID_MAX = 64
 
@@ -54,8 +56,6 @@ def remember(l1: Any, user: str, session_id: bytes, ttl: float) -> bytes:
 def revoke_user(user: str, l1: Any, ring: Any = None, mac: Any = None) -> int:
     """Delete every remembered session of `user` from L1 and L2 (`ring` with its
     RecordMac `mac`); returns how many ids."""
-    from .record_mac import server_of
-
     ids = set(unpack_ids(l1.get(user_key(user)) if l1 is not None else None))
     if ring is not None and mac is not None:
         name = memcache_name(user)

@@ -27,6 +27,7 @@ from ..config import Config
 from .memcache_ring import key_prefix
 from .record_mac import RecordMac, server_of
 from .session_seal import Sealer
+from .tls_revoke import memcache_name, pack_ids, remember, unpack_ids
 
 MAX_ENTRY = 10 * 1024
 MAX_PENDING = 2000
@@ -131,8 +132,6 @@ class TwoLevelStore:
 
     def remember_user(self, user: str, session_id: bytes) -> None:
         """Note that `user` logged in over this session, so a ban can revoke it."""
-        from .tls_revoke import memcache_name, remember
-
         if self.l1 is None or not session_id:
             return
         packed = remember(self.l1, user, session_id, self.cfg.tls.session_lifetime)
@@ -142,8 +141,6 @@ class TwoLevelStore:
 
     def _merge_ids(self, ring: Any, key: str, packed: bytes, ttl: int) -> None:
         """The user's list in memcached is the union of every host's (gets/cas)."""
-        from .tls_revoke import pack_ids, unpack_ids
-
         mine, mac = unpack_ids(packed), self.mac
         assert mac is not None
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .datachannel import DataRefused
 from .quickack import ack_now
+from .tls_native import NativeUnavailable, session_secret
 
 
 class TLSStream:
@@ -100,8 +101,6 @@ class TLSStream:
 def same_session(control_tls: Any, data: ssl.SSLSocket) -> bool:
     """Whether the data connection resumed the control connection's own session
     (not merely some session of this server, e.g. an attacker's own)."""
-    from .tls_native import NativeUnavailable, session_secret
-
     try:
         a, b = control_tls.session, data.session
         if a is None or b is None:
