@@ -54,10 +54,10 @@ class LocalFS(Home):
         return os.stat(real)
 
     def lstat(self, real: str) -> os.stat_result | None:
-        """The entry's own facts, None when there is none."""
+        """The entry's own facts, None when it cannot be seen (like os.path.lexists)."""
         try:
             return os.lstat(real)
-        except FileNotFoundError:
+        except OSError:
             return None
 
     def is_dir(self, real: str) -> bool:
