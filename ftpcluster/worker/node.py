@@ -347,13 +347,10 @@ class NodeServer:
             self.stopped.set()
 
     def reopen_logs(self) -> None:
-        """SIGUSR1 (logrotate): reopen the log file and every subscriber that writes one."""
+        """SIGUSR1 (logrotate): reopen the log file and every service's own (xferlog)."""
         reopen()
-        for sub in self.subscribers:
-            again = getattr(sub, "reopen", None)
-            if callable(again):
-                with contextlib.suppress(Exception):
-                    again()
+        with contextlib.suppress(Exception):
+            self.services.reopen_logs()
 
     def drain(self) -> None:
         """Reload or scale-down (SIGUSR2): accept nothing new, let every session end on its

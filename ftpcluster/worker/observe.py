@@ -1,4 +1,4 @@
-"""A node's observers: session logs, xferlog and shared-memory metrics subscribe to
+"""A node's observers: the xferlog and the shared-memory metrics subscribe to
 session events (built once by services.build_services)."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from .commands import load_handlers
 from .metrics_events import MetricsSubscriber
 from .node_api import NodeCore
 from .protocol import Event, EventName, SessionInfo, Subscriber
-from .session_log import SessionLogger
 from .xferlog import XferLog
 
 
@@ -28,14 +27,16 @@ def open_metrics(cfg: Config, slot: int) -> SlotWriter | None:
     return store.writer(slot)
 
 
-def observers(core: NodeCore, metrics: SlotWriter | None) -> list[Subscriber]:
-    cfg = core.cfg
-    subs: list[Subscriber] = [SessionLogger(core.node_id)]
-    if cfg.log.xferlog:
-        subs.append(XferLog(str(cfg.resolve(cfg.log.xferlog))))
+def open_xferlog(cfg: Config) -> XferLog | None:
+    """The wu-ftpd style transfer log when `[log] xferlog` names one."""
+    return XferLog(str(cfg.resolve(cfg.log.xferlog))) if cfg.log.xferlog else None
+
+
+def metrics_observers(core: NodeCore, metrics: SlotWriter | None) -> list[Subscriber]:
+    """Counters per event, and the open-sessions gauge."""
     if metrics is None:
-        return subs
-    subs.append(MetricsSubscriber(metrics, frozenset(command_verbs())))
+        return []
+    subs: list[Subscriber] = [MetricsSubscriber(metrics, frozenset(command_verbs()))]
     sessions = core.open_sessions
 
     def gauge(event: Event, info: SessionInfo | None) -> None:

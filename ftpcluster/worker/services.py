@@ -14,11 +14,13 @@ from ..cluster.metrics_store import SlotWriter
 from .ban_hook import NodeBans, open_bans
 from .limits_hook import NodeLimits, open_limits
 from .node_api import NodeCore
-from .observe import observers, open_metrics
+from .observe import metrics_observers, open_metrics, open_xferlog
 from .protocol import Subscriber
 from .proxy_accept import ProxyReceiver, open_proxy
+from .session_log import SessionLogger
 from .tls import TLSService
 from .transfer_limits import NodeTransferLimits
+from .xferlog import XferLog
 
 Admission = Callable[[str], "str | None"]  # client ip -> refusal message, or None to admit
 UserGate = Callable[[str, str], "str | None"]  # (user, client ip) -> refusal text, or None
@@ -33,14 +35,22 @@ class NodeServices:
     limits: NodeLimits | None = None  # any per-host/per-user session limit set
     transfer_limits: NodeTransferLimits | None = None  # rates, quotas, upload size
     proxy: ProxyReceiver | None = None  # [proxy_protocol] enabled
-    observers: list[Subscriber] = field(default_factory=list)  # session log, xferlog, metrics
+    session_log: SessionLogger | None = None
+    xferlog: XferLog | None = None  # [log] xferlog set
+    metrics_observers: list[Subscriber] = field(default_factory=list)  # counters per event, gauge
 
     def subscribers(self) -> list[Subscriber]:
         """Everything that hears session events, in the order it hears them."""
         out: list[Subscriber] = [self.tls.remember_login] if self.tls is not None else []
-        out += self.observers
+        out += [log for log in (self.session_log, self.xferlog) if log is not None]
+        out += self.metrics_observers
         out += [svc for svc in (self.bans, self.limits, self.transfer_limits) if svc is not None]
         return out
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): the files services write themselves."""
+        if self.xferlog is not None:
+            self.xferlog.reopen()
 
     def admission(self) -> list[Admission]:
         """Checks at the door, before any protocol object: bans first."""
@@ -70,7 +80,9 @@ def build_services(core: NodeCore, count: Counter) -> NodeServices:
     return NodeServices(
         metrics=metrics,
         tls=tls,
-        observers=observers(core, metrics),
+        session_log=SessionLogger(core.node_id),
+        xferlog=open_xferlog(cfg),
+        metrics_observers=metrics_observers(core, metrics),
         bans=open_bans(core, metrics),
         limits=open_limits(core),
         # always: a user's own limits in the users file need no [limits] key (a transfer

@@ -177,8 +177,7 @@ class NodeTransferLimits:
 
     def check(self, s: Session, t: Transfer) -> tuple[int, str] | None:
         """Before 150: a refusal (code, text), or None; sets `t.wrap` when limits apply."""
-        allo = getattr(s, "allo", 0)
-        s.allo = 0  # type: ignore[attr-defined]
+        allo, s.allo = s.allo, 0
         if t.kind == "send_lines" or s.user is None:
             return None
         lim, name = self.limits_of(s)
