@@ -4,7 +4,9 @@ handlers share. Pure functions: no session, no filesystem."""
 from __future__ import annotations
 
 # Lines that show a client speaking another protocol on the FTP port (ProFTPD's BadProtocol).
-FOREIGN_PROTOCOL = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "EHLO", "HELO", "SSH-2.0-OPENSSH"})
+FOREIGN_PROTOCOL = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "EHLO", "HELO", "SSH"})
+# An SSH client's identification line (RFC 4253 §4.2); "-" ends a verb, so it is matched by prefix.
+FOREIGN_PREFIXES = (b"SSH-",)
 
 # Verbs of RFC 959 and RFC 2228 that this server knows but does not implement: 502, not
 # "500 unrecognized". SMNT: one file system per user; ADAT MIC CONF ENC: unused by TLS (RFC 4217).

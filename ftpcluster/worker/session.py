@@ -27,7 +27,7 @@ from .handlers_auth import finish_login
 from .handlers_transfer import finish_transfer
 from .lines import TOO_LONG, LineBuffer
 from .listing import MLST_FACTS
-from .parse import FOREIGN_PROTOCOL, NOT_IMPLEMENTED, parse_line, verb_of
+from .parse import FOREIGN_PREFIXES, FOREIGN_PROTOCOL, NOT_IMPLEMENTED, parse_line, verb_of
 from .protocol import Action, Close, Event, EventName, Output, Reply, RunBlocking, Transfer, TransferResult
 from .replies import os_error_reply, passive_reply
 from .state import URGENT_STATES, State, Step, next_state
@@ -177,6 +177,8 @@ class Session:
         if self.quitting:
             return  # QUIT came during a transfer: nothing more is read
         verb, arg = parse_line(line)
+        if verb is None and line.startswith(FOREIGN_PREFIXES):
+            verb = line.split(b"-", 1)[0].decode("ascii")
         if verb is None:
             self.reply(500, "Syntax error: command unrecognized")
             self.emit(EventName.UNHANDLED_COMMAND, command="")

@@ -91,7 +91,7 @@ def test_unknown_commands_and_other_protocols(make: Callable[..., Driver]) -> No
 
 
 @pytest.mark.parametrize("line", [b"GET / HTTP/1.1", b"POST /x HTTP/1.0", b"EHLO mail.example.com",
-                                  b"CONNECT host:443 HTTP/1.1"])
+                                  b"CONNECT host:443 HTTP/1.1", b"SSH-2.0-OpenSSH_9.2p1 Debian-2"])
 def test_other_protocols_get_one_500_and_a_close(make: Callable[..., Driver], line: bytes) -> None:
     d = make()
     got = d.feed(line + b"\r\nHost: x\r\n\r\n")
