@@ -1,7 +1,8 @@
 """The package's layers point one way (README, "Architecture"): the bottom modules
-(config.py, events.py) import none of cluster/, worker/, supervisor/; cluster/
-imports neither worker/ nor supervisor/; worker/ does not import supervisor/.
-Every import counts, also one inside a function or under TYPE_CHECKING."""
+(config.py, events.py, users.py, limits.py, ...) import none of cluster/, worker/,
+supervisor/; cluster/ imports neither worker/ nor supervisor/; worker/ does not
+import supervisor/. Every import counts, also one inside a function or under
+TYPE_CHECKING."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ftpcluster"
 LAYERS = ("cluster", "worker", "supervisor")
 # module (relative to the package) -> layers it must not import
 FORBIDDEN = {
-    "config.py": LAYERS,
-    "events.py": LAYERS,
+    **{bottom: LAYERS for bottom in ("config.py", "config_doc.py", "events.py", "users.py", "limits.py",
+                                     "sizes.py", "durations.py", "logs.py")},  # fmt: skip
     "cluster": ("worker", "supervisor"),
     "worker": ("supervisor",),
 }
