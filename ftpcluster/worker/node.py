@@ -216,6 +216,8 @@ class NodeServer:
             await self._connect_counted(sock, client, implicit)
         finally:
             self.connecting -= 1
+            if self.draining and not self.sessions and not self.connecting:
+                self.stopped.set()  # the last accepted connection refused or failed while draining
 
     async def _connect_counted(self, sock: socket.socket, client: tuple[str, int], implicit: bool) -> None:
         info: dict[str, Any] = {}
@@ -268,7 +270,7 @@ class NodeServer:
         if conn in self.sessions:
             self.sessions.discard(conn)
             self.publish(Event(EventName.DISCONNECT, {}), conn.describe())
-        if self.stopping and not self.sessions:
+        if self.stopping and not self.sessions and not (self.draining and self.connecting):
             self.stopped.set()
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
@@ -359,7 +361,7 @@ class NodeServer:
             return
         self.stopping = self.draining = True
         self.stop_accepting()
-        if not self.sessions:
+        if not self.sessions and not self.connecting:  # accepted ones still connecting are served too
             self.stopped.set()
             return
         self.loop.call_later(self.cfg.server.graceful_timeout, self._drain_expired)
