@@ -26,6 +26,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     yield make
     for srv in started:
         srv.stop(signal.SIGINT)  # cleanup: a fast stop (tests of TERM call stop() themselves)
+        srv.release()
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield make
     for srv in started:
         srv.stop(signal.SIGINT)
+        srv.release()
 
 
 @pytest.fixture

@@ -181,6 +181,12 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
 
+    def release(self) -> None:
+        """Stopped for good (fixture teardown): its passive range may go to a later
+        server (each xdist worker has only its share of the ranges)."""
+        self.stop()
+        _used_ranges.discard(self.passive[0])
+
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
