@@ -148,25 +148,36 @@ class Session:
                 return
             if self.state is State.READY:
                 self._dispatch(line)
-            elif line is not TOO_LONG and self.state in URGENT_STATES and self._is_urgent(line):
+            elif self._is_urgent(line, first=not self._queue):
                 self._dispatch(line)
             else:
                 self._queue.append(line)
 
-    def _is_urgent(self, line: bytes | object) -> bool:
+    def _is_urgent(self, line: bytes | object, first: bool) -> bool:
+        """May `line` run while an asynchronous step is outstanding? Urgent commands
+        (NOOP, STAT, QUIT) and REIN/USER during a transfer run only when nothing is
+        queued before them (`first`), so replies keep the order of the commands; ABOR
+        alone overtakes queued commands, and only to stop a running transfer."""
+        if line is TOO_LONG or self.state not in URGENT_STATES:
+            return False
         verb = verb_of(line)  # type: ignore[arg-type]
         spec = self.commands.get(verb)
         if spec is None:
             return False
-        # REIN/USER jump ahead only when nothing is queued: replies stay in command order.
-        return spec.urgent or (spec.in_transfer and self.state is State.TRANSFER and not self._queue)
+        if spec.urgent:
+            return first or (verb == "ABOR" and self.state is State.TRANSFER)
+        return spec.in_transfer and self.state is State.TRANSFER and first
 
     def _resume(self) -> None:
         """An async step finished: run queued commands until one blocks again, then
-        take more of what was left in the line buffer."""
-        while self._queue and self.state is State.READY:
+        take more of what was left in the line buffer. Lines queued before a transfer
+        began wait for its end, except ABOR, which stops it (EPSV, RETR, ABOR in one read)."""
+        while self._queue and (self.state is State.READY or self._stops_transfer(self._queue[0])):
             self._dispatch(self._queue.popleft())
         self._pump()
+
+    def _stops_transfer(self, line: bytes | object) -> bool:
+        return self.state is State.TRANSFER and line is not TOO_LONG and verb_of(line) == "ABOR"  # type: ignore[arg-type]
 
     def _dispatch(self, line: bytes | object) -> None:
         if line is TOO_LONG:

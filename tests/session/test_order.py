@@ -117,11 +117,11 @@ def test_commands_behind_a_password_check_wait_in_order(make: Callable[..., Driv
     out = d.s.receive_data(b"USER alice\r\nPASS s3cret-pw\r\nPWD\r\nNOOP\r\nSYST\r\n")
     codes = [getattr(o, "code", None) for o in out]
     assert d.s.state is State.AUTH
-    assert [c for c in codes if c] == [331, 200]  # NOOP is urgent; PWD and SYST wait
+    assert [c for c in codes if c] == [331]  # PWD, NOOP and SYST wait, in order
     from ftpcluster.worker.session import User
 
     after = [o.code for o in d.s.auth_done(User("alice", str(d.home))) if hasattr(o, "code")]
-    assert after == [230, 257, 215] and d.s.state is State.READY
+    assert after == [230, 257, 200, 215] and d.s.state is State.READY
 
 
 def test_quit_while_a_password_check_is_out(make: Callable[..., Driver]) -> None:
@@ -152,8 +152,12 @@ def test_pipelined_commands_during_a_transfer_keep_their_order(drv: Driver) -> N
     d = drv
     d.hold_transfers = True
     got = d.feed(b"EPSV\r\nRETR f.txt\r\nPWD\r\nSIZE f.txt\r\nNOOP\r\n")
-    assert [r.code for r in got] == [229, 150, 200]  # NOOP is urgent
-    assert [r.code for r in d.finish()] == [226, 257, 213]
+    assert [r.code for r in got] == [229, 150]  # NOOP is urgent, but not ahead of PWD and SIZE
+    assert [r.code for r in d.finish()] == [226, 257, 213, 200]
+    # Sent once the transfer runs and nothing waits before it, NOOP is answered at once.
+    assert [r.code for r in d.feed(b"EPSV\r\nRETR f.txt\r\n")] == [229, 150]
+    assert [r.code for r in d.feed(b"NOOP\r\n")] == [200]
+    assert [r.code for r in d.finish()] == [226]
 
 
 def test_rein_and_user_during_a_transfer_answered_at_once(drv: Driver) -> None:
@@ -169,11 +173,20 @@ def test_rein_and_user_during_a_transfer_answered_at_once(drv: Driver) -> None:
 
 def test_urgent_commands_during_a_passive_open(drv: Driver) -> None:
     """Lines in one read with EPSV: the listener is still being opened when they are
-    taken, so ABOR (urgent) answers first and REIN waits; the I/O layer's order."""
+    taken, so they queue and are answered in command order after the transfer."""
     d = drv
     d.hold_transfers = True
-    assert [r.code for r in d.feed(b"EPSV\r\nRETR f.txt\r\nREIN\r\nABOR\r\n")] == [229, 150, 225]
-    assert [r.code for r in d.finish()] == [226, 220]
+    assert [r.code for r in d.feed(b"EPSV\r\nRETR f.txt\r\nREIN\r\nABOR\r\n")] == [229, 150]
+    assert [r.code for r in d.finish()] == [226, 220, 225]
+
+
+def test_abor_queued_behind_retr_stops_it(drv: Driver) -> None:
+    """EPSV, RETR, ABOR in one read: ABOR applies to the RETR (it was answered 225 before
+    the transfer began, which then ran to its end)."""
+    d = drv
+    d.hold_transfers = True
+    assert [r.code for r in d.feed(b"EPSV\r\nRETR f.txt\r\nABOR\r\n")] == [229, 150, 426, 226]
+    assert d.s.state is State.READY
 
 
 def test_rein_waits_when_a_command_is_queued(drv: Driver) -> None:
