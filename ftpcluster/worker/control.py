@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
-from .datachannel import DataChannel, run_transfer
+from .datachannel import DataChannel, run_transfer, send_small_now
 from .fs_port import run_off_loop
 from .passive import NoPassivePort
 from .protocol import (
@@ -166,7 +167,11 @@ class ControlConnection(asyncio.Protocol):
             if self.data is not None:
                 self.data.close()
         elif isinstance(action, Transfer):
-            self.transfer_task = self._spawn(self._transfer(action))
+            done, sent = send_small_now(self._channel(), action)
+            if done is not None:
+                self._transfer_done(done)
+            else:
+                self.transfer_task = self._spawn(self._transfer(action, sent))
         elif isinstance(action, RunBlocking):
             self._spawn(self._run_blocking(action))
         elif isinstance(action, AbortTransfer):
@@ -274,8 +279,11 @@ class ControlConnection(asyncio.Protocol):
             host = host[7:]
         self.perform(s.passive_ready(host, port, extended))
 
-    async def _transfer(self, t: Transfer) -> None:
+    async def _transfer(self, t: Transfer, sent: int = 0) -> None:
+        """The usual path; `sent` bytes of a small file already went (send_small_now)."""
         channel = self._channel()
+        if sent:
+            t = dataclasses.replace(t, offset=t.offset + sent)
         tls_wrap = self.node.tls.data_wrapper(self.tls_object) if (t.protected and self.node.tls is not None) else None
         if t.temp_path:
             self.node.uploads.started(t.temp_path)  # found again if this node dies mid-upload
@@ -287,7 +295,12 @@ class ControlConnection(asyncio.Protocol):
             if t.temp_path:
                 self.node.uploads.finished()
             self.transfer_task = None
-            self.last_activity = self.last_transfer = time.monotonic()  # the idle clock starts when the transfer ends
+        if sent:
+            result = dataclasses.replace(result, bytes=result.bytes + sent)
+        self._transfer_done(result)
+
+    def _transfer_done(self, result: TransferResult) -> None:
+        self.last_activity = self.last_transfer = time.monotonic()  # the idle clock starts when the transfer ends
         if self.session is not None:
             self._report(self.session.transfer_done(result))
         self.node.after_transfer(self)

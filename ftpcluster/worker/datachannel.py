@@ -294,6 +294,57 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 _RUNNERS = {"send_file": _send_file, "send_lines": _send_lines, "receive_file": _receive_file}
 
 
+SMALL_FILE = 16 * 1024  # at most what a fresh socket's send buffer takes at once
+
+
+def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | None, int]:
+    """A small plain binary RETR whose data connection is already accepted (the
+    usual case: clients connect before they send RETR), sent from the control
+    callback itself: no task, no watchdog (it cannot stall), no loop round trip.
+    Returns (result, 0) when done, or (None, bytes already sent) for the usual
+    path to go on from there (not eligible: 0; the socket buffer filled: more)."""
+    if t.kind != "send_file" or t.ascii or t.protected or t.wrap is not None:
+        return None, 0
+    pending = channel.pending
+    if pending is None or not pending.done() or pending.cancelled() or pending.exception() is not None:
+        return None, 0
+    sock = pending.result()
+    if not isinstance(sock, socket.socket):
+        return None, 0
+    started = time.monotonic()
+    try:
+        fd = os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None, 0  # the usual path reports it
+    sent = 0
+    try:
+        if os.fstat(fd).st_size - t.offset > SMALL_FILE:
+            return None, 0
+        out = sock.fileno()
+        while True:
+            n = os.sendfile(out, fd, t.offset + sent, SMALL_FILE)
+            if n == 0:
+                break
+            sent += n
+    except BlockingIOError:
+        return None, sent  # the rest goes the usual way, on the same connection
+    except OSError:
+        if not sent:
+            return None, 0
+        channel.pending = None
+        channel.close()
+        _discard(sock)
+        return TransferResult("failed", code=426, message="Data connection closed; transfer aborted"), 0
+    finally:
+        os.close(fd)
+    channel.pending = None
+    channel.close()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    sock.close()
+    return TransferResult("ok", bytes=sent, seconds=time.monotonic() - started), 0
+
+
 async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | None) -> TransferResult:
     """Connect, move the data, close. Never raises except CancelledError (ABOR)."""
     started = time.monotonic()
