@@ -297,6 +297,39 @@ _RUNNERS = {"send_file": _send_file, "send_lines": _send_lines, "receive_file": 
 SMALL_FILE = 16 * 1024  # at most what a fresh socket's send buffer takes at once
 
 
+def _accepted_now(channel: DataChannel) -> socket.socket | None:
+    """The plain data connection if it is there already: accepted by the early-accept
+    task, or waiting in the listener's queue (the client connected and sent RETR
+    in the same loop iteration: the task has not run yet). What this takes becomes
+    `channel.pending`, a done future, so the usual path finds it too."""
+    pending = channel.pending
+    if pending is None:
+        return None
+    if pending.done():
+        if pending.cancelled() or pending.exception() is not None:
+            return None
+        got = pending.result()
+        return got if isinstance(got, socket.socket) else None
+    listener = channel.listener
+    if listener is None or channel.proxy_reader is not None:
+        return None
+    try:
+        sock, addr = listener.accept()
+    except OSError:  # BlockingIOError: not connected yet
+        return None
+    if channel.allowed_peers and not any(same_host(addr[0], p) for p in channel.allowed_peers):
+        channel.foreign_rejected += 1
+        sock.close()
+        return None
+    sock.setblocking(False)
+    _no_delay(sock)
+    pending.cancel()
+    fut: asyncio.Future[socket.socket] = channel.loop.create_future()
+    fut.set_result(sock)
+    channel.pending = fut  # type: ignore[assignment]
+    return sock
+
+
 def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | None, int]:
     """A small plain binary RETR whose data connection is already accepted (the
     usual case: clients connect before they send RETR), sent from the control
@@ -305,11 +338,8 @@ def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | 
     path to go on from there (not eligible: 0; the socket buffer filled: more)."""
     if t.kind != "send_file" or t.ascii or t.protected or t.wrap is not None:
         return None, 0
-    pending = channel.pending
-    if pending is None or not pending.done() or pending.cancelled() or pending.exception() is not None:
-        return None, 0
-    sock = pending.result()
-    if not isinstance(sock, socket.socket):
+    sock = _accepted_now(channel)
+    if sock is None:
         return None, 0
     started = time.monotonic()
     try:
