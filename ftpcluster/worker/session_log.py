@@ -12,25 +12,25 @@ from ..logs import emit, enabled, get_logger
 from .protocol import Event, EventName, SessionInfo
 
 # event name -> (level, message); anything not listed is only traced on the "session" channel
-_LEVELS: dict[str, tuple[str, str]] = {
-    "connect": ("info", "connect"),
-    "disconnect": ("info", "disconnect"),
-    "login": ("info", "login ok"),
-    "login_failed": ("warning", "login failed"),
-    "MaxLoginAttempts": ("warning", "too many failed logins"),
-    "transfer": ("info", "transfer"),
-    "delete": ("info", "delete"),
-    "rename": ("info", "rename"),
-    "tls_failed": ("info", "TLS handshake failed"),
-    "TimeoutIdle": ("info", "idle timeout"),
-    "TimeoutNoTransfer": ("info", "no transfer timeout"),
-    "TimeoutLogin": ("info", "login timeout"),
-    "BadProtocol": ("warning", "bad protocol"),
-    "EmptyPassword": ("warning", "empty password"),
-    "RootLogin": ("warning", "root login attempt"),
-    "banned": ("warning", "session ended by ban"),
-    "passive_exhausted": ("warning", "passive port range exhausted"),
-    "handler_error": ("error", "command handler failed"),
+_LEVELS: dict[str, tuple[str, str]] = {  # EventName members: equal to their strings
+    EventName.CONNECT: ("info", "connect"),
+    EventName.DISCONNECT: ("info", "disconnect"),
+    EventName.LOGIN: ("info", "login ok"),
+    EventName.LOGIN_FAILED: ("warning", "login failed"),
+    EventName.MAX_LOGIN_ATTEMPTS: ("warning", "too many failed logins"),
+    EventName.TRANSFER: ("info", "transfer"),
+    EventName.DELETE: ("info", "delete"),
+    EventName.RENAME: ("info", "rename"),
+    EventName.TLS_FAILED: ("info", "TLS handshake failed"),
+    EventName.TIMEOUT_IDLE: ("info", "idle timeout"),
+    EventName.TIMEOUT_NO_TRANSFER: ("info", "no transfer timeout"),
+    EventName.TIMEOUT_LOGIN: ("info", "login timeout"),
+    EventName.BAD_PROTOCOL: ("warning", "bad protocol"),
+    EventName.EMPTY_PASSWORD: ("warning", "empty password"),
+    EventName.ROOT_LOGIN: ("warning", "root login attempt"),
+    EventName.BANNED: ("warning", "session ended by ban"),
+    EventName.PASSIVE_EXHAUSTED: ("warning", "passive port range exhausted"),
+    EventName.HANDLER_ERROR: ("error", "command handler failed"),
 }
 
 
@@ -45,7 +45,7 @@ class SessionLogger:
             if enabled("command"):
                 self.cmdlog.debug("command", **self.context(info), verb=event.fields.get("verb"))
             return
-        spec = _LEVELS.get(str(event.name))
+        spec = _LEVELS.get(event.name)
         level, message = spec if spec is not None else ("debug", str(event.name))
         if not enabled("session", level):
             return  # below the level: skip building the record (a hot path at warning)
