@@ -233,7 +233,10 @@ def test_forged_records_and_index_ignored_by_a_host_started_later(cluster):
         assert late.get(ip, {}).get("expires_at", 0) is not None
         assert {b["name"]: b for b in bans_json(h2)}[ip]["expires_at"] is not None
     # Logged once per interval, with the server the record came from.
-    lines = [ln for ln in h3.logs().splitlines() if "without a valid MAC" in ln]
+    def mac_lines() -> list[str]:
+        return [ln for ln in h3.logs().splitlines() if "without a valid MAC" in ln]
+
+    lines = wait_for(mac_lines, timeout=5)  # log lines may be written in batches
     assert 1 <= len(lines) <= 2 and c.mc.address in lines[0], lines
     h3.stop()
 
