@@ -34,12 +34,18 @@ sysdeps:
 	  else echo "missing (tests needing them will skip):$$missing"; fi; \
 	fi
 
+# The suite mostly waits (servers starting, clients, timeouts), so files run in parallel
+# workers (pytest-xdist; a file stays on one worker, so its shared servers start once;
+# each worker hands out its own ports). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 4
+XDIST := -n $(TEST_WORKERS) $(if $(filter 0,$(TEST_WORKERS)),,--dist loadfile)
+
 test: venv sysdeps
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 # The same without the tests marked slow (multi-host, memcached faults): a quick loop while editing.
 test-fast: venv sysdeps
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # Deliberate breakages, each on a copy of the repo, each run against the tests named
 # for it: every one must turn a test red (tests/mutations.py). Not part of `make test`.
