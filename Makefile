@@ -37,7 +37,7 @@ sysdeps:
 # The suite mostly waits (servers starting, clients, timeouts), so files run in parallel
 # workers (pytest-xdist; a file stays on one worker, so its shared servers start once;
 # each worker hands out its own ports). TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) $(if $(filter 0,$(TEST_WORKERS)),,--dist loadfile)
 
 test: venv sysdeps
