@@ -20,6 +20,7 @@ from typing import Any, Callable
 import structlog
 
 from ..config import Config, format_hostport
+from ..logs import reopen
 from . import systemd
 from .control_server import Pending
 from .daemon import ReadyReport
@@ -112,8 +113,6 @@ class Arbiter:
         log.info("node count lowered", target=self.target)
 
     def handle_usr1(self) -> None:
-        from ..logs import reopen
-
         reopen()
         self.signal_nodes(signal.SIGUSR1)
 

@@ -27,8 +27,13 @@ from typing import Any, Callable
 
 import structlog
 
+from ..cluster.ban_engine import BanEngine
+from ..cluster.ban_layout import host_id, open_tables
+from ..cluster.ban_sync import BanSync
 from ..cluster.memcache_health import HealthChecker
 from ..cluster.memcache_ring import Ring
+from ..cluster.record_mac import load_record_mac
+from ..cluster.session_seal import SealError
 from ..config import Config
 
 log = structlog.get_logger("ftpcluster.ban")
@@ -38,9 +43,6 @@ MAX_JOBS = 10000
 
 class ClusterSync:
     def __init__(self, cfg: Config) -> None:
-        from ..cluster.record_mac import load_record_mac
-        from ..cluster.session_seal import SealError
-
         self.cfg = cfg
         self.with_bans = False
         self.health = HealthChecker(cfg)
@@ -123,10 +125,6 @@ class ClusterSync:
             self._counts[(name, labels)] += 1
 
     def _make_sync(self) -> Any:
-        from ..cluster.ban_engine import BanEngine
-        from ..cluster.ban_layout import host_id, open_tables
-        from ..cluster.ban_sync import BanSync
-
         table, _ = open_tables(self.cfg)
         engine = BanEngine(self.cfg, table, None, origin_host=host_id(self.cfg))
         return BanSync(engine, self.ring, host_id(self.cfg), self.mac, count=self.count)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from .control_server import ControlServer
+from .metrics_http import MetricsHTTP
 from .preflight import StartupError
 
 
@@ -23,8 +24,6 @@ class Endpoints:
         try:
             self.control = ControlServer(cfg.state_dir / "control.sock", selector, handlers)
             if cfg.metrics.listen:
-                from .metrics_http import MetricsHTTP
-
                 try:
                     self.metrics_http = MetricsHTTP(cfg.metrics.listen, selector, render)
                 except OSError as e:

@@ -15,12 +15,17 @@ from typing import Any, Callable
 import structlog
 
 from ..cluster import metrics_layout
+from ..cluster.ban_layout import host_id
+from ..cluster.host_registry import HostRegistry
 from ..cluster.presence import Presence
 from ..cluster.tls_cache import create_cache
+from ..cluster.tls_revoke import revoke_user
 from ..config import Config
 from ..limits import summary as limits_summary
 from ..worker.observe import command_verbs
 from ..worker.tls import probe_mode
+from .ban_admin import BanAdmin
+from .cluster_sync import ClusterSync
 
 log = structlog.get_logger("ftpcluster.supervisor")
 Handler = Callable[[dict[str, Any], Any], "dict[str, Any] | None"]
@@ -50,14 +55,10 @@ def new_cluster(cfg: Config) -> Any:
     """A started cluster sync thread for `cfg` (None without memcached)."""
     if not cfg.memcache.enabled:
         return None
-    from .cluster_sync import ClusterSync
-
     return ClusterSync(cfg).start()
 
 
 def new_bans(cfg: Config, writer: Any, cluster: Any) -> Any:
-    from .ban_admin import BanAdmin
-
     return BanAdmin(cfg, writer, cluster) if cfg.ban.enabled else None
 
 
@@ -96,9 +97,6 @@ class HostServices:
             self.registry.close()
             self.registry = None
         if cfg.memcache.enabled:
-            from ..cluster.ban_layout import host_id
-            from ..cluster.host_registry import HostRegistry
-
             self.registry = HostRegistry(cfg, host_id(cfg), count=self.cluster.count)
             self.registry.ring.health = self.cluster.health  # its ring lives on the cluster thread too
             self.cluster.periodic.append(self.registry.tick)
@@ -106,8 +104,6 @@ class HostServices:
     def revoke_tls(self, user: str) -> None:
         """A banned user's cached TLS sessions go, on this host and in memcached (on the
         cluster thread: the supervisor's loop never talks to memcached)."""
-        from ..cluster.tls_revoke import revoke_user
-
         cache = self.shared.get("tls_cache")
         if self.cluster is not None and self.cfg.tls.session_cache == "memcache":
             mac = self.cluster.mac

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
+from ..logs import configure
 from ..logs import flush as flush_logs
+from ..worker.node import NodeContext, run_node, set_parent_death_signal
 from .node_table import ACCEPTING, BOOTING, STOPPING, NodeTable
 
 BOOT_ERROR = 3
@@ -107,9 +109,6 @@ def _child(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hang-up is the supervisor's business
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a client gone mid-write is an EPIPE, not a dead node
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    from ..logs import configure
-    from ..worker.node import NodeContext, run_node, set_parent_death_signal
-
     configure(cfg.log, cfg.base_dir, role="node", node=node_id)
 
     set_parent_death_signal(signal.SIGKILL)

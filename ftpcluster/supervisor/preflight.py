@@ -13,7 +13,12 @@ import pwd
 import ssl
 from pathlib import Path
 
-from ..config import Config
+import structlog
+
+from ..cluster.session_seal import SealError, load_sealer
+from ..config import Config, ConfigError
+from ..config import load as load_config
+from ..limits import user_problems
 from ..users import UserError, load_users
 
 
@@ -120,8 +125,6 @@ def problems(cfg: Config, create: bool = True) -> list[str]:
             out.append(bad)
         else:
             try:
-                from ..limits import user_problems
-
                 out += user_problems(cfg, load_users(users))
             except (UserError, OSError, ValueError) as e:
                 out.append(f"[server] users_file: bad users file {e}")
@@ -155,8 +158,6 @@ def _tls_problems(cfg: Config, acct: Account, embedded: bool) -> list[str]:
 def _key_problems(cfg: Config, acct: Account, embedded: bool) -> list[str]:
     """The cluster key (`[tls] session_key_file`): TLS sessions and tickets, and the MACs
     of everything in memcached."""
-    from ..cluster.session_seal import SealError, load_sealer
-
     path = cfg.resolve(cfg.tls.session_key_file)
     gen = "ftpcluster key generate" + ("" if cfg.is_embedded else f" --config {cfg.path}")
     if embedded and not path.exists():
@@ -183,14 +184,10 @@ def reload_config(running: Config) -> Config:
     """The config file read again and checked, for a reload (raises StartupError).
     Listen addresses cannot move while the listeners stay open: they keep the
     running values until the next restart (with a warning)."""
-    import structlog
-
-    from .. import config as config_mod
-
     try:
-        new = config_mod.load(str(running.path) if running.path else None)
+        new = load_config(str(running.path) if running.path else None)
         check(new)
-    except config_mod.ConfigError as e:
+    except ConfigError as e:
         raise StartupError(str(e)) from None
     if new.listen_address != running.listen_address or new.implicit_tls_address != running.implicit_tls_address:
         structlog.get_logger("ftpcluster.supervisor").warning("listen addresses changed: they take effect at the next restart")

@@ -9,14 +9,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import ftpcluster
+
+from ..worker.commands import load_handlers
+
 # Imported lazily inside functions somewhere in the package.
 _STDLIB_LAZY = ("ctypes", "errno", "calendar", "ssl", "hashlib", "hmac", "secrets", "json", "tomllib", "pwd", "grp")
 _OPTIONAL = ("uvloop",)
 
 
 def preload() -> None:
-    import ftpcluster
-
     for name in _STDLIB_LAZY:
         importlib.import_module(name)
     for name in _OPTIONAL:
@@ -28,6 +30,4 @@ def preload() -> None:
         if mod.name.endswith("__main__"):
             continue
         importlib.import_module(mod.name)
-    from ftpcluster.worker.commands import load_handlers
-
     load_handlers()

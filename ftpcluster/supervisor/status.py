@@ -8,15 +8,15 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..cluster.metrics_store import MetricsStore
 from ..config import format_hostport
 from .node_table import STATE_NAMES
 
 if TYPE_CHECKING:
-    from ..cluster.metrics_store import MetricsStore
     from .arbiter import Arbiter
 
 
-def headline(metrics: "MetricsStore") -> dict[str, int]:
+def headline(metrics: MetricsStore) -> dict[str, int]:
     """The numbers people want first: sessions, logins, bytes, transfers, ban rejects."""
     totals = metrics.totals()
     index = metrics.registry.index

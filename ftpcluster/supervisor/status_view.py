@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..limits import describe_summary
+
 
 def _duration(seconds: float) -> str:
     s = int(seconds)
@@ -56,8 +58,6 @@ def render_status(st: dict[str, Any]) -> str:
                      f"{len(cl.get('hosts', []))} hosts in memcached")  # fmt: skip
     lim = st.get("limits")
     if lim:
-        from ..limits import describe_summary
-
         lines.append(f"limits      {describe_summary(lim)}")
     t = st.get("totals")
     if t:
