@@ -339,7 +339,11 @@ def test_memcached_down_falls_back_to_host_shares(cluster):
     print(f"memcached down: h1 {h1_total / h1_time / RATE:.3f}, h2 {h2_total / h2_time / RATE:.3f} x the limit "
           f"(host share 0.5) in {h1_time:.2f} / {h2_time:.2f} s")  # fmt: skip
     assert (h1_total, h2_total) == (MiB, MiB)
-    assert h1_total / h1_time <= 0.55 * RATE and h2_total / h2_time <= 0.55 * RATE
+    # A host's budget comes in 100 ms slots and a transfer may start with a slot's whole
+    # share and end inside another: up to two slots more than share x elapsed, which on
+    # a ~2 s transfer is ~10 % (seen: 0.554 x in 1.81 s). The 10 % bound holds on that.
+    slots = 2 * 0.1
+    assert h1_total / (h1_time + slots) <= 0.55 * RATE and h2_total / (h2_time + slots) <= 0.55 * RATE
     before = quota_json(h1)  # memcached down: counted from the disk
     assert before["source"] == "scan"
     assert upload(h1, "g.bin", b"g" * 1000) == "226"
