@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftpcluster.config_doc import toml_value
+
 REPO = Path(__file__).resolve().parent.parent
 FTPCLUSTER = [sys.executable, "-m", "ftpcluster.cli"]
 PASSWORD = "s3cret-pw"
@@ -78,25 +80,11 @@ def passive_range(size: int = 64, host: str = "127.0.0.1") -> tuple[int, int]:
     raise RuntimeError("no passive range left below the ephemeral ports")
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         lines.append("")
     path.write_text("\n".join(lines))
 

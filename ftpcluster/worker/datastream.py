@@ -153,26 +153,27 @@ class PlainStream:
                 # The socket buffer is full or the file ended; yield so others run.
                 await self._writable()
 
-    async def _send_file_thread(self, fd: int, offset: int) -> int:
-        """A big file: one blocking sendfile loop in a thread, the way a C server does
-        it, instead of a loop wake-up per socket buffer. A 1 s send timeout lets the
-        thread notice an abort; ABOR also shuts the socket down to wake it at once."""
+    async def _send_file_thread(self, fd: int, offset: int, count: int | None = None) -> int:
+        """A big file (or `count` bytes of it): one blocking sendfile loop in a thread,
+        the way a C server does it, instead of a loop wake-up per socket buffer. A 1 s
+        send timeout lets the thread notice an abort; ABOR also shuts the socket down to
+        wake it at once."""
         stop = threading.Event()
         out = self.sock.fileno()
+        limit = count if count is not None else 1 << 62
 
         def work() -> int:
-            total, off = 0, offset
+            total = 0
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
             os.set_blocking(out, True)
             try:
-                while not stop.is_set():
+                while total < limit and not stop.is_set():
                     try:
-                        n = os.sendfile(out, fd, off, BLOCK)
+                        n = os.sendfile(out, fd, offset + total, min(BLOCK, limit - total))
                     except (BlockingIOError, InterruptedError):
                         continue  # the send timeout: look at `stop`, then go on
                     if n == 0:
                         break
-                    off += n
                     total += n
                     self.moved += n
             finally:

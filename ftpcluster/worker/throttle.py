@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import struct
-import threading
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -282,7 +279,7 @@ class LimitedPlainStream(PlainStream):
         if count >= ds.THREAD_MIN and ds._threads_busy < ds.THREADS:
             ds._threads_busy += 1
             try:
-                return await self._send_range_thread(fd, offset, count)
+                return await self._send_file_thread(fd, offset, count)
             finally:
                 ds._threads_busy -= 1
         sent_total, out = 0, self.sock.fileno()
@@ -300,29 +297,6 @@ class LimitedPlainStream(PlainStream):
                 await self._writable()
         return sent_total
 
-    async def _send_range_thread(self, fd: int, offset: int, count: int) -> int:
-        stop = threading.Event()
-        out = self.sock.fileno()
-
-        def work() -> int:
-            total = 0
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
-            os.set_blocking(out, True)
-            try:
-                while total < count and not stop.is_set():
-                    try:
-                        n = os.sendfile(out, fd, offset + total, min(ds.BLOCK, count - total))
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    if n == 0:
-                        break
-                    total += n
-                    self.moved += n
-            finally:
-                os.set_blocking(out, False)
-            return total
-
-        return await self._in_thread(work, stop)
 
     async def close(self, clean: bool = True) -> None:
         _finish(self, self._bytes)
