@@ -11,13 +11,13 @@ import pytest
 from .support_server import Server, make_server
 
 
-@pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """make(nodes=1, **config_sections) -> a started Server; all stopped at teardown."""
+def _factory(base: Path) -> Iterator[Callable[..., Server]]:
+    """make(nodes=1, name="a", start=True, **config_sections) -> a Server under `base`
+    (started unless start=False); every one is stopped and its ports released after."""
     started: list[Server] = []
 
     def make(nodes: int = 1, name: str = "a", start: bool = True, **kw) -> Server:
-        srv = make_server(tmp_path / name, **kw)
+        srv = make_server(base / name, **kw)
         started.append(srv)
         if start:
             srv.start(nodes=nodes)
@@ -29,24 +29,17 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         srv.release()
 
 
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Servers for one test."""
+    yield from _factory(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """Like server_factory, for servers a whole test module shares (one start for
-    many checks that leave the server as they found it); stopped after the module."""
-    started: list[Server] = []
-    base = tmp_path_factory.mktemp("module")
-
-    def make(nodes: int = 1, name: str = "a", start: bool = True, **kw) -> Server:
-        srv = make_server(base / name, **kw)
-        started.append(srv)
-        if start:
-            srv.start(nodes=nodes)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop(signal.SIGINT)
-        srv.release()
+    """Servers a whole test module shares (one start for many checks that leave the
+    server as they found it); stopped after the module."""
+    yield from _factory(tmp_path_factory.mktemp("module"))
 
 
 @pytest.fixture
