@@ -48,6 +48,7 @@ BATCH = 500
 GAP_WAIT = 2.0
 REMOVAL_TTL = 7 * 86400  # a removal record outlives the log: hosts that missed the entry still see it
 MAX_LIFTED = 10000
+MAX_RESEND = 1000  # own removals written again after memcached lost its data
 FULL_EVERY = 30.0  # seconds between full reloads from the index (a safety net)  # seconds a missing log entry may take to appear before a full reload
 
 
@@ -121,6 +122,8 @@ class BanSync:
         self.dirty = False  # a write that no server took: redo it when servers answer
         self.pending_removals: dict[tuple[str, str], float] = {}  # -> upto
         self.pending_log: list[dict[str, Any]] = []
+        self.removed_here: dict[tuple[str, str], tuple[float, float]] = {}  # own permits -> (upto, when)
+        self.sync_rejoins = 0  # ring.rejoins when sync() last looked: a rejoin forces a full load
         self.next_full = 0.0
         self.applied = 0
         self.gap_since: float | None = None
@@ -152,8 +155,15 @@ class BanSync:
             self.dirty = True
             return
         self.pending_removals.pop((kind, name), None)
+        prev = self.removed_here.pop((kind, name), None)  # a resend keeps its time: it ages out
+        self.removed_here[(kind, name)] = (upto, prev[1] if prev and prev[0] == upto else time.time())
+        while len(self.removed_here) > MAX_RESEND:
+            del self.removed_here[next(iter(self.removed_here))]
         key = f"ban:{kind}:{name}"
-        self.ring.set(key, self.mac.seal(key, encode_removal(kind, name, upto, self.host_id)), REMOVAL_TTL)
+        if self.ring.set(key, self.mac.seal(key, encode_removal(kind, name, upto, self.host_id)), REMOVAL_TTL) == 0:
+            self.pending_removals[(kind, name)] = upto  # any_up() was not yet told of an outage
+            self.dirty = True
+            return
         self._index_update(kind, name, add=False)
         self._log({"op": "remove", "kind": kind, "name": name, "upto": upto, "origin_host": self.host_id})
 
@@ -178,9 +188,15 @@ class BanSync:
             self.dirty = True
 
     def republish_all(self) -> None:
-        """memcached lost its data (restart, rejoin): write every local ban again."""
+        """memcached lost its data (restart, rejoin): write every local ban again, and the
+        removal records of this host's recent permits (a host that still holds the ban
+        and reads the index after the restart learns of the permit only from its record)."""
         self.published.clear()
         self.seen_gen = -1
+        now = time.time()
+        for key, (upto, when) in self.removed_here.items():
+            if now - when < REMOVAL_TTL:
+                self.pending_removals.setdefault(key, upto)
         log.info("republishing local bans to memcached")
 
     def publish_local(self) -> None:
@@ -218,6 +234,10 @@ class BanSync:
         if raw is None and self.last_seq:
             self.republish_all()  # the counter vanished: the servers were emptied
         now = time.monotonic()
+        if self.ring.rejoins != self.sync_rejoins:
+            # A server came back, maybe empty: the counter may have restarted and already
+            # be back at (or past) last_seq with other entries, which the log cannot tell.
+            self.sync_rejoins, self.next_full = self.ring.rejoins, 0.0
         if self.last_seq is None or seq < self.last_seq or now >= self.next_full:
             # Also every FULL_EVERY seconds: whatever a log entry lost during a partial
             # outage did not carry, the index does.
