@@ -14,7 +14,12 @@ import ftpcluster
 from ..worker.commands import load_handlers
 
 # Imported lazily inside functions somewhere in the package.
-_STDLIB_LAZY = ("ctypes", "errno", "calendar", "ssl", "hashlib", "hmac", "secrets", "json", "tomllib", "pwd", "grp")
+_STDLIB_LAZY = ("ctypes", "errno", "calendar", "ssl", "hashlib", "hmac", "secrets", "json", "tomllib", "pwd", "grp",
+                "encodings.idna")  # fmt: skip
+# encodings.idna: the first getaddrinfo() of a str host imports it. When the cluster
+# thread did that while the supervisor forked a node, the node inherited the module
+# half-initialized, the codec lookup cached "unknown encoding: idna", and that node
+# never reached memcached (LookupError on every connect, so no shared TLS sessions).
 _OPTIONAL = ("uvloop",)
 
 
