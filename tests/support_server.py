@@ -68,13 +68,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port below the passive floor")
 
 
-def passive_range(size: int = 64, host: str = "127.0.0.1") -> tuple[int, int]:
-    """A passive range below the ephemeral ports, free on `host` now and not handed
-    out before in this process."""
+def passive_range(size: int = 64, host: str = "127.0.0.1", also: tuple[str, ...] = ()) -> tuple[int, int]:
+    """A passive range below the ephemeral ports, free on `host` (and the addresses in
+    `also`, e.g. a balancer's) now and not handed out before in this process."""
     top = min(_ephemeral_low(), 32768) - size
     for _ in range(1000):
         base = random.randrange(PASSIVE_FLOOR, top, size)
-        if _ours(base // size) and base not in _used_ranges and all(_bindable(host, p) for p in range(base, base + size)):
+        free = all(_bindable(a, p) for a in (host, *also) for p in range(base, base + size))
+        if _ours(base // size) and base not in _used_ranges and free:
             _used_ranges.add(base)
             return base, base + size - 1
     raise RuntimeError("no passive range left below the ephemeral ports")

@@ -1,9 +1,11 @@
 """A bare TLS server process whose session cache is the shared-memory L1 through the
 native hooks: two of them on one cache file show cross-process resumption.
 
-    python -m tests.support_tls_native PORT CACHE_FILE create|open CERT KEY [count]
+    python -m tests.support_tls_native CACHE_FILE create|open CERT KEY [count]
 
-Prints "ready", then "reused <bool> <version>" per connection."""
+Listens on a port of 127.0.0.1 the kernel picks (bound here and kept: no other
+process can take it between a choice and the bind), prints "ready PORT", then
+"reused <bool> <version>" per connection."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from ftpcluster.worker.tls_native import install_session_cache
 
 
 def main() -> None:
-    port, path, mode, cert, key = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-    count = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+    path, mode, cert, key = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    count = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     cache = ShmCache(path, sets=64, create=mode == "create")
 
     class Backend:
@@ -32,9 +34,9 @@ def main() -> None:
     ctx.load_cert_chain(cert, key)
     ctx.options |= ssl.OP_NO_TICKET  # TLS 1.3: stateful tickets, looked up through the cache
     install_session_cache(ctx, Backend(), 300, b"test", lambda e: print("error", e, flush=True))
-    ls = socket.create_server(("127.0.0.1", port))
+    ls = socket.create_server(("127.0.0.1", 0))
     ls.settimeout(30)
-    print("ready", flush=True)
+    print("ready", ls.getsockname()[1], flush=True)
     for _ in range(count):
         c, _ = ls.accept()
         c.settimeout(10)

@@ -1,6 +1,9 @@
 """A bare TLS server process with cluster ticket keys derived from SECRET.
 
-    python -m tests.support_tls_tickets PORT SECRET CERT KEY"""
+    python -m tests.support_tls_tickets SECRET CERT KEY
+
+Listens on a port of 127.0.0.1 the kernel picks (bound here and kept) and prints
+"ready PORT"."""
 
 from __future__ import annotations
 
@@ -13,14 +16,14 @@ from ftpcluster.worker.tls_tickets import install_ticket_keys
 
 
 def main() -> None:
-    port, secret, cert, key = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3], sys.argv[4]
+    secret, cert, key = sys.argv[1].encode(), sys.argv[2], sys.argv[3]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     tk = install_ticket_keys(ctx, lambda e: hashlib.shake_256(secret + str(e).encode()).digest(80), 3600,
                              lambda e: print("error", e, flush=True))  # fmt: skip
-    ls = socket.create_server(("127.0.0.1", port))
+    ls = socket.create_server(("127.0.0.1", 0))
     ls.settimeout(30)
-    print("ready", flush=True)
+    print("ready", ls.getsockname()[1], flush=True)
     c, _ = ls.accept()
     c.settimeout(10)
     s = ctx.wrap_socket(c, server_side=True)

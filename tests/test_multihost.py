@@ -15,10 +15,8 @@ import csv
 import io
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +28,7 @@ import pytest
 
 from .support_cluster import wait_for
 from .support_netns import ADDRESSES, ClientRunner, LBHost, Proc, Topology, clean_leftovers, haproxy_command, haproxy_config, netns_unavailable
-from .support_server import PASSWORD, Server, cli, free_port, have, make_server
+from .support_server import PASSWORD, Server, cli, free_port, have, make_server, passive_range
 
 pytestmark = pytest.mark.slow  # multi-host: `make test` runs it, -m "not slow" leaves it out
 
@@ -133,25 +131,12 @@ def _wait_host(h: Host, nodes: int) -> None:
     h.pids = {n["pid"] for n in st["nodes"]}
 
 
-def quiet_range(host: str, size: int = 32) -> tuple[int, int]:
+def quiet_range(host: str) -> tuple[int, int]:
     """A passive range below the ephemeral ports (outgoing connections, e.g. to
     memcached, take those from 127.0.0.1, where haproxy binds every passive port),
-    free on the balancer's and the host's address right now."""
-    try:
-        eph_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        eph_low = 32768
-    for _ in range(200):
-        lo = random.randrange(10000, max(10001, eph_low - size), size)
-        try:
-            for port in range(lo, lo + size):
-                for addr in ("127.0.0.1", host):
-                    with socket.socket() as s:
-                        s.bind((addr, port))
-            return lo, lo + size - 1
-        except OSError:
-            continue
-    raise RuntimeError("no free passive range below the ephemeral ports")
+    free on the balancer's and the host's address right now, from this xdist worker's
+    share (support_server.passive_range: no other worker's server gets a port of it)."""
+    return passive_range(host=host, also=("127.0.0.1",))
 
 
 def build(mode: str, tmp: Path, stack: contextlib.ExitStack, nodes: int = 2) -> Cluster:

@@ -16,7 +16,7 @@ import pytest
 from ftpcluster.cluster.shm_cache import ShmCache
 from ftpcluster.worker.tls_native import NativeUnavailable, ctx_pointer, session_from_der
 
-from .support_server import REPO, cli, free_port
+from .support_server import REPO, cli
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +27,32 @@ def certs(tmp_path_factory) -> tuple[str, str]:
     return str(d / "cert.pem"), str(d / "key.pem")
 
 
+def _listening(p: subprocess.Popen[str]) -> int:
+    """The port a support server process bound (its "ready PORT" line): it binds port 0
+    itself and keeps the socket, so no other process (another xdist worker, another
+    test run) can take the port between a choice and the bind."""
+    assert p.stdout is not None
+    word, _, port = p.stdout.readline().strip().partition(" ")
+    assert word == "ready" and port.isdigit(), (word, port)
+    return int(port)
+
+
 class Pair:
     """Two server processes sharing one cache file."""
 
     def __init__(self, tmp: Path, certs: tuple[str, str], count: int = 1) -> None:
         self.cache = tmp / "sessions.shm"
-        self.ports = [free_port(), free_port()]
-        self.procs = []
-        for i, port in enumerate(self.ports):
-            p = subprocess.Popen([sys.executable, "-m", "tests.support_tls_native", str(port), str(self.cache),
-                                  "create" if i == 0 else "open", *certs, str(count)],
-                                 cwd=str(REPO), stdout=subprocess.PIPE, text=True)  # fmt: skip
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-            self.procs.append(p)
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen[str]] = []
+        try:
+            for mode in ("create", "open"):  # the first creates the cache file the second opens
+                p = subprocess.Popen([sys.executable, "-m", "tests.support_tls_native", str(self.cache), mode, *certs, str(count)],
+                                     cwd=str(REPO), stdout=subprocess.PIPE, text=True)  # fmt: skip
+                self.procs.append(p)
+                self.ports.append(_listening(p))
+        except BaseException:
+            self.close()
+            raise
 
     def lines(self) -> list[str]:
         out = []
@@ -56,8 +69,15 @@ class Pair:
 
 
 def _s_client(port: int, version: str, sess_flag: str, sess_file: Path) -> str:
+    """One s_client connection. With -sess_out its input stays open until the session
+    is in the file (at most 10 s): a TLS 1.3 ticket comes after the handshake, and
+    s_client quits at the end of its input, maybe before the ticket arrived."""
+    wait = ""
+    if sess_flag == "-sess_out":
+        sess_file.unlink(missing_ok=True)
+        wait = f"for i in $(seq 200); do [ -s {sess_file} ] && break; sleep 0.05; done; "
     r = subprocess.run(
-        f"(sleep 0.5; echo) | openssl s_client -{version} -connect 127.0.0.1:{port} {sess_flag} {sess_file}",
+        f"({wait}echo) | openssl s_client -{version} -connect 127.0.0.1:{port} {sess_flag} {sess_file}",
         shell=True, capture_output=True, text=True, timeout=20,
     )  # fmt: skip
     return r.stdout
@@ -158,19 +178,27 @@ def test_shm_cache_get_put_expire_and_torn_writes(tmp_path):
     assert other.get(b"torn") == b"again"
 
 
-def _ticket_server(port: int, secret: str, certs: tuple[str, str]) -> subprocess.Popen[str]:
-    p = subprocess.Popen([sys.executable, "-m", "tests.support_tls_tickets", str(port), secret, *certs],
+def _ticket_server(secret: str, certs: tuple[str, str]) -> tuple[subprocess.Popen[str], int]:
+    p = subprocess.Popen([sys.executable, "-m", "tests.support_tls_tickets", secret, *certs],
                          cwd=str(REPO), stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    return p
+    try:
+        return p, _listening(p)
+    except BaseException:
+        p.kill()
+        p.wait(5)
+        raise
 
 
 @pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
 @pytest.mark.parametrize("same_secret", [True, False])
 def test_shared_ticket_keys_resume_anywhere(tmp_path, certs, version, same_secret):
-    ports = [free_port(), free_port()]
-    procs = [_ticket_server(ports[0], "cluster-a", certs), _ticket_server(ports[1], "cluster-a" if same_secret else "other", certs)]
+    procs: list[subprocess.Popen[str]] = []
+    ports: list[int] = []
     try:
+        for secret in ("cluster-a", "cluster-a" if same_secret else "other"):
+            p, port = _ticket_server(secret, certs)
+            procs.append(p)
+            ports.append(port)
         sess = tmp_path / "t.pem"
         assert "\nNew, TLSv1." in _s_client(ports[0], version, "-sess_out", sess)
         second = _s_client(ports[1], version, "-sess_in", sess)
