@@ -60,11 +60,13 @@ def revoke_user(user: str, l1: Any, ring: Any = None, mac: Any = None) -> int:
     if ring is not None and mac is not None:
         name = memcache_name(user)
         ids |= set(unpack_ids(mac.open("tlsuser", name, ring.get(name), server_of(ring, name))))
-    for sid in ids:
-        if l1 is not None:
-            l1.delete(sid)
-        if ring is not None:
-            ring.delete("tls:" + sid.hex())
+    # memcached first: a handshake on this host between the two deletes would
+    # otherwise fetch the session back into L1 (prefetch on an L1 miss), where
+    # nothing would delete it again.
+    for sid in ids if ring is not None else ():
+        ring.delete("tls:" + sid.hex())
+    for sid in ids if l1 is not None else ():
+        l1.delete(sid)
     if l1 is not None:
         l1.delete(user_key(user))
     # The list in memcached stays until its TTL: other hosts revoke from it too.
