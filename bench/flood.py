@@ -74,6 +74,15 @@ async def _flood(host: str, port: int, src: str, concurrency: int, start_at: flo
     return c
 
 
+def _reap(children: list) -> None:
+    """Join the client processes; kill any that outlive a few seconds."""
+    for ch in children:
+        ch.join(5)
+        if ch.is_alive():
+            ch.kill()
+            ch.join(5)
+
+
 def _flood_proc(args: tuple[Any, ...], out: Any) -> None:
     cpu0 = os.times()
     try:
@@ -158,11 +167,7 @@ def run_flood(host: str, port: int, user: str, password: str, seconds: float, *,
             except Exception:
                 break
     finally:
-        for ch in children:
-            ch.join(5)
-            if ch.is_alive():
-                ch.kill()
-                ch.join(5)
+        _reap(children)
     if len(got) < procs or any("failed" in g for g in got):
         raise RuntimeError(f"flood process failed: {[g.get('failed') for g in got]} ({len(got)}/{procs} reported)")
     span = max(g["seconds"] for g in got) or seconds
@@ -242,11 +247,7 @@ def run_ban_burst(host: str, port: int, user: str, password: str, config: str, n
             _legit(host, port, legit, user, password, 0.05, start_at, stop_at + 30, done=done.is_set))
         collector.join(30)
     finally:
-        for ch in children:
-            ch.join(5)
-            if ch.is_alive():
-                ch.kill()
-                ch.join(5)
+        _reap(children)
     if len(got) < procs or any("failed_proc" in g for g in got):
         raise RuntimeError(f"ban process failed: {[g.get('failed_proc') for g in got]} ({len(got)}/{procs} reported)")
     return {"bans": sum(g["ok"] for g in got), "failed": sum(g["failed"] for g in got),

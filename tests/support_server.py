@@ -310,6 +310,19 @@ def make_server(tmp: Path, host: str = "127.0.0.1", tls: bool | dict[str, Any] =
     return Server(tmp, config, host, port, (lo, hi), home, implicit_port=implicit_port, log=tmp / "server.log")
 
 
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the peer closes `sock` (or resets it) within `timeout`; data is drained."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (socket.timeout, TimeoutError):
+        return False
+    except OSError:
+        return True
+
+
 def wait_for(pred: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
     """Poll `pred` until it returns something truthy (returned) or `timeout` passes
     (then its last value). Bounded in time like every loop in the tests."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .support_server import PASSWORD, Server, wait_for
+from .support_server import PASSWORD, Server, closed_by_peer, wait_for
 
 TEMP_PREFIX = ".ftpcluster-upload."
 SESSION_RE = re.compile(rb"Session (\d+)-(\d+)-(\d+)")
@@ -181,21 +181,9 @@ def test_disconnect_mid_stor_leaves_nothing(node: Server, how: str) -> None:
             pass
         # The server must drop the data connection of a session that ended; only then
         # is "nothing appeared" a statement about the end of that session.
-        assert _closed_by_peer(data, 10), "the data connection outlived its session"
+        assert closed_by_peer(data, 10), "the data connection outlived its session"
         data.close()
         assert _leftovers(node.home) == []
-
-
-def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except (socket.timeout, TimeoutError):
-        return False
-    except OSError:
-        return True
 
 
 def _fd_count(pid: int) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .support_server import cli, needs
+from .support_server import cli, closed_by_peer, needs
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
 
@@ -295,23 +295,11 @@ def _raw_auth_tls(srv) -> socket.socket:
     return s
 
 
-def _closed_within(s: socket.socket, limit: float) -> bool:
-    s.settimeout(limit)
-    try:
-        while s.recv(4096):
-            pass
-        return True
-    except (socket.timeout, TimeoutError):
-        return False
-    except OSError:
-        return True
-
-
 def test_handshake_garbage_and_stall_are_dropped(server_factory):
     srv = server_factory(implicit=True, tls={"handshake_timeout": "1s"})
     garbage = _raw_auth_tls(srv)
     garbage.sendall(b"\x16\x03\x01\x00\x05hello" + os.urandom(3000))
-    assert _closed_within(garbage, 15)
+    assert closed_by_peer(garbage, 15)
     stalled = _raw_auth_tls(srv)
     stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
     implicit_stall = socket.create_connection((srv.host, srv.implicit_port), timeout=10)
@@ -326,7 +314,7 @@ def test_handshake_garbage_and_stall_are_dropped(server_factory):
     assert f.pwd() == "/"
     f.quit()
     for s in (stalled, implicit_stall, implicit_junk):
-        assert _closed_within(s, 15)
+        assert closed_by_peer(s, 15)
         s.close()
     garbage.close()
     g = tls_login(srv)
