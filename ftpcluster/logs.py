@@ -159,7 +159,10 @@ def configure(cfg: LogConfig, base_dir: Any = None, **base: Any) -> None:
 def emit(method: str, fields: dict[str, Any]) -> None:
     """A record straight to the sink, as a structlog logger bound to `fields` would
     write it (the caller checked `enabled` first): the session log's hot path."""
-    _finish(fields, method)
+    for k, v in _State.base.items():  # _finish(), inline: three of these per session
+        fields.setdefault(k, v)
+    fields["level"] = method
+    fields["timestamp"] = _Clock.now()
     console = _State.console
     _Batch.write((_encode(fields) if console is None else console(None, method, fields)) + "\n")
 
@@ -183,7 +186,9 @@ class _Batch:
 
     @classmethod
     def write(cls, line: str) -> None:
-        loop = cls._running_loop()
+        loop = cls.loops.get(threading.get_ident())  # _running_loop()'s usual answer, inline
+        if loop is None or not loop.is_running():
+            loop = cls._running_loop()
         with cls.lock:
             pending = len(cls.lines)
             if not pending and loop is None:

@@ -41,6 +41,10 @@ COUNT_DEADLINE = 2.0  # seconds a cluster count may wait for the memcached threa
 
 
 class NodeBans:
+    # Rule events, under their own name or an alias (protocol.hears); which rules are
+    # configured is checked per event.
+    events = frozenset(n for n in EventName if ALIASES.get(n, n) in EVENT_TARGET)
+
     def __init__(self, server: NodeCore, engine: BanEngine, metrics: SlotWriter | None = None) -> None:
         self.server = server
         self.engine = engine

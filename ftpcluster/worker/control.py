@@ -76,7 +76,7 @@ class ControlConnection(asyncio.Protocol):
         if self.implicit_tls:
             self.tls_object = transport.get_extra_info("ssl_object")
             resumed = bool(self.tls_object is not None and self.tls_object.session_reused)
-            self._publish(Event(EventName.TLS_ESTABLISHED, {"resumed": resumed}))
+            self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": resumed}))
         self.perform(self.session.greeting())
 
     def data_received(self, data: bytes) -> None:
@@ -142,7 +142,7 @@ class ControlConnection(asyncio.Protocol):
                     if self.transport is not None and not self.transport.is_closing():
                         self.transport.write(out.encode())
                 elif isinstance(out, Event):
-                    self._publish(out)
+                    self.publish(out)
                 else:
                     self._act(out)
         finally:
@@ -218,11 +218,15 @@ class ControlConnection(asyncio.Protocol):
         info.home = s.home.root if s.home is not None else ""
         return info
 
-    def _publish(self, event: Event) -> None:
-        info = self.describe()
-        if event.name == EventName.LOGIN:
-            info.tls_session_id = self._tls_session_id()
-        self.node.publish(event, info)
+    def publish(self, event: Event) -> None:
+        """To the subscribers that hear it, with the session brought up to date (only
+        then: most commands' events are heard by nobody)."""
+        subs = self.node.route(event.name)
+        if subs:
+            info = self.describe()
+            if event.name == EventName.LOGIN:
+                info.tls_session_id = self._tls_session_id()
+            self.node.deliver(subs, event, info)
 
     def _tls_session_id(self) -> bytes | None:
         if self.tls_object is None:
@@ -261,14 +265,14 @@ class ControlConnection(asyncio.Protocol):
         channel.close()  # this session's previous listener does not count against the limit
         limit = self.node.cfg.server.max_passive_per_host
         if limit and self.node.passive_held[self.client_ip] >= limit:
-            self._publish(Event(EventName.PASSIVE_LIMIT, {"held": limit}))
+            self.publish(Event(EventName.PASSIVE_LIMIT, {"held": limit}))
             self.perform(s.passive_failed(f"Can't open passive connection: {limit} passive ports already open from your address"))
             return
         try:
             early = self.node.tls.data_wrapper(self.tls_object) if (s.prot_private and self.node.tls is not None) else None
             port = channel.open_passive(self.node.passive_ports, local, early)
         except NoPassivePort as e:
-            self._publish(Event(EventName.PASSIVE_EXHAUSTED, {}))
+            self.publish(Event(EventName.PASSIVE_EXHAUSTED, {}))
             self.perform(s.passive_failed(f"Can't open passive connection: {e}"))
             return
         except OSError as e:
@@ -318,7 +322,7 @@ class ControlConnection(asyncio.Protocol):
         try:
             new = await loop.start_tls(self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=left)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
-            self._publish(Event(EventName.TLS_FAILED, {"error": str(e) or type(e).__name__}))
+            self.publish(Event(EventName.TLS_FAILED, {"error": str(e) or type(e).__name__}))
             self.closing = True
             if self.transport is not None:
                 self.transport.abort()
@@ -329,7 +333,7 @@ class ControlConnection(asyncio.Protocol):
         self._read_paused = False  # the TLS transport reads from the start
         ack_now(new.get_extra_info("socket"))  # the client's USER may wait on it (see quickack.py)
         self.tls_object = new.get_extra_info("ssl_object")
-        self._publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(self.tls_object and self.tls_object.session_reused)}))
+        self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(self.tls_object and self.tls_object.session_reused)}))
         self._report(self.session.tls_done())
         early, self._tls_early = self._tls_early or [], None
         if early and not self.closing:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import secrets
 import stat
 import time
 from dataclasses import dataclass
+
+_CONTROL_CHAR = re.compile("[\x00-\x1f]")
 
 # Names we create for atomic uploads; hidden from listings and not addressable.
 TEMP_PREFIX = ".ftpcluster-upload."
@@ -66,7 +69,7 @@ class Home:
             raise PathError("NUL bytes are not allowed in path names")
         if "\\" in arg:
             raise PathError("backslashes are not allowed in path names")
-        if any(ord(c) < 32 for c in arg):
+        if _CONTROL_CHAR.search(arg) is not None:
             raise PathError("control characters are not allowed in path names")
         joined = arg if arg.startswith("/") else posixpath.join(cwd, arg)
         parts: list[str] = []

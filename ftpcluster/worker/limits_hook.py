@@ -22,6 +22,8 @@ log = structlog.get_logger("ftpcluster.limits")
 
 
 class NodeLimits:
+    events = frozenset({EventName.CONNECT, EventName.LOGIN, EventName.DISCONNECT})  # protocol.hears
+
     def __init__(self, server: NodeCore, presence: Presence) -> None:
         s = server.cfg.server
         self.server = server

@@ -59,6 +59,11 @@ class LineBuffer:
         return out
 
     @property
+    def idle(self) -> bool:
+        """Nothing buffered, nothing being discarded: the next read starts a line."""
+        return self._start == len(self._buf) and not self._discarding
+
+    @property
     def pending(self) -> int:
         """Bytes buffered and not yet taken as lines."""
         return len(self._buf) - self._start

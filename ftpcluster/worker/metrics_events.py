@@ -10,9 +10,16 @@ _TRANSFER_STATUS = {"ok": "ok", "aborted": "aborted"}
 
 
 class MetricsSubscriber:
+    events = frozenset({EventName.COMMAND, EventName.CONNECT, EventName.LOGIN, EventName.LOGIN_FAILED,
+                        EventName.TRANSFER, EventName.TLS_ESTABLISHED, EventName.TLS_FAILED, *_BAN_EVENTS})  # fmt: skip
+
     def __init__(self, writer: SlotWriter, verbs: frozenset[str]) -> None:
         self.w = writer
         self.verbs = verbs
+
+    def count_command(self, verb: str) -> None:
+        """commands_total without an event per command (SessionSettings.on_command)."""
+        self.w.inc("ftpcluster_commands_total", (verb if verb in self.verbs else "other",))
 
     def __call__(self, event: Event, info: SessionInfo | None) -> None:
         name, f, w = event.name, event.fields, self.w

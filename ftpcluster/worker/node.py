@@ -31,7 +31,7 @@ from ..users import Authenticator, UserRecord, load_users
 from .control import ControlConnection
 from .loops import new_event_loop
 from .passive import PassivePorts
-from .protocol import Event, EventName, SessionInfo
+from .protocol import Event, EventName, SessionInfo, Subscriber, hears
 from .services import NodeServices, build_services
 from .session import SessionSettings
 from .upload_journal import UploadJournal
@@ -40,6 +40,7 @@ from .users_watch import watch_users
 log = structlog.get_logger("ftpcluster.worker")
 
 ACCEPT_BATCH = 64
+_CONNECT, _DISCONNECT = Event(EventName.CONNECT, {}), Event(EventName.DISCONNECT, {})  # no fields: shared
 
 
 @dataclass
@@ -96,6 +97,7 @@ class NodeServer:
         self.services = svc = build_services(self, self._count)
         self.tls = svc.tls
         self.subscribers = svc.subscribers()
+        self._routes: dict[str, tuple[Subscriber, ...]] = {}  # event name -> who hears it (route())
         self.admission = svc.admission()
         self.user_gates = svc.user_gates()  # checked at PASS: bans, per-host/user limits
         self.passive_proxy_reader = svc.passive_proxy_reader()
@@ -138,6 +140,7 @@ class NodeServer:
             implicit_tls=implicit,
             user_gate=self.user_gate,
             limits=self.services.transfer_limits,
+            on_command=self.services.command_counter(),
         )
 
     def user_gate(self, user: str, ip: str) -> str | None:
@@ -264,12 +267,12 @@ class NodeServer:
     def session_opened(self, conn: ControlConnection) -> None:
         self.sessions.add(conn)
         self.sessions_total += 1
-        self.publish(Event(EventName.CONNECT, {}), conn.describe())
+        conn.publish(_CONNECT)
 
     def session_closed(self, conn: ControlConnection) -> None:
         if conn in self.sessions:
             self.sessions.discard(conn)
-            self.publish(Event(EventName.DISCONNECT, {}), conn.describe())
+            conn.publish(_DISCONNECT)
         if self.stopping and not self.sessions and not (self.draining and self.connecting):
             self.stopped.set()
 
@@ -278,8 +281,19 @@ class NodeServer:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def route(self, name: str) -> tuple[Subscriber, ...]:
+        """The subscribers that hear events called `name`, in the services' order;
+        worked out on the first such event (logging is configured by then)."""
+        subs = self._routes.get(name)
+        if subs is None:
+            subs = self._routes[name] = tuple(s for s in self.subscribers if hears(s, name))
+        return subs
+
     def publish(self, event: Event, info: SessionInfo | None) -> None:
-        for sub in self.subscribers:
+        self.deliver(self.route(event.name), event, info)
+
+    def deliver(self, subs: tuple[Subscriber, ...], event: Event, info: SessionInfo | None) -> None:
+        for sub in subs:
             try:
                 sub(event, info)
             except Exception:  # a listener must never take a session down
@@ -288,7 +302,7 @@ class NodeServer:
     def publish_raw(self, name: str, ip: str, **fields: Any) -> None:
         """An event outside any session (e.g. a TLS handshake that failed at accept)."""
         fields["ip"] = ip
-        for sub in self.subscribers:
+        for sub in self.route(name):
             with contextlib.suppress(Exception):
                 sub(Event(name, fields), None)
 

@@ -9,7 +9,7 @@ from ..config import Config
 from .commands import load_handlers
 from .metrics_events import MetricsSubscriber
 from .node_api import NodeCore
-from .protocol import Event, EventName, SessionInfo, Subscriber
+from .protocol import Event, EventName, SessionInfo, Subscriber, listens
 from .xferlog import XferLog
 
 
@@ -39,9 +39,9 @@ def metrics_observers(core: NodeCore, metrics: SlotWriter | None) -> list[Subscr
     subs: list[Subscriber] = [MetricsSubscriber(metrics, frozenset(command_verbs()))]
     sessions = core.open_sessions
 
+    @listens(EventName.CONNECT, EventName.DISCONNECT)
     def gauge(event: Event, info: SessionInfo | None) -> None:
-        if event.name in (EventName.CONNECT, EventName.DISCONNECT):
-            metrics.set("ftpcluster_sessions", len(sessions))
+        metrics.set("ftpcluster_sessions", len(sessions))
 
     subs.append(gauge)
     return subs

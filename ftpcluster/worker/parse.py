@@ -3,6 +3,8 @@ handlers share. Pure functions: no session, no filesystem."""
 
 from __future__ import annotations
 
+import re
+
 # Lines that show a client speaking another protocol on the FTP port (ProFTPD's BadProtocol).
 FOREIGN_PROTOCOL = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "EHLO", "HELO", "SSH"})
 # An SSH client's identification line (RFC 4253 §4.2); "-" ends a verb, so it is matched by prefix.
@@ -13,26 +15,22 @@ FOREIGN_PREFIXES = (b"SSH-",)
 NOT_IMPLEMENTED = frozenset({"SMNT", "ADAT", "MIC", "CONF", "ENC"})
 
 
+# Telnet IAC sequences (IP, DM, sent before ABOR: bytes >= 0x80) and blanks may come
+# before the verb; the verb is 1 to 16 letters or digits, then a space
+# (the argument is everything after it) or the end of the line.
+_LINE = re.compile(rb"[\x80-\xff \t]*([A-Za-z0-9]{1,16})(?: (.*))?\Z", re.DOTALL)
+
+
 def parse_line(line: bytes) -> tuple[str | None, str]:
     """Split 'VERB arg' into (VERB upper-case, arg). None for a line with no verb.
 
-    Telnet IAC sequences (IP, DM, sent before ABOR) and other non-letters before the
-    verb are skipped. Arguments are UTF-8 (RFC 2640); undecodable bytes are kept as
-    surrogates so a name round-trips to the filesystem."""
-    i = 0
-    n = len(line)
-    while i < n and not (65 <= line[i] <= 90 or 97 <= line[i] <= 122):
-        if line[i] < 0x80 and line[i] not in (0x20, 0x09):
-            break  # a printable non-letter first: not a verb
-        i += 1
-    j = i
-    while j < n and j - i < 16 and (65 <= line[j] <= 90 or 97 <= line[j] <= 122 or 48 <= line[j] <= 57):
-        j += 1
-    if j == i or (j < n and line[j] != 0x20):
+    Arguments are UTF-8 (RFC 2640); undecodable bytes are kept as surrogates so a
+    name round-trips to the filesystem."""
+    m = _LINE.match(line)
+    if m is None:
         return None, ""
-    verb = line[i:j].decode("ascii").upper()
-    arg = line[j + 1 :].decode("utf-8", "surrogateescape") if j < n else ""
-    return verb, arg
+    verb, arg = m.groups()
+    return verb.decode("ascii").upper(), arg.decode("utf-8", "surrogateescape") if arg is not None else ""
 
 
 def verb_of(line: bytes) -> str:

@@ -23,8 +23,11 @@ class Reply:
 
     def encode(self) -> bytes:
         """Single or multi-line reply, RFC 959 section 4.2; CR/LF in text cannot split it."""
-        if isinstance(self.text, str):
-            return f"{self.code} {_clean(self.text)}\r\n".encode("utf-8", "surrogateescape")
+        text = self.text
+        if isinstance(text, str):
+            if "\r" in text or "\n" in text:
+                text = _clean(text)
+            return f"{self.code} {text}\r\n".encode("utf-8", "surrogateescape")
         lines = list(self.text)
         if len(lines) == 1:
             return Reply(self.code, lines[0]).encode()
@@ -143,8 +146,26 @@ class SessionInfo:
         return os.path.join(self.home, virtual.lstrip("/")) if virtual != "/" else self.home
 
 
-# Subscribers get every event; `None` for one outside any session (a failed accept).
+# Subscribers get events; `None` for one outside any session (a failed accept).
 Subscriber = Callable[[Event, "SessionInfo | None"], None]
+
+
+def hears(subscriber: Subscriber, name: str) -> bool:
+    """Does `subscriber` want events called `name`? A subscriber names what it hears
+    in an `events` attribute (a set of names; see `listens`); one without hears all.
+    The node routes by it once per name, so an event nobody hears costs a lookup."""
+    events = getattr(subscriber, "events", None)
+    return events is None or name in events
+
+
+def listens(*names: str) -> Callable[[Any], Any]:
+    """Mark a subscriber function or method with the event names it hears."""
+
+    def mark(fn: Any) -> Any:
+        fn.events = frozenset(names)
+        return fn
+
+    return mark
 
 Action = StartTLS | VerifyPassword | OpenPassive | SetActive | ClosePassive | Transfer | AbortTransfer | RunBlocking | Close
 Output = Reply | Action | Event

@@ -15,7 +15,8 @@ from .ban_hook import NodeBans, open_bans
 from .limits_hook import NodeLimits, open_limits
 from .node_api import NodeCore
 from .observe import metrics_observers, open_metrics, open_xferlog
-from .protocol import Subscriber
+from .metrics_events import MetricsSubscriber
+from .protocol import EventName, Subscriber, hears
 from .proxy_accept import ProxyReceiver, open_proxy
 from .session_log import SessionLogger
 from .tls import TLSService
@@ -25,6 +26,10 @@ from .xferlog import XferLog
 Admission = Callable[[str], "str | None"]  # client ip -> refusal message, or None to admit
 UserGate = Callable[[str, str], "str | None"]  # (user, client ip) -> refusal text, or None
 Counter = Callable[[str, tuple[str, ...]], None]
+
+
+def _uncounted(verb: str) -> None:
+    """No metrics and no command trace: commands are not counted."""
 
 
 @dataclass
@@ -46,6 +51,16 @@ class NodeServices:
         out += self.metrics_observers
         out += [svc for svc in (self.bans, self.limits, self.transfer_limits) if svc is not None]
         return out
+
+    def command_counter(self) -> Callable[[str], None] | None:
+        """What a session calls for each command instead of emitting a COMMAND event
+        (an object and a dispatch per command): the metrics' counter, or None when
+        another subscriber hears those events too (the command trace at debug)."""
+        subs = [s for s in self.subscribers() if hears(s, EventName.COMMAND)]
+        counters = [s.count_command for s in subs if isinstance(s, MetricsSubscriber)]
+        if len(counters) < len(subs):
+            return None
+        return counters[0] if counters else _uncounted
 
     def reopen_logs(self) -> None:
         """SIGUSR1 (logrotate): the files services write themselves."""

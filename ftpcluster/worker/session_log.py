@@ -40,6 +40,16 @@ class SessionLogger:
         self.log = get_logger("session", node=node_id)
         self.cmdlog = get_logger("command", node=node_id)
 
+    @property
+    def events(self) -> frozenset[str]:
+        """What it hears (protocol.hears): the events its levels let through now."""
+        out = {name for name, (level, _) in _LEVELS.items() if enabled("session", level)}
+        if enabled("session", "debug"):
+            return frozenset(EventName)  # the rest are traced at debug
+        if enabled("command"):
+            out.add(EventName.COMMAND)
+        return frozenset(out)
+
     def __call__(self, event: Event, info: SessionInfo | None) -> None:
         if event.name == EventName.COMMAND:
             if enabled("command"):
@@ -52,8 +62,11 @@ class SessionLogger:
         # The record as self.log.<level>(message, **fields) builds it, without
         # structlog's bound-logger round trip (three of these per session at info).
         fields = {"channel": "session", "node": self.node_id, **event.fields}
-        if info is not None:
-            fields.update(self.context(info))
+        if info is not None:  # context(), inline
+            fields["session"], fields["client"] = info.session_id, info.client_ip
+            user = info.user if info.user is not None else info.pending_user
+            if user is not None:
+                fields["user"] = user
         fields["event"] = message
         emit(level, fields)
 

@@ -24,6 +24,10 @@ class State(Enum):
     TLS = "tls"  # 234 sent for AUTH TLS: nothing more is read until the handshake is done
     CLOSED = "closed"  # Close was sent: lines are no longer read
 
+    # Members are singletons compared by identity: the C identity hash, not Enum's
+    # Python-level hash of the name (a table lookup per step and per queued line).
+    __hash__ = object.__hash__
+
 
 class Step(Enum):
     CHECK_PASSWORD = "check_password"
@@ -37,6 +41,8 @@ class Step(Enum):
     START_TLS = "start_tls"
     TLS_DONE = "tls_done"
     CLOSE = "close"
+
+    __hash__ = object.__hash__  # as State's
 
 
 class LocalProtocolError(Exception):

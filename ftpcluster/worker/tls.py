@@ -23,7 +23,7 @@ from ..cluster.tls_cache import open_cache
 from ..cluster.tls_store import TwoLevelStore
 from ..config import Config
 from .datatls import TLSStream, wrap_data
-from .protocol import Event, EventName, SessionInfo
+from .protocol import Event, EventName, SessionInfo, listens
 from .tls_native import NativeUnavailable, ctx_pointer, install_session_cache
 from .tls_prefetch import prefetch as prefetch_session
 from .tls_tickets import install_ticket_keys
@@ -183,6 +183,7 @@ class TLSService:
 
         return wrap
 
+    @listens(EventName.LOGIN)
     def remember_login(self, event: Event, info: SessionInfo | None) -> None:
         """Subscriber: a TLS login's session id, kept so a ban on the user can revoke it."""
         if event.name != EventName.LOGIN or info is None or self.store is None or not info.tls_session_id:

@@ -121,6 +121,8 @@ def _size(path: str) -> int | None:
 
 
 class NodeTransferLimits:
+    events = frozenset({EventName.LOGIN, EventName.DELETE, EventName.RENAME})  # protocol.hears
+
     def __init__(self, server: NodeCore, metrics: SlotWriter | None = None) -> None:
         self.server = server
         self.metrics = metrics

@@ -42,6 +42,7 @@ def format_line(
 
 
 class XferLog:
+    events = frozenset({EventName.TRANSFER, EventName.DELETE})  # what it hears (protocol.hears)
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = -1
