@@ -23,6 +23,7 @@ from .limits import LimitsError, check_limits
 
 DEFAULT_DATA_DIR = "ftpcluster-data"
 SEARCH_PATHS = ("./ftpcluster.toml", "/etc/ftpcluster/ftpcluster.toml")
+LISTEN_BACKLOG = 1024  # of the FTP listeners (the supervisor binds them, a node may listen again)
 
 
 class ConfigError(ValueError):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import socket
 
-from ..config import Config, format_hostport
+from ..config import LISTEN_BACKLOG, Config, format_hostport
 
 
 class BindError(Exception):
     """A listener could not be bound; the message names the address and the reason."""
 
 
-def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
+def bind_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

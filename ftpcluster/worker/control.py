@@ -42,10 +42,13 @@ if TYPE_CHECKING:
 
 
 class ControlConnection(asyncio.Protocol):
-    def __init__(self, node: NodeServer, client: tuple[str, int], implicit_tls: bool = False,
+    def __init__(self, node: NodeServer, client: tuple[str, int] | None, implicit_tls: bool = False,
                  info: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.node = node
-        self.client_ip, self.client_port = client[0], client[1]  # admitted by the node already
+        # Admitted by the node already, or None: accepted by the loop's server, and
+        # connection_made asks the node (bans, limits) before any session exists.
+        self.client_ip, self.client_port = client if client is not None else ("", 0)
+        self.admitted = client is not None
         self.implicit_tls = implicit_tls
         self.info = info or {}  # e.g. PROXY protocol details
         self.transport: asyncio.Transport | None = None
@@ -60,6 +63,7 @@ class ControlConnection(asyncio.Protocol):
         self.tls_object: Any = None  # ssl.SSLObject of the control connection once TLS is on
         self._tls_early: list[bytes] | None = None  # set while AUTH TLS switches the transport
         self._outputs: collections.deque[Output] = collections.deque()
+        self._unsent: list[bytes] = []  # replies of the outputs being performed, written together
         self._performing = False
         self._write_paused = False  # the client does not read our replies
         self._read_paused = False  # we stopped reading (client not reading, or commands backlogged)
@@ -70,6 +74,19 @@ class ControlConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         node = self.node
+        if not self.admitted:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if peer else ""
+            if ip.startswith("::ffff:"):
+                ip = ip[7:]
+            self.client_ip, self.client_port = ip, peer[1] if peer else 0
+            refusal = node.admit(ip)
+            if refusal is not None:
+                self.closing = True
+                transport.write(refusal.encode("utf-8", "replace") + b"\r\n")  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self.admitted = True
         self.session = Session(node.session_settings(self.implicit_tls), self.client_ip, node.new_session_id())
         self.session_info = SessionInfo(self.session.session_id, self.client_ip)
         node.session_opened(self)
@@ -98,7 +115,8 @@ class ControlConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.abort("control connection lost")
-        self.node.session_closed(self)
+        if self.session is not None:  # not a refused connection
+            self.node.session_closed(self)
 
     def pause_writing(self) -> None:
         # The client does not read our replies: stop reading its commands too.
@@ -128,68 +146,97 @@ class ControlConnection(asyncio.Protocol):
         """Write replies, publish events, start actions, in order. An action whose result
         is known at once (PASV) reports back through perform() again: those outputs go
         first (depth-first, as a nested call would) but from this loop, so a long run of
-        pipelined PASV commands cannot grow the stack."""
+        pipelined PASV commands cannot grow the stack.
+
+        Replies are written together, before any action that could let the client wait
+        on them (one write, one segment): a small RETR sent from this callback answers
+        150 and 226 in one write."""
         if self._performing:
             self._outputs.extendleft(reversed(outputs))
             return
         self._performing = True
         queue = self._outputs
         queue.extend(outputs)
+        unsent = self._unsent
         try:
             while queue:
                 out = queue.popleft()
-                if isinstance(out, Reply):
-                    if self.transport is not None and not self.transport.is_closing():
-                        self.transport.write(out.encode())
-                elif isinstance(out, Event):
-                    self.publish(out)
+                kind = type(out)
+                if kind is Reply:
+                    unsent.append(out.encode())  # type: ignore[union-attr]
+                elif kind is Event:
+                    self.publish(out)  # type: ignore[arg-type]
                 else:
                     self._act(out)
         finally:
             self._performing = False
             queue.clear()
+            self.flush()
         self._flow()
 
+    def flush(self) -> None:
+        """Write the replies performed so far."""
+        unsent = self._unsent
+        if unsent:
+            data = unsent[0] if len(unsent) == 1 else b"".join(unsent)
+            unsent.clear()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+
     def _act(self, action: Any) -> None:
-        s = self.session
-        assert s is not None
-        if isinstance(action, VerifyPassword):
-            rec = self.node.auth.cached(action.user, action.password)
-            if rec is not None:  # verified recently: answered now, no task per login
-                self._verified(rec)
-            else:
-                self._spawn(self._verify(action))
-        elif isinstance(action, OpenPassive):
-            self._open_passive(action.extended)
-        elif isinstance(action, SetActive):
-            self._channel().set_active(action.host, action.port)
-        elif isinstance(action, ClosePassive):
-            if self.data is not None:
-                self.data.close()
-        elif isinstance(action, Transfer):
-            done, sent = send_small_now(self._channel(), action)
-            if done is not None:
-                self._transfer_done(done)
-            else:
-                self.transfer_task = self._spawn(self._transfer(action, sent))
-        elif isinstance(action, RunBlocking):
-            self._spawn(self._run_blocking(action))
-        elif isinstance(action, AbortTransfer):
-            if self.transfer_task is not None:
-                self.transfer_task.cancel()
-        elif isinstance(action, StartTLS):
-            # Stop reading now, in this callback: the ClientHello may already be on its
-            # way, and must stay in the socket for the TLS layer, not reach the FTP parser.
-            if self.transport is not None:
-                self.transport.pause_reading()
-            self._tls_early = []  # from here on, data can only come through the TLS layer
-            self._spawn(self._start_tls())
-        elif isinstance(action, Close):
-            self.closing = True
-            if self.transfer_task is not None:
-                self.transfer_task.cancel()
-            if self.transport is not None:
-                self.transport.close()
+        """Start an action: one method per action type (a dictionary lookup, not a chain of
+        isinstance checks per output)."""
+        if type(action) is not Transfer:
+            self.flush()  # the client may wait on a reply before this action goes on
+        _ACTIONS[type(action)](self, action)
+
+    def _act_verify(self, action: VerifyPassword) -> None:
+        rec = self.node.auth.cached(action.user, action.password)
+        if rec is not None:  # verified recently: answered now, no task per login
+            self._verified(rec)
+        else:
+            self._spawn(self._verify(action))
+
+    def _act_open_passive(self, action: OpenPassive) -> None:
+        self._open_passive(action.extended)
+
+    def _act_set_active(self, action: SetActive) -> None:
+        self._channel().set_active(action.host, action.port)
+
+    def _act_close_passive(self, action: ClosePassive) -> None:
+        if self.data is not None:
+            self.data.close()
+
+    def _act_transfer(self, action: Transfer) -> None:
+        done, sent = send_small_now(self._channel(), action)
+        if done is not None:
+            self._transfer_done(done)
+        else:
+            self.flush()  # 150 before the data, unless it is all sent already
+            self.transfer_task = self._spawn(self._transfer(action, sent))
+
+    def _act_run_blocking(self, action: RunBlocking) -> None:
+        self._spawn(self._run_blocking(action))
+
+    def _act_abort(self, action: AbortTransfer) -> None:
+        if self.transfer_task is not None:
+            self.transfer_task.cancel()
+
+    def _act_start_tls(self, action: StartTLS) -> None:
+        # Stop reading now, in this callback: the ClientHello may already be on its
+        # way, and must stay in the socket for the TLS layer, not reach the FTP parser.
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._tls_early = []  # from here on, data can only come through the TLS layer
+        self._spawn(self._start_tls())
+
+    def _act_close(self, action: Close) -> None:
+        self.closing = True
+        if self.transfer_task is not None:
+            self.transfer_task.cancel()
+        if self.transport is not None:
+            self.transport.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.node.loop.create_task(coro)  # not get_running_loop(): a getpid(2) each on 3.11
@@ -342,6 +389,7 @@ class ControlConnection(asyncio.Protocol):
     # ------------------------------------------------------------ lifecycle
     def abort(self, why: str) -> None:
         """Stop everything this session does (control connection gone or ban)."""
+        self.flush()  # replies performed before this (a subscriber may abort mid-perform)
         self.closing = True
         if self.transfer_task is not None:
             self.transfer_task.cancel()
@@ -352,6 +400,7 @@ class ControlConnection(asyncio.Protocol):
 
     def kick(self, code: int, text: str) -> None:
         """End the session from the server side (ban, shutdown), telling the client why."""
+        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(Exception):
                 self.transport.write(Reply(code, text).encode())
@@ -366,6 +415,8 @@ class ControlConnection(asyncio.Protocol):
             # PASV/EPSV and then no transfer command: give the port back (no hoarding).
             data.close()
             s.passive_expired()
+        elif data is not None and self.transfer_task is None:
+            data.watch_strangers()
         if s.user is None and now - self.started > login_timeout:
             self.perform(s.timed_out("login"))
         elif self.transfer_task is None and idle_timeout and now - self.last_activity > idle_timeout:
@@ -382,3 +433,16 @@ class ControlConnection(asyncio.Protocol):
     def user_name(self) -> str | None:
         s = self.session
         return s.user.name if s is not None and s.user is not None else None
+
+
+_ACTIONS: dict[type, Any] = {
+    VerifyPassword: ControlConnection._act_verify,
+    OpenPassive: ControlConnection._act_open_passive,
+    SetActive: ControlConnection._act_set_active,
+    ClosePassive: ControlConnection._act_close_passive,
+    Transfer: ControlConnection._act_transfer,
+    RunBlocking: ControlConnection._act_run_blocking,
+    AbortTransfer: ControlConnection._act_abort,
+    StartTLS: ControlConnection._act_start_tls,
+    Close: ControlConnection._act_close,
+}

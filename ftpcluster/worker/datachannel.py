@@ -68,7 +68,9 @@ class DataChannel:
         self.foreign_rejected = 0
         # Who may connect to the passive port: the control client, or (no PROXY on data) the balancer.
         self.allowed_peers: tuple[str, ...] = ()
-        self.pending: asyncio.Task[Any] | None = None  # the early accept of a passive connection
+        # The early accept of a passive connection (TLS wrapped at once, or a PROXY header to
+        # read first), or a connection accepted_now() took: a task or a done future.
+        self.pending: asyncio.Future[Any] | None = None
 
     def open_passive(self, ports: PassivePorts, bind_host: str, early_wrap: TLSWrap | None = None) -> int:
         """Listen, and accept (and, under PROT P, start TLS) as soon as the client
@@ -81,8 +83,21 @@ class DataChannel:
         self.listening_since = time.monotonic()
         if self.held is not None:
             self.held[self.holder] += 1
-        self.pending = self.loop.create_task(self._accept_early(early_wrap))
+        if early_wrap is not None or self.proxy_reader is not None:
+            # TLS: clients such as curl send their ClientHello as soon as they connect and
+            # wait for our answer; a PROXY header is read first.
+            self.pending = self.loop.create_task(self._accept_early(early_wrap))
+        # Plain: the connection waits in the listener's queue until the transfer command
+        # takes it (accepted_now), with no watcher on the listener (six system calls). A
+        # listener still unused at the node's next sweep gets one (watch_strangers).
         return ports.last_port  # the port it just bound (no getsockname call)
+
+    def watch_strangers(self) -> None:
+        """A plain listener waited a sweep for its transfer command: accept from now on,
+        so connections from strangers are closed and cannot fill its queue before the
+        owner's (as TLS listeners do from the start)."""
+        if self.listener is not None and self.pending is None:
+            self.pending = self.loop.create_task(self._accept_early(None))
 
     async def _accept_early(self, wrap: TLSWrap | None) -> "socket.socket | DataStream":
         sock = await self._accept()
@@ -298,15 +313,14 @@ SMALL_FILE = 16 * 1024  # at most what a fresh socket's send buffer takes at onc
 
 
 def _accepted_now(channel: DataChannel) -> socket.socket | None:
-    """The plain data connection if it is there already: accepted by the early-accept
-    task, or waiting in the listener's queue (the client connected and sent RETR
-    in the same loop iteration: the task has not run yet). What this takes becomes
-    `channel.pending`, a done future, so the usual path finds it too."""
+    """The plain data connection if it is there already: accepted early (TLS, PROXY:
+    not plain, so None), taken before, or waiting in the listener's queue (the usual
+    case: the client connected before it sent RETR). What this takes becomes
+    `channel.pending`, a done future, so the usual path finds it too. The socket is
+    left without TCP_NODELAY: sendfile then close needs none (the FIN pushes)."""
     pending = channel.pending
-    if pending is None:
-        return None
-    if pending.done():
-        if pending.cancelled() or pending.exception() is not None:
+    if pending is not None:
+        if not pending.done() or pending.cancelled() or pending.exception() is not None:
             return None
         got = pending.result()
         return got if isinstance(got, socket.socket) else None
@@ -322,11 +336,9 @@ def _accepted_now(channel: DataChannel) -> socket.socket | None:
         sock.close()
         return None
     sock.setblocking(False)
-    _no_delay(sock)
-    pending.cancel()
     fut: asyncio.Future[socket.socket] = channel.loop.create_future()
     fut.set_result(sock)
-    channel.pending = fut  # type: ignore[assignment]
+    channel.pending = fut
     return sock
 
 
@@ -348,13 +360,14 @@ def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | 
         return None, 0  # the usual path reports it
     sent = 0
     try:
-        if os.fstat(fd).st_size - t.offset > SMALL_FILE:
+        size = os.fstat(fd).st_size - t.offset
+        if size > SMALL_FILE:
             return None, 0
         out = sock.fileno()
-        while True:
+        while sent < size:
             n = os.sendfile(out, fd, t.offset + sent, SMALL_FILE)
             if n == 0:
-                break
+                break  # shorter than fstat said (truncated meanwhile)
             sent += n
     except BlockingIOError:
         return None, sent  # the rest goes the usual way, on the same connection

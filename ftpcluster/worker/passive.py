@@ -13,6 +13,11 @@ import socket
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
+# Connections a passive listener queues before one is accepted: the owner's, and a few
+# strangers' until the node's sweep starts closing them (DataChannel.watch_strangers).
+PASSIVE_BACKLOG = 16
+
+
 class NoPassivePort(Exception):
     """Every port of the range is in use."""
 
@@ -39,7 +44,7 @@ class PassivePorts:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((host, port))
-                sock.listen(1)
+                sock.listen(PASSIVE_BACKLOG)
                 if not _NONBLOCK:
                     sock.setblocking(False)
                 self.last_port = port
