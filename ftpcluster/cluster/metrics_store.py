@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..events import BAN_EVENTS
 
@@ -196,6 +196,16 @@ class SlotWriter:
         self._cells = store._cells
         self._base = slot * len(store.registry)
         self._index = store.registry.index
+
+    def positions(self, name: str, label_values: Iterable[str]) -> tuple[Any, dict[str, int]]:
+        """The cells and, for each value of `name`'s one label, its cell's index there:
+        a counter hit per command adds to cells[index] with no lookup of the metric."""
+        out = {}
+        for v in label_values:
+            i = self._index.get((name, (v,)))
+            if i is not None:
+                out[v] = self._base + i
+        return self._cells, out
 
     def inc(self, name: str, labels: tuple[str, ...] = (), n: int = 1) -> None:
         i = self._index.get((name, labels))

@@ -172,7 +172,8 @@ class ControlConnection(asyncio.Protocol):
             self._performing = False
             queue.clear()
             self.flush()
-        self._flow()
+        if self._read_paused or self._write_paused or (self.session is not None and self.session.backlogged):
+            self._flow()  # only when reading may have to stop or start again
 
     def flush(self) -> None:
         """Write the replies performed so far."""

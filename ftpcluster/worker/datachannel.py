@@ -59,6 +59,7 @@ class DataChannel:
         self.proxy_reader = proxy_reader
         self.timeout = timeout
         self.listener: socket.socket | None = None
+        self.family = socket.AF_INET  # the listener's
         self.listening_since = 0.0  # monotonic time the passive listener opened
         # Passive listeners open per client address on this node (`held[holder]`), so one
         # address cannot hold the whole passive range.
@@ -78,7 +79,7 @@ class DataChannel:
         ClientHello right away and wait for our answer before reading the control
         channel again (a 200 ms stall per transfer otherwise)."""
         self.close()
-        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+        self.family = family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         self.listener = ports.open(bind_host, family)
         self.listening_since = time.monotonic()
         if self.held is not None:
@@ -328,9 +329,12 @@ def _accepted_now(channel: DataChannel) -> socket.socket | None:
     if listener is None or channel.proxy_reader is not None:
         return None
     try:
-        sock, addr = listener.accept()
+        # listener.accept() without its Python layer (two enum conversions of the
+        # listener's family and type per call)
+        fd, addr = listener._accept()  # type: ignore[attr-defined]
     except OSError:  # BlockingIOError: not connected yet
         return None
+    sock = socket.socket(channel.family, socket.SOCK_STREAM, 0, fd)
     if channel.allowed_peers and not any(same_host(addr[0], p) for p in channel.allowed_peers):
         channel.foreign_rejected += 1
         sock.close()
@@ -382,8 +386,10 @@ def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | 
         os.close(fd)
     channel.pending = None
     channel.close()
-    with contextlib.suppress(OSError):
+    try:
         sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
     sock.close()
     return TransferResult("ok", bytes=sent, seconds=time.monotonic() - started), 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..cluster.metrics_store import SlotWriter
 from .protocol import BAN_EVENTS, Event, EventName, SessionInfo
 
@@ -20,6 +22,18 @@ class MetricsSubscriber:
     def count_command(self, verb: str) -> None:
         """commands_total without an event per command (SessionSettings.on_command)."""
         self.w.inc("ftpcluster_commands_total", (verb if verb in self.verbs else "other",))
+
+    def command_counter(self) -> Callable[[str], None]:
+        """count_command() with each verb's cell looked up once: one call per command."""
+        cells, at = self.w.positions("ftpcluster_commands_total", (*self.verbs, "other"))
+        other = at.get("other")
+        if other is None:  # no such metric in this layout
+            return self.count_command
+
+        def count(verb: str) -> None:
+            cells[at.get(verb, other)] += 1
+
+        return count
 
     def __call__(self, event: Event, info: SessionInfo | None) -> None:
         name, f, w = event.name, event.fields, self.w

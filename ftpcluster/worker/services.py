@@ -57,7 +57,7 @@ class NodeServices:
         (an object and a dispatch per command): the metrics' counter, or None when
         another subscriber hears those events too (the command trace at debug)."""
         subs = [s for s in self.subscribers() if hears(s, EventName.COMMAND)]
-        counters = [s.count_command for s in subs if isinstance(s, MetricsSubscriber)]
+        counters = [s.command_counter() for s in subs if isinstance(s, MetricsSubscriber)]
         if len(counters) < len(subs):
             return None
         return counters[0] if counters else _uncounted
