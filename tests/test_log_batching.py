@@ -85,3 +85,49 @@ def test_lines_left_by_a_stopped_loop_go_out_with_the_next(tmp_path: Path) -> No
     assert sink.writes == []
     logs.get_logger("supervisor").info("after the loop")  # no loop here: written at once
     assert [json.loads(x)["event"] for x in "".join(sink.writes).splitlines()] == ["last words", "after the loop"]
+
+
+def test_composed_session_lines_carry_the_dict_paths_fields(tmp_path: Path) -> None:
+    """SessionLogger writes its hot lines as strings (LineTemplate): the same keys and
+    values as the dictionary path (emit), whatever the event's fields hold."""
+    from ftpcluster.worker.protocol import Event, EventName, SessionInfo
+    from ftpcluster.worker.session_log import SessionLogger
+
+    sink = _configured(tmp_path)
+    logs._State.base = {"role": "node", "node": 7}
+    logs._State.generation += 1
+    sl = SessionLogger(7)
+    info = SessionInfo("7-1-2", "192.0.2.\u00e9\"x", pending_user="bob\n")
+    cases = [
+        Event(EventName.CONNECT, {}),
+        Event(EventName.LOGIN, {"user": "al\u00efce", "anonymous": False}),
+        Event(EventName.TRANSFER, {"command": "RETR", "path": "/a \"b\"\\\u2603", "bytes": 1024, "seconds": 0.25,
+                                   "ascii": False, "status": "ok", "direction": "o"}),
+        Event(EventName.LOGIN_FAILED, {"user": "mallory", "attempt": 2}),
+        Event(EventName.TRANSFER, {"event": "a field the line writes itself", "level": 3}),  # the dict path
+    ]
+
+    def expected(event: Event, user: str | None) -> dict[str, Any]:
+        level, message = {"connect": ("info", "connect"), "login": ("info", "login ok"), "transfer": ("info", "transfer"),
+                          "login_failed": ("warning", "login failed")}[event.name]  # fmt: skip
+        fields = {"channel": "session", "node": 7, **event.fields, "session": info.session_id, "client": info.client_ip}
+        if user is not None:
+            fields["user"] = user
+        fields["event"] = message
+        fields.update({"role": "node", "level": level})
+        return fields
+
+    async def main() -> None:
+        for i, ev in enumerate(cases):
+            if i == 2:
+                info.user, info.pending_user = "al\u00efce", None
+            sl(ev, info)
+        logs.flush()
+
+    asyncio.run(main())
+    lines = [json.loads(x) for x in "".join(sink.writes).splitlines()]
+    assert len(lines) == len(cases)
+    users = ["bob\n", "bob\n", "al\u00efce", "al\u00efce", "al\u00efce"]
+    for got, ev, user in zip(lines, cases, users):
+        assert got.pop("timestamp").endswith("Z")
+        assert got == expected(ev, user), ev

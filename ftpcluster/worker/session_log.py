@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..logs import emit, enabled, get_logger
+from ..logs import LineTemplate, emit, enabled, encode_json, encode_str, get_logger
 from .protocol import Event, EventName, SessionInfo
 
 # event name -> (level, message); anything not listed is only traced on the "session" channel
@@ -34,9 +34,15 @@ _LEVELS: dict[str, tuple[str, str]] = {  # EventName members: equal to their str
 }
 
 
+# Keys a line composes itself (SessionLogger._compose); an event field of the same name
+# (other than user, which the session's user overrides as in the dict path) goes the dict way.
+_COMPOSED = frozenset({"channel", "node", "session", "client", "user", "event", "level", "timestamp"})
+
+
 class SessionLogger:
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
+        self._templates: dict[tuple[str, str], LineTemplate] = {}
         self.log = get_logger("session", node=node_id)
         self.cmdlog = get_logger("command", node=node_id)
 
@@ -59,6 +65,8 @@ class SessionLogger:
         level, message = spec if spec is not None else ("debug", str(event.name))
         if not enabled("session", level):
             return  # below the level: skip building the record (a hot path at warning)
+        if info is not None and self._compose(level, message, event.fields, info):
+            return
         # The record as self.log.<level>(message, **fields) builds it, without
         # structlog's bound-logger round trip (three of these per session at info).
         fields = {"channel": "session", "node": self.node_id, **event.fields}
@@ -69,6 +77,33 @@ class SessionLogger:
                 fields["user"] = user
         fields["event"] = message
         emit(level, fields)
+
+    def _compose(self, level: str, message: str, fields: dict[str, Any], info: SessionInfo) -> bool:
+        """The line as a string (LineTemplate): the session's part made once per session
+        (`info.log_head`), the event's fields encoded alone. False: take the dict path."""
+        t = self._templates.get((level, message))
+        if t is None or not t.current:
+            t = self._templates[(level, message)] = LineTemplate(level, message, _COMPOSED)
+            if not t.current:
+                return False  # console format
+        user = info.user if info.user is not None else info.pending_user
+        if fields:
+            if "user" in fields:
+                if user is None:
+                    user = fields["user"]
+                fields = {k: v for k, v in fields.items() if k != "user"}
+            if not fields.keys().isdisjoint(_COMPOSED) or not isinstance(user, (str, type(None))):
+                return False
+        head = info.log_head
+        if not head:
+            head = info.log_head = (f'{{"channel": "session", "node": {self.node_id}, '
+                                    f'"session": {encode_str(info.session_id)}, "client": {encode_str(info.client_ip)}')  # fmt: skip
+        if fields:
+            head = f"{head}, {encode_json(fields)[1:-1]}"
+        if user is not None:
+            head = f'{head}, "user": {encode_str(user)}'
+        t.write(head)
+        return True
 
     @staticmethod
     def context(info: SessionInfo | None) -> dict[str, Any]:
