@@ -14,7 +14,7 @@ import re
 import secrets
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _CONTROL_CHAR = re.compile("[\x00-\x1f]")
 
@@ -37,6 +37,9 @@ class PathError(Exception):
 class Resolved:
     virtual: str  # normalised, absolute, as the client should see it
     real: str  # absolute real path inside the home
+    # The target's os.stat() when resolving walked to it through no symlink (its lstat
+    # is then its stat): a handler that needs it makes no second call. None otherwise.
+    st: os.stat_result | None = field(default=None, compare=False)
 
 
 _HOMES: dict[str, tuple[float, str]] = {}
@@ -96,36 +99,37 @@ class Home:
         """Confine `arg`. When the target does not exist (STOR, MKD), its parent must
         resolve inside the home, and the final component must not be a dangling link."""
         virtual = self.normalize(cwd, arg)
-        real, exists = self._realpath(virtual)
+        real, exists, st = self._realpath(virtual)
         if not self.inside(real):
             raise PathError("path leads outside the home directory")
         if must_exist and not exists:
             raise PathError("no such file or directory")
-        return Resolved(virtual, real)
+        return Resolved(virtual, real, st)
 
-    def _realpath(self, virtual: str) -> tuple[str, bool]:
+    def _realpath(self, virtual: str) -> tuple[str, bool, os.stat_result | None]:
         """os.path.realpath of the home-relative path, and whether it exists, walking
         only the components below the (already real) home: one lstat per component of
         the client's path instead of one per component of the whole absolute path. A
         symlink anywhere hands over to os.path.realpath."""
         real = self.root
+        st = None
         for part in virtual.split("/"):
             if not part:
                 continue
             real = os.path.join(real, part)
             try:
-                mode = os.lstat(real).st_mode
+                st = os.lstat(real)
             except (FileNotFoundError, NotADirectoryError):
                 # Missing: realpath keeps the rest as written (nothing below exists)
-                return self.real_of(virtual), False
+                return self.real_of(virtual), False, None
             except OSError:
                 break
-            if stat.S_ISLNK(mode):
+            if stat.S_ISLNK(st.st_mode):
                 break
         else:
-            return real, True
+            return real, True, st
         real = os.path.realpath(self.real_of(virtual))
-        return real, os.path.lexists(real)
+        return real, os.path.lexists(real), None
 
     def resolve_entry(self, cwd: str, arg: str, must_exist: bool = False) -> Resolved:
         """Confine `arg` as a directory entry, without following a final symlink: what

@@ -211,7 +211,7 @@ def _type_name(s: Session) -> str:
 def retr(s: Session, arg: str) -> None:
     offset, s.rest = s.rest, 0
     r = s.resolve(arg, must_exist=True)
-    st = s.fs.stat(r.real)
+    st = r.st if r.st is not None else s.fs.stat(r.real)
     if not stat.S_ISREG(st.st_mode):
         raise PathError("Not a regular file")
     if not s.fs.can(r.real, os.R_OK):
