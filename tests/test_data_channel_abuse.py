@@ -292,3 +292,50 @@ def test_odd_digits_get_501(srv: Server) -> None:
         assert c.cmd(line.encode()) == 501, line
     assert c.cmd("NOOP") == 200
     c.close()
+
+
+def _refused(port: int) -> bool:
+    """Nothing listens on `port` (a connection still queued there, or one that times out
+    on a full queue, means something does)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def test_small_retr_keeps_its_passive_port_for_the_next_epsv(srv: Server) -> None:
+    """After a small RETR the plain listener stays for the session's next EPSV (the same
+    port, no new socket); a connection left in its queue meanwhile is closed at that
+    EPSV, never sent the file; a kept listener no EPSV takes is closed by a sweep."""
+    (srv.home / "kept.txt").write_bytes(b"k" * 1000)
+    c = Raw(srv)
+    c.login()
+    assert c.cmd("TYPE I") == 200
+
+    def epsv() -> int:
+        code, text = c.reply_to("EPSV")
+        assert code == 229, text
+        return int(text.split(b"|")[3])
+
+    def fetch(port: int) -> bytes:
+        d = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert c.cmd("RETR kept.txt") == 150
+        data = b""
+        while chunk := d.recv(65536):
+            data += chunk
+        d.close()
+        assert c.reply()[0] == 226
+        return data
+
+    first = epsv()
+    assert fetch(first) == b"k" * 1000
+    stale = socket.create_connection(("127.0.0.1", first), timeout=10)  # queued on the kept listener
+    assert epsv() == first
+    assert stale.recv(10) == b""  # closed at the EPSV: nobody waits on it
+    stale.close()
+    assert fetch(first) == b"k" * 1000
+    assert wait_for(lambda: _refused(first), timeout=10, step=0.5), "kept listener still open"
+    c.close()

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
     from .node import NodeServer
 
 
+# A passive listener kept after a small RETR (DataChannel.keep_listener) is closed by the
+# first sweep after this many seconds: a client's next PASV/EPSV comes at once or not soon.
+KEEP_LISTENER = 1.0
+
+
 class ControlConnection(asyncio.Protocol):
     def __init__(self, node: NodeServer, client: tuple[str, int] | None, implicit_tls: bool = False,
                  info: dict[str, Any] | None = None) -> None:  # fmt: skip
@@ -310,26 +315,35 @@ class ControlConnection(asyncio.Protocol):
             local = self._local_ip = self.transport.get_extra_info("sockname")[0]
         channel = self._channel()
         channel.allowed_peers = self.node.data_peers(self)
-        channel.close()  # this session's previous listener does not count against the limit
-        limit = self.node.cfg.server.max_passive_per_host
-        if limit and self.node.passive_held[self.client_ip] >= limit:
-            self.publish(Event(EventName.PASSIVE_LIMIT, {"held": limit}))
-            self.perform(s.passive_failed(f"Can't open passive connection: {limit} passive ports already open from your address"))
-            return
-        try:
-            early = self.node.tls.data_wrapper(self.tls_object) if (s.prot_private and self.node.tls is not None) else None
-            port = channel.open_passive(self.node.passive_ports, local, early)
-        except NoPassivePort as e:
-            self.publish(Event(EventName.PASSIVE_EXHAUSTED, {}))
-            self.perform(s.passive_failed(f"Can't open passive connection: {e}"))
-            return
-        except OSError as e:
-            self.perform(s.passive_failed(f"Can't open passive connection: {e.strerror}"))
-            return
+        early = self.node.tls.data_wrapper(self.tls_object) if (s.prot_private and self.node.tls is not None) else None
+        port = channel.reuse_passive(local, early)  # the one kept after the last small RETR
+        if port is None:
+            channel.close()  # this session's previous listener does not count against the limit
+            port = self._new_passive(channel, local, early)
+            if port is None:
+                return
         host = self.node.masquerade or local
         if host.startswith("::ffff:"):
             host = host[7:]
         self.perform(s.passive_ready(host, port, extended))
+
+    def _new_passive(self, channel: DataChannel, local: str, early: Any) -> int | None:
+        """A new passive listener's port, or None after answering why there is none."""
+        s = self.session
+        assert s is not None
+        limit = self.node.cfg.server.max_passive_per_host
+        if limit and self.node.passive_held[self.client_ip] >= limit:
+            self.publish(Event(EventName.PASSIVE_LIMIT, {"held": limit}))
+            self.perform(s.passive_failed(f"Can't open passive connection: {limit} passive ports already open from your address"))
+            return None
+        try:
+            return channel.open_passive(self.node.passive_ports, local, early)
+        except NoPassivePort as e:
+            self.publish(Event(EventName.PASSIVE_EXHAUSTED, {}))
+            self.perform(s.passive_failed(f"Can't open passive connection: {e}"))
+        except OSError as e:
+            self.perform(s.passive_failed(f"Can't open passive connection: {e.strerror}"))
+        return None
 
     async def _transfer(self, t: Transfer, sent: int = 0) -> None:
         """The usual path; `sent` bytes of a small file already went (send_small_now)."""
@@ -416,6 +430,8 @@ class ControlConnection(asyncio.Protocol):
             # PASV/EPSV and then no transfer command: give the port back (no hoarding).
             data.close()
             s.passive_expired()
+        elif data is not None and data.kept_at and now - data.kept_at >= KEEP_LISTENER:
+            data.close()  # kept after a small RETR, and no PASV/EPSV came for it
         elif data is not None and self.transfer_task is None:
             data.watch_strangers()
         if s.user is None and now - self.started > login_timeout:

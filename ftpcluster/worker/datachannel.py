@@ -17,7 +17,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from .datastream import DataStream, PlainStream, tcp_progress
-from .passive import PassivePorts
+from .passive import PASSIVE_BACKLOG, PassivePorts
 from .protocol import Transfer, TransferResult
 from .replies import os_error_reply
 
@@ -61,6 +61,10 @@ class DataChannel:
         self.listener: socket.socket | None = None
         self.family = socket.AF_INET  # the listener's
         self.listening_since = 0.0  # monotonic time the passive listener opened
+        self.port = 0  # the passive listener's
+        # A plain listener kept after a small RETR for the session's next PASV/EPSV (socket,
+        # bind, listen and close saved), since when; 0.0: none kept. See keep_listener().
+        self.kept_at = 0.0
         # Passive listeners open per client address on this node (`held[holder]`), so one
         # address cannot hold the whole passive range.
         self.held = held
@@ -82,6 +86,7 @@ class DataChannel:
         self.family = family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         self.listener = ports.open(bind_host, family)
         self.listening_since = time.monotonic()
+        self.port = ports.last_port
         if self.held is not None:
             self.held[self.holder] += 1
         if early_wrap is not None or self.proxy_reader is not None:
@@ -97,8 +102,35 @@ class DataChannel:
         """A plain listener waited a sweep for its transfer command: accept from now on,
         so connections from strangers are closed and cannot fill its queue before the
         owner's (as TLS listeners do from the start)."""
-        if self.listener is not None and self.pending is None:
+        if self.listener is not None and self.pending is None and not self.kept_at:
             self.pending = self.loop.create_task(self._accept_early(None))
+
+    def keep_listener(self) -> None:
+        """The transfer is over: close all but a plain passive listener, which the
+        session's next PASV/EPSV takes again (reuse_passive) if it comes before the
+        node's next sweep closes it (KEEP_LISTENER)."""
+        if self.listener is None or self.proxy_reader is not None or self.pending is not None:
+            self.close()
+            return
+        self.active = None
+        self.kept_at = time.monotonic()
+
+    def reuse_passive(self, bind_host: str, early_wrap: TLSWrap | None) -> int | None:
+        """The kept listener's port for a new plain PASV/EPSV, its queue emptied first
+        (connections nobody is waiting on); None when there is none to take."""
+        listener = self.listener
+        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+        if not self.kept_at or listener is None or early_wrap is not None or family != self.family:
+            return None
+        for _ in range(PASSIVE_BACKLOG + 1):  # what the queue holds at most
+            try:
+                fd, _addr = listener._accept()  # type: ignore[attr-defined]
+            except OSError:
+                break
+            os.close(fd)
+        self.kept_at = 0.0
+        self.listening_since = time.monotonic()
+        return self.port
 
     async def _accept_early(self, wrap: TLSWrap | None) -> "socket.socket | DataStream":
         sock = await self._accept()
@@ -111,6 +143,7 @@ class DataChannel:
         self.active = (host, port)
 
     def close(self) -> None:
+        self.kept_at = 0.0
         if self.pending is not None:
             pending, self.pending = self.pending, None
             if pending.done():
@@ -385,7 +418,7 @@ def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | 
     finally:
         os.close(fd)
     channel.pending = None
-    channel.close()
+    channel.keep_listener()
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
