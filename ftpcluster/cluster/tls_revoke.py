@@ -45,11 +45,17 @@ def unpack_ids(raw: bytes | None) -> list[bytes]:
     return out
 
 
-def remember(l1: Any, user: str, session_id: bytes, ttl: float) -> bytes:
-    """Add an id to the user's list in L1; returns the packed list (for L2)."""
-    ids = [i for i in unpack_ids(l1.get(user_key(user))) if i != session_id] + [session_id]
+def remember(l1: Any, user: str, session_id: bytes, ttl: float) -> bytes | None:
+    """Add an id to the user's list in L1; returns the packed list (for L2), or None
+    when the id is there already (a resumed session: nothing to write, here or in
+    memcached, on every login)."""
+    key = user_key(user)
+    ids = unpack_ids(l1.get(key))
+    if session_id in ids:
+        return None
+    ids.append(session_id)
     packed = pack_ids(ids)
-    l1.put(user_key(user), packed, ttl)
+    l1.put(key, packed, ttl)
     return packed
 
 

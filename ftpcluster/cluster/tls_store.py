@@ -135,7 +135,7 @@ class TwoLevelStore:
         if self.l1 is None or not session_id:
             return
         packed = remember(self.l1, user, session_id, self.cfg.tls.session_lifetime)
-        if self.remote is not None and self.pending < MAX_PENDING:
+        if packed is not None and self.remote is not None and self.pending < MAX_PENDING:
             key, ttl = memcache_name(user), int(self.cfg.tls.session_lifetime) + 1
             self._submit(lambda ring: self._merge_ids(ring, key, packed, ttl))
 
