@@ -80,3 +80,44 @@ def test_a_subscriber_needs_only_session_info(core: Core) -> None:
     for sub in subs:
         sub(Event(EventName.DISCONNECT), first)
     assert gate("bob", "192.0.2.7") is None
+
+
+@pytest.fixture
+def log_state() -> Any:
+    """logs.configure() sets process-wide state: put it back for the tests after."""
+    from ftpcluster import logs
+
+    saved = dict(vars(logs._State))
+    yield
+    for k, v in saved.items():
+        if not k.startswith("__"):
+            setattr(logs._State, k, v)
+
+
+def test_subscribers_name_what_they_hear(core: Core, log_state: Any) -> None:
+    """The node routes each event name once (protocol.hears): a subscriber with an
+    `events` set hears only those, one without hears everything; with no command trace
+    and no metrics, commands are counted by a no-op instead of an event each."""
+    from ftpcluster import logs
+    from ftpcluster.config import LogConfig
+    from ftpcluster.worker.protocol import hears, listens
+
+    logs.configure(LogConfig(level="info"), node=1)
+    svc = build_services(core, count=lambda name, labels: None)
+    heard = {name: [s for s in svc.subscribers() if hears(s, name)] for name in EventName}
+    assert heard[EventName.CONNECT] == [svc.session_log, svc.limits]
+    assert heard[EventName.LOGIN] == [svc.session_log, svc.limits, svc.transfer_limits]
+    assert heard[EventName.USER] == [] and heard[EventName.COMMAND] == []
+    assert svc.command_counter() is not None  # nobody hears COMMAND: a counter, no event
+
+    @listens(EventName.DELETE)
+    def only_deletes(event: Event, info: SessionInfo | None) -> None: ...
+
+    assert hears(only_deletes, EventName.DELETE) and not hears(only_deletes, EventName.LOGIN)
+    assert hears(lambda e, i: None, EventName.LOGIN)  # no `events`: everything
+
+    logs.configure(LogConfig(level="info", trace={"command": "debug"}), node=1)
+    assert hears(svc.session_log, EventName.COMMAND)
+    assert svc.command_counter() is None  # the command trace hears them: events again
+    logs.configure(LogConfig(level="warning"), node=1)
+    assert not hears(svc.session_log, EventName.CONNECT) and hears(svc.session_log, EventName.LOGIN_FAILED)
