@@ -378,3 +378,27 @@ def test_root_start_drops_to_server_user(tmp_path):
             srv.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _low_soft_fd_limit() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+
+def test_nodes_get_the_hard_descriptor_limit(server_factory) -> None:
+    """Started with a soft limit of 256 (a shell's), the nodes run with the hard limit,
+    and a limit too low for max_sessions_per_node is logged at start with the fix."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    srv = server_factory(start=False, server={"max_sessions_per_node": 100000})
+    srv.start(nodes=1, preexec_fn=_low_soft_fd_limit)
+    pids = list(node_pids(srv).values())
+    assert pids
+    limits = (Path("/proc") / str(pids[0]) / "limits").read_text()
+    soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+    assert soft == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard)), limits
+    if hard != resource.RLIM_INFINITY and hard < 100000 * 3:
+        assert "descriptor limit below what max_sessions_per_node needs" in srv.logs()

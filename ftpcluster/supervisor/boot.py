@@ -11,6 +11,7 @@ from ..config import Config
 from ..logs import configure
 from .arbiter import BOOT_TIMEOUT, Arbiter
 from .daemon import daemonize, wait_ready
+from .fd_limit import raise_fd_limit
 from .listeners import BindError, bind_all
 from .preflight import StartupError, check
 from .preload import preload
@@ -21,6 +22,7 @@ def start(cfg: Config, daemon: bool = False) -> int:
     configure(cfg.log, cfg.base_dir, role="supervisor")
     prepare(cfg)
     preload()
+    raise_fd_limit(cfg)  # before binding and forking: the nodes inherit it
     try:
         check(cfg)
         listeners = bind_all(cfg)
