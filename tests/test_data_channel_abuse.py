@@ -206,14 +206,7 @@ def test_strangers_do_not_abort_the_owner(srv: Server) -> None:
             s.close()
     assert refused == 32
     assert c.cmd("TYPE I") == 200
-    d = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert c.cmd("RETR mine.txt") == 150
-    data = b""
-    while chunk := d.recv(65536):
-        data += chunk
-    d.close()
-    assert data == b"mine" * 1000
-    assert c.reply()[0] == 226
+    assert _passive_retr(c, port, "mine.txt") == b"mine" * 1000
     c.close()
 
 
@@ -274,8 +267,8 @@ def test_symlinks_act_on_the_link(srv: Server) -> None:
     c.close()
 
 
-def _listing(c: Raw, cmd: str) -> bytes:
-    data = c.pasv()
+def _transfer_over(c: Raw, data: socket.socket, cmd: str) -> bytes:
+    """`cmd` with its data connection `data`: the bytes, after 150 and 226."""
     assert c.cmd(cmd) == 150
     body = b""
     while chunk := data.recv(65536):
@@ -285,6 +278,10 @@ def _listing(c: Raw, cmd: str) -> bytes:
     return body
 
 
+def _listing(c: Raw, cmd: str) -> bytes:
+    return _transfer_over(c, c.pasv(), cmd)
+
+
 def test_odd_digits_get_501(srv: Server) -> None:
     c = Raw(srv)
     c.login()
@@ -292,6 +289,11 @@ def test_odd_digits_get_501(srv: Server) -> None:
         assert c.cmd(line.encode()) == 501, line
     assert c.cmd("NOOP") == 200
     c.close()
+
+
+def _passive_retr(c: Raw, port: int, name: str) -> bytes:
+    """RETR `name` over a connection to the passive `port`."""
+    return _transfer_over(c, socket.create_connection(("127.0.0.1", port), timeout=10), f"RETR {name}")
 
 
 def _refused(port: int) -> bool:
@@ -320,22 +322,12 @@ def test_small_retr_keeps_its_passive_port_for_the_next_epsv(srv: Server) -> Non
         assert code == 229, text
         return int(text.split(b"|")[3])
 
-    def fetch(port: int) -> bytes:
-        d = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert c.cmd("RETR kept.txt") == 150
-        data = b""
-        while chunk := d.recv(65536):
-            data += chunk
-        d.close()
-        assert c.reply()[0] == 226
-        return data
-
     first = epsv()
-    assert fetch(first) == b"k" * 1000
+    assert _passive_retr(c, first, "kept.txt") == b"k" * 1000
     stale = socket.create_connection(("127.0.0.1", first), timeout=10)  # queued on the kept listener
     assert epsv() == first
     assert stale.recv(10) == b""  # closed at the EPSV: nobody waits on it
     stale.close()
-    assert fetch(first) == b"k" * 1000
+    assert _passive_retr(c, first, "kept.txt") == b"k" * 1000
     assert wait_for(lambda: _refused(first), timeout=10, step=0.5), "kept listener still open"
     c.close()
