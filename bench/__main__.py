@@ -39,7 +39,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--idle", type=int, help="idle sessions for the memory workload; default 10000, quick 1000")
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(BY_NAME))
     ap.add_argument("--flood-seconds", type=float, help="ban_flood seconds per run; default 5, quick 2")
-    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to start")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help="comma-separated peers to start; add 'floor' for what a login costs in kernel and "
+                         "event loop alone (bench/floor_server.py, sessions only)")  # fmt: skip
     ap.add_argument("--profile", metavar="WORKLOAD", choices=sorted(BY_NAME),
                     help="profile ftpcluster under WORKLOAD with py-spy (only that; no table)")  # fmt: skip
     ap.add_argument("--no-nice", action="store_true", help="don't lower the bench's priority")
@@ -69,6 +71,8 @@ def start_peers(names: list[str], files: peers_mod.Files, nodes: int, notes: lis
                 started.append(peers_mod.start_ftpcluster(files, nodes, level="warning"))
             elif name == "pyftpdlib":
                 started.append(peers_mod.start_pyftpdlib(files, nodes))
+            elif name == peers_mod.FLOOR:
+                started.append(peers_mod.start_floor(files, nodes))
             elif name == "proftpd":
                 why = peers_mod.ensure_proftpd()
                 if why:
@@ -128,6 +132,8 @@ def bench(a: argparse.Namespace) -> int:
                 for p in running:
                     if p.name == QUIET and not w.log_levels:
                         continue
+                    if p.name == peers_mod.FLOOR and w.name != "sessions":
+                        continue  # it only knows USER, PASS and QUIT
                     if p.name in skipped or (p.name in errors and not samples[p.name]):
                         continue  # failed before: don't spend the time again
                     if not p.alive():

@@ -21,6 +21,7 @@ from tests.support_server import PASSWORD, REPO, cli, free_port, make_server, pa
 USER = "alice"
 FTPCLUSTER_TLS = {"session_cache": "local", "session_tickets": "local", "require_data_session_reuse": False}
 MAX_SESSIONS = 20000
+FLOOR = "floor"  # bench/floor_server.py, sessions workload only (--peers ...,floor)
 QUIET = "ftpcluster@warning"  # ftpcluster at log level warning (the main peer runs at the default, info)
 
 
@@ -186,6 +187,24 @@ def start_pyftpdlib(files: Files, workers: int) -> Peer:
             stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True,
         )  # fmt: skip
     peer = Peer("pyftpdlib", "127.0.0.1", port, home, proc, log)
+    try:
+        wait_port("127.0.0.1", port, proc=proc, log=log)
+    except Exception:
+        peer.stop()
+        raise
+    return peer
+
+
+def start_floor(files: Files, workers: int) -> Peer:
+    """bench/floor_server.py: what a login costs in kernel and event loop alone."""
+    tmp = files.base / FLOOR
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = tmp / "server.log"
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.floor_server", "--port", str(port), "--workers", str(workers)],
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)  # fmt: skip
+    peer = Peer(FLOOR, "127.0.0.1", port, tmp, proc, log)
     try:
         wait_port("127.0.0.1", port, proc=proc, log=log)
     except Exception:
