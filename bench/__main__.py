@@ -168,6 +168,8 @@ def bench(a: argparse.Namespace) -> int:
                 rows.append(report.summarize(cw, {k: v for k, v in cpu.items() if v}, {}, {}))
         print()
         print(report.table(rows, names))
+        if a.runs > 1:
+            print("x columns: the median of run-by-run ratios (each run measures every peer back to back)")
         for n in notes:
             print("note:", n)
         ts = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

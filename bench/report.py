@@ -18,6 +18,16 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def paired_ratio(ours: list[float], theirs: list[float]) -> float | None:
+    """The median of run-by-run ratios when both have a sample from every run: a run
+    measures every peer back to back, so a shared machine's drift between runs (a
+    slow minute slows all peers of that run) cancels out of each ratio. None when the
+    runs do not pair up (a peer failed a run): the caller takes the ratio of medians."""
+    if len(ours) < 2 or len(ours) != len(theirs) or not all(theirs):
+        return None
+    return median([a / b for a, b in zip(ours, theirs)])
+
+
 def summarize(w: Workload, samples: dict[str, list[float]], details: dict[str, list[dict[str, Any]]],
               errors: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     values = {peer: median(xs) for peer, xs in samples.items()}
@@ -25,7 +35,7 @@ def summarize(w: Workload, samples: dict[str, list[float]], details: dict[str, l
     ratios: dict[str, float | None] = {}
     for peer, v in values.items():
         if peer != US:
-            ratios[peer] = (ours / v) if (ours is not None and v) else None
+            ratios[peer] = paired_ratio(samples.get(US, []), samples[peer]) or ((ours / v) if (ours is not None and v) else None)
     targets = []
     for peer, bound in w.targets:
         if peer == "absolute":
