@@ -170,3 +170,50 @@ def test_all_memcached_restarted_state_converges(server_factory, memcached):
     assert wait_for(lambda: greet(h2, "127.0.2.1").startswith(b"220"), timeout=15)
     names = {b["name"] for b in bans_json(h2)}
     assert "127.0.2.2" in names and "127.0.2.1" not in names
+
+
+def _index_names(m, kind: str, name: str) -> set[str]:
+    """The entries of the index shard that names kind:name, as stored (MAC'd JSON)."""
+    from ftpcluster.cluster.ban_sync import _shard
+
+    reply = m.command(f"get ftpcluster:v1:banidx:{_shard(kind, name)}")
+    if not reply.startswith(b"VALUE"):
+        return set()
+    return set(json.loads(reply.split(b"\r\n")[1].split(b".", 3)[3]))
+
+
+def test_index_forgets_bans_that_expired(server_factory, memcached):
+    """A ban that ran out is gone from memcached with its record's TTL, and its index
+    entry goes at the next full reload (here: a host starting), so the index does not
+    grow with every ban ever made; a ban still in force keeps its entry."""
+    mcs = memcached(1)
+    section = {"enabled": True, "servers": [mcs[0].address]}
+    h1 = server_factory(name="h1", memcache=section)
+    assert cli("ban", "host", "127.0.0.60", "--for", "1s", config=h1.config).returncode == 0
+    assert cli("ban", "host", "127.0.0.61", "--for", "1h", config=h1.config).returncode == 0
+    assert wait_for(lambda: "host:127.0.0.60" in _index_names(mcs[0], "host", "127.0.0.60"), timeout=10)
+    key = "get ftpcluster:v1:ban:host:127.0.0.60"
+    assert wait_for(lambda: not mcs[0].command(key).startswith(b"VALUE"), timeout=15), "record never expired"
+    server_factory(name="h2", memcache=section)  # its first sync is a full reload
+    assert wait_for(lambda: "host:127.0.0.60" not in _index_names(mcs[0], "host", "127.0.0.60"), timeout=15)
+    assert "host:127.0.0.61" in _index_names(mcs[0], "host", "127.0.0.61")
+
+
+def test_ring_missing_is_sure_or_empty(tmp_path, memcached):
+    """Ring.missing (what the index prune trusts) names only keys every replica was
+    asked for and none holds, and nothing at all while a server is down."""
+    from ftpcluster import config as config_mod
+    from ftpcluster.cluster.memcache_ring import Ring
+
+    mcs = memcached(2)
+    cfg = config_mod.from_dict({"memcache": {"enabled": True, "servers": [m.address for m in mcs], "replicas": 2,
+                                             "timeout": "200ms", "connect_failures": 1}}, tmp_path / "f.toml")  # fmt: skip
+    ring = Ring(cfg)
+    assert ring.set("ban:host:1", b"x", 0) == 2
+    names = ["ban:host:1", "ban:host:2", "ban:host:3"]
+    assert ring.missing(names) == {"ban:host:2", "ban:host:3"}
+    mcs[1].stop()
+    ring.get("ban:host:2")  # a failed call: the server is ejected (connect_failures = 1)
+    ring.get("ban:host:3")
+    assert ring.missing(names) == set()
+    ring.close()

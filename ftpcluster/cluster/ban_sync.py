@@ -49,7 +49,8 @@ GAP_WAIT = 2.0
 REMOVAL_TTL = 7 * 86400  # a removal record outlives the log: hosts that missed the entry still see it
 MAX_LIFTED = 10000
 MAX_RESEND = 1000  # own removals written again after memcached lost its data
-FULL_EVERY = 30.0  # seconds between full reloads from the index (a safety net)  # seconds a missing log entry may take to appear before a full reload
+FULL_EVERY = 30.0  # seconds between full reloads from the index (a safety net)
+PRUNE_BATCH = 500  # index entries of vanished records checked and dropped per full reload
 
 
 def _shard(kind: str, name: str) -> int:
@@ -350,6 +351,9 @@ class BanSync:
         A ban whose record is simply gone stays until it expires: only a MAC'd removal lifts it."""
         entries = self._read_index()
         got = self._read_records(f"ban:{e}" for e in entries) if entries else {}
+        gone = entries - {name[4:] for name in got}
+        if gone:
+            self._prune_index(gone)
         live: set[tuple[str, str]] = set()
         for item in got.values():
             if isinstance(item, Ban):
@@ -366,6 +370,27 @@ class BanSync:
             if isinstance(item, tuple):
                 self._lift(*item, current=held[name])
         (log.info if self.last_seq is None else trace.debug)("cluster bans loaded", count=len(live))
+
+    def _prune_index(self, gone: set[str]) -> None:
+        """Drop index entries whose record every replica confirms is gone (expired bans,
+        removal records past REMOVAL_TTL), so the index does not grow with every ban
+        ever made. Only when every server answers (Ring.missing); a record being
+        written meanwhile is read again first, so it keeps its entry."""
+        names = [f"ban:{e}" for e in sorted(gone)[:PRUNE_BATCH]]
+        absent = self.ring.missing(names)
+        by_shard: dict[str, set[str]] = {}
+        for name in absent:
+            kind, _, ban_name = name[4:].partition(":")
+            by_shard.setdefault(f"banidx:{_shard(kind, ban_name)}", set()).add(name[4:])
+        for shard, drop in by_shard.items():
+
+            def change(raw: bytes | None, shard: str = shard, drop: set[str] = drop) -> bytes:
+                items = _index_parse(self.mac.open("banidx", shard, raw, server_of(self.ring, shard)))
+                return self.mac.seal(shard, json.dumps(sorted(items - drop)).encode())
+
+            self.ring.update(shard, change)
+        if absent:
+            trace.debug("ban index pruned", entries=len(absent))
 
     def cluster_bans(self) -> list[dict[str, Any]]:
         """For `bans --json`: bans that exist in memcached (origin cluster)."""

@@ -142,6 +142,28 @@ class Ring:
                         out[n] = v
         return out
 
+    def missing(self, names: Iterable[str]) -> set[str]:
+        """The names none of their replicas holds, every replica asked (one get_many per
+        server). Empty unless every server is up and answers: a server that is down, or
+        stood in for by another, may hold the only copy."""
+        if not self.servers or not all(s.up and not (self.health is not None and self.health.is_down(s.address))
+                                       for s in self.servers.values()):  # fmt: skip
+            return set()
+        names = list(names)
+        by_server: dict[str, list[str]] = {}
+        for n in names:
+            for s in self.targets(n):
+                by_server.setdefault(s.address, []).append(n)
+        held: set[str] = set()
+        plen = len(self.prefix)
+        for addr, group in by_server.items():
+            keys = [self.key(n) for n in group]
+            ok, got = self._call(self.servers[addr], "get", lambda c: c.get_many(keys))
+            if not ok:
+                return set()
+            held.update(k[plen:] for k in (got or {}))
+        return set(names) - held
+
     def set(self, name: str, value: bytes, ttl: int) -> int:
         """Write to every replica; returns how many took it."""
         k, n = self.key(name), 0
