@@ -217,3 +217,26 @@ def test_ring_missing_is_sure_or_empty(tmp_path, memcached):
     ring.get("ban:host:3")
     assert ring.missing(names) == set()
     ring.close()
+
+
+def test_ring_reads_the_next_replica_when_one_lost_its_data(tmp_path, memcached):
+    """A replica that restarted empty does not hide the copy on the other one: get and
+    get_many fall through to the next replica on a miss (a counter's read does not)."""
+    from ftpcluster import config as config_mod
+    from ftpcluster.cluster.memcache_ring import Ring
+
+    mcs = memcached(2)
+    cfg = config_mod.from_dict({"memcache": {"enabled": True, "servers": [m.address for m in mcs], "replicas": 2,
+                                             "timeout": "200ms"}}, tmp_path / "f.toml")  # fmt: skip
+    ring = Ring(cfg)
+    names = [f"ban:host:10.0.0.{i}" for i in range(20)]
+    for m in mcs:  # each server in turn is the one that lost everything
+        for n in names:
+            assert ring.set(n, n.encode(), 0) == 2
+        assert m.command("flush_all").startswith(b"OK")
+        assert all(ring.get(n) == n.encode() for n in names)
+        assert ring.get_many(names) == {n: n.encode() for n in names}
+    first = {ring.targets(n)[0].address for n in names}
+    assert len(first) == 2  # both servers were some name's first replica, so both paths ran
+    assert any(ring.get(n, next_on_miss=False) is None for n in names)  # the flushed first replica's answer
+    ring.close()

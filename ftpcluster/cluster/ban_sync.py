@@ -225,7 +225,7 @@ class BanSync:
 
     # ------------------------------------------------------------ reading
     def sync(self) -> None:
-        raw = self.ring.get("banseq")
+        raw = self.ring.get("banseq", next_on_miss=False)  # the counter: first live replica only
         if raw is None and not self.ring.any_up():
             return
         try:

@@ -112,34 +112,38 @@ class Ring:
         return True, result
 
     # ------------------------------------------------------------ operations
-    def get(self, name: str) -> bytes | None:
-        """From the first live replica that answers."""
+    def get(self, name: str, next_on_miss: bool = True) -> bytes | None:
+        """From the first live replica that has it: a replica that restarted empty (or
+        missed a write while it was ejected) does not hide the copy on the next one.
+        `next_on_miss=False`: the first replica's answer, miss or not (a counter, which
+        lives on the first live replica only)."""
         k = self.key(name)
         for s in self.targets(name):
             ok, v = self._call(s, "get", lambda c: c.get(k))
-            if ok:
+            if ok and (v is not None or not next_on_miss):
                 return v
         return None
 
     def get_many(self, names: Iterable[str]) -> dict[str, bytes]:
-        names = list(names)
+        """As get() for each name: one get_many per server and replica rank, the names
+        a replica did not have (or that failed there) asked of the next replica."""
         out: dict[str, bytes] = {}
-        by_server: dict[str, list[str]] = {}
-        for n in names:
-            t = self.targets(n)
-            if t:
-                by_server.setdefault(t[0].address, []).append(n)
-        for addr, group in by_server.items():
-            keys = [self.key(n) for n in group]
-            ok, got = self._call(self.servers[addr], "get", lambda c: c.get_many(keys))
-            if ok and got:
-                plen = len(self.prefix)
-                out.update({k[plen:]: v for k, v in got.items()})
-            elif not ok:  # fall back to single reads on the other replicas
-                for n in group:
-                    v = self.get(n)
-                    if v is not None:
-                        out[n] = v
+        todo = list(names)
+        plen = len(self.prefix)
+        for rank in range(self.replicas):
+            by_server: dict[str, list[str]] = {}
+            for n in todo:
+                t = self.targets(n)
+                if len(t) > rank:
+                    by_server.setdefault(t[rank].address, []).append(n)
+            for addr, group in by_server.items():
+                keys = [self.key(n) for n in group]
+                ok, got = self._call(self.servers[addr], "get", lambda c: c.get_many(keys))
+                if ok and got:
+                    out.update({k[plen:]: v for k, v in got.items()})
+            todo = [n for n in todo if n not in out]
+            if not todo:
+                break
         return out
 
     def missing(self, names: Iterable[str]) -> set[str]:
