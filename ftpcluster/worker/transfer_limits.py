@@ -7,8 +7,10 @@ up. A transfer with limits gets `Transfer.wrap`, which puts the buckets and the
 upload guard around its data stream (worker/throttle.py); a transfer without
 any keeps the plain stream and its zero-copy paths.
 
-memcached calls run on one thread of this node (a Ring belongs to one thread),
-home scans on another; the event loop only awaits them."""
+memcached calls run on the node's memcached thread (cluster/memcache_thread.py:
+one Ring, the node's health checker, a deadline per job), home scans on a
+thread of their own; the event loop only awaits them, never longer than
+`mc_wait`, then falls back as when memcached is down."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import structlog
 
 from ..cluster.host_lease import HostLeases
 from ..cluster.memcache_ring import Ring
+from ..cluster.memcache_thread import DeadlinePassed
 from ..cluster.metrics_store import SlotWriter
 from ..cluster.quota_store import LocalUsage, MemcacheUsage, scan_home
 from ..cluster.rate_lease import RateLeaser
@@ -129,7 +132,10 @@ class NodeTransferLimits:
         cfg = self.cfg = server.cfg
         self.slot = cfg.limits.rate_slot
         self.nodes = max(1, cfg.server.nodes)
-        self.mc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limits-mc") if cfg.memcache.enabled else None
+        self.mc = cfg.memcache.enabled  # leases and usage records go through the node's memcached thread
+        # A memcached job not started within this is dropped, and not waited on longer:
+        # the caller falls back (host share of a rate, local usage) as when memcached is down.
+        self.mc_wait = max(0.5, 2 * cfg.memcache.timeout)
         self.fs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quota-scan")
         self._ring: Any = None
         self._leaser: Any = None
@@ -248,8 +254,8 @@ class NodeTransferLimits:
     # ------------------------------------------------------------ rates
     async def lease(self, name: str, slot: int, budget: int, want: int) -> int:
         """A user's rate: from the cluster budget in memcached, else this host's share of it."""
-        if self.mc is not None:
-            got = await self.server.loop.run_in_executor(self.mc, self._lease_blocking, name, slot, budget, want)
+        if self.mc:
+            got = await self._mc(self._lease_blocking, name, slot, budget, want)
             if got is not None:
                 return int(got)
         hosts = self.cfg.limits.fallback_hosts or (self._leaser.hosts if self._leaser is not None else 1)
@@ -270,25 +276,37 @@ class NodeTransferLimits:
             self.fallback = {k: v for k, v in self.fallback.items() if k[1] >= slot - 2}
         return max(0, min(want, share - taken))
 
-    def _ring_here(self) -> Any:
-        """The Ring, built on the memcached thread that uses it."""
-        if self._ring is None:
-            loop = self.server.loop
-            count = lambda n, l: loop.call_soon_threadsafe(self.count, n, l)  # noqa: E731
-            # the node's health checker: a hung server is skipped, not waited on, once seen
-            self._ring = Ring(self.cfg, count=count, health=self.server.memcache().health)
-            try:
-                mac = load_record_mac(self.cfg, self._ring.prefix, count=count)
-            except SealError as e:
-                log.error("no cluster key: usage stays on this host, rate counters have plain names", error=str(e))
-                mac = None
-            self._leaser = RateLeaser(self._ring, mac)
-            self._mcu = MemcacheUsage(self._ring, mac, self.cfg.limits.quota_rescan_interval) if mac else None
-        return self._ring
+    async def _mc(self, fn: Callable[..., Any], *args: Any, failed: Any = None) -> Any:
+        """fn(*args) on the node's memcached thread (its Ring; the leaser and usage store
+        are bound to it there), or `failed` when it was not done within mc_wait."""
+
+        def job(ring: Ring) -> Any:
+            self._bind(ring)
+            return fn(*args)
+
+        fut = self.server.memcache().submit(job, deadline=time.monotonic() + self.mc_wait)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.mc_wait)
+        except (asyncio.TimeoutError, DeadlinePassed):
+            return failed
+
+    def _bind(self, ring: Ring) -> None:
+        """On the memcached thread: the rate leaser and usage store over its Ring."""
+        if self._ring is ring:
+            return
+        loop = self.server.loop
+        count = lambda n, l: loop.call_soon_threadsafe(self.count, n, l)  # noqa: E731
+        try:
+            mac = load_record_mac(self.cfg, ring.prefix, count=count)
+        except SealError as e:
+            log.error("no cluster key: usage stays on this host, rate counters have plain names", error=str(e))
+            mac = None
+        self._leaser = RateLeaser(ring, mac)
+        self._mcu = MemcacheUsage(ring, mac, self.cfg.limits.quota_rescan_interval) if mac else None
+        self._ring = ring
 
     def _lease_blocking(self, name: str, slot: int, budget: int, want: int) -> int | None:
         self.last_lease = time.monotonic()
-        self._ring_here()
         return self._leaser.lease(name, slot, budget, want)
 
     # ------------------------------------------------------------ usage
@@ -321,29 +339,26 @@ class NodeTransferLimits:
         return (b, f) if on_disk else (b + d_bytes, f + d_files)
 
     def _mc_add(self, user: str, d_bytes: int, d_files: int) -> tuple[int, int] | None:
-        self._ring_here()
         return self._mcu.add(user, d_bytes, d_files) if self._mcu is not None else None
 
     def _mc_token(self, user: str) -> tuple[bool, Any]:
-        self._ring_here()
         return self._mcu.token(user) if self._mcu is not None else (False, None)
 
     def _mc_store_scan(self, user: str, b: int, f: int, token: Any) -> bool:
-        self._ring_here()
         return self._mcu.store_scan(user, b, f, token) if self._mcu is not None else False
 
     async def quota_add(self, user: str, home: str, d_bytes: int, d_files: int, on_disk: bool) -> tuple[int, int]:
         """Move a user's usage; the new (bytes, files). `on_disk`: the change is
         already on the disk (a rescan would see it), else it is a reservation."""
-        if self.mc is not None:
-            got = await self._on(self.mc, self._mc_add, user, d_bytes, d_files)
+        if self.mc:
+            got = await self._mc(self._mc_add, user, d_bytes, d_files)
             if got is not None:
                 return self._remember(user, got)
             scanned = await self._scan_into_memcache(user, home)  # no record (or not ours), or memcached down
             if scanned is not None:
                 if on_disk:  # the scan saw the change
                     return self._remember(user, scanned)
-                got = await self._on(self.mc, self._mc_add, user, d_bytes, d_files)
+                got = await self._mc(self._mc_add, user, d_bytes, d_files)
                 if got is not None:
                     return self._remember(user, got)
             self.stale.add(user)  # rescanned into memcached once it answers again
@@ -365,18 +380,18 @@ class NodeTransferLimits:
         """Scan the home and store the result, unless the usage moved during the scan
         (then again, a few times): a rescan never overwrites a concurrent change."""
         for _ in range(tries):
-            answered, token = await self._on(self.mc, self._mc_token, user)  # type: ignore[arg-type]
+            answered, token = await self._mc(self._mc_token, user, failed=(False, None))
             if not answered:
                 return None
             b, f = await self._on(self.fs, scan_home, home)
-            if await self._on(self.mc, self._mc_store_scan, user, b, f, token):  # type: ignore[arg-type]
+            if await self._mc(self._mc_store_scan, user, b, f, token, failed=False):
                 self.stale.discard(user)
                 self.local_fresh.discard(user)  # a later outage starts from a fresh scan
                 return self._remember(user, (b, f))
         return None
 
     async def rescan(self, user: str, home: str) -> None:
-        if self.mc is not None and await self._scan_into_memcache(user, home) is not None:
+        if self.mc and await self._scan_into_memcache(user, home) is not None:
             return
         b, f = await self._on(self.fs, scan_home, home)
         await self._on(self.fs, self.local.put, user, b, f)
@@ -410,7 +425,7 @@ class NodeTransferLimits:
         while not self.server.stopped.is_set():
             await asyncio.sleep(LOOP_EVERY)
             with contextlib.suppress(Exception):
-                up = self.mc is not None and await self._on(self.mc, self._refresh_hosts)
+                up = self.mc and await self._mc(self._refresh_hosts, failed=False)
                 for user in list(self.stale) if up else []:  # no scan a second while memcached is away
                     home = self.quota_users.get(user)
                     if home is not None:
@@ -418,19 +433,17 @@ class NodeTransferLimits:
                 if interval and time.monotonic() - self.last_rescan >= interval:
                     self.last_rescan = time.monotonic()
                     for user, home in list(self.quota_users.items()):
-                        if self.mc is None or await self._on(self.mc, self._claim, user, interval):
+                        if not self.mc or await self._mc(self._claim, user, interval, failed=False):
                             await self.rescan(user, home)
 
     def _refresh_hosts(self) -> bool:
-        """Probe ejected servers, re-read the host count; whether any server is up."""
-        self._ring_here()
-        self._ring.probe()
+        """Re-read the host count; whether any server is up (the thread probes ejected
+        servers itself on every wake-up)."""
         busy = time.monotonic() - self.last_lease < 30.0 or self._leaser.hosts <= 1
         self._leaser.refresh_hosts(every=2.0 if busy else 10.0)  # cheap when no rate is in use
         return bool(self._ring.any_up())
 
     def _claim(self, user: str, interval: float) -> bool:
-        self._ring_here()
         return self._mcu.claim_rescan(user, interval) if self._mcu is not None else True
 
     # ------------------------------------------------------------ SITE QUOTA
