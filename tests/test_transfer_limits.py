@@ -313,7 +313,26 @@ def test_status_json_and_metrics_show_limits(cluster):
     assert delta("ftpcluster_quota_refusals_total", during_refusal) == 1
 
 
-# ---------------------------------------------------------------- memcached down (last: it kills memcached)
+# ---------------------------------------------------------------- memcached hung, then down (last: it kills memcached)
+def test_hung_memcached_falls_back_to_the_host_share_without_stalling(cluster):
+    """memcached SIGSTOPped: a rate lease is not waited on past its deadline (the node's
+    memcached thread drops it), the host's share applies; the same download on the same
+    host takes at most a few times what it took with memcached answering."""
+    mcs, _, h2, _, _ = cluster
+    healthy_t, (got,) = timed([lambda: download(h2, "one.bin", MiB)])
+    assert got == MiB
+    mcs[0].proc.send_signal(signal.SIGSTOP)
+    try:
+        hung_t, (got,) = timed([lambda: download(h2, "one.bin", MiB)])
+    finally:
+        mcs[0].proc.send_signal(signal.SIGCONT)
+    print(f"memcached hung: {hung_t:.2f} s against {healthy_t:.2f} s answering")
+    assert got == MiB
+    # The host's share is half the cluster rate (two hosts seen): about twice as long,
+    # plus the first leases' deadlines before the server is seen down (seen: 2.4x).
+    assert hung_t <= 5 * healthy_t, (hung_t, healthy_t)
+
+
 def test_memcached_down_falls_back_to_host_shares(cluster):
     """Each host then takes half the rate (2 hosts seen), its nodes sharing it: h1's
     two sessions (2 nodes) together, h2's one session, all at the same time."""
