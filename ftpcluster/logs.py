@@ -108,7 +108,11 @@ class LineTemplate:
 
     def write(self, head: str) -> None:
         """`head`: '{"key": value, ...' up to the event (no closing brace)."""
-        _Batch.write(f"{head}{self.tail}{_Clock.now()}\"}}\n")
+        t, c = time.time(), _Clock  # _Clock.now(), inline
+        sec = int(t)
+        if sec != c.second:
+            c.second, c.prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _Batch.write(f"{head}{self.tail}{c.prefix}.{int((t - sec) * 1e6):06d}Z\"}}\n")
 
 
 class _Clock:

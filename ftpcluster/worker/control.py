@@ -159,6 +159,16 @@ class ControlConnection(asyncio.Protocol):
         if self._performing:
             self._outputs.extendleft(reversed(outputs))
             return
+        if len(outputs) == 1 and type(outputs[0]) is Reply:  # one reply (most commands): written at once
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(outputs[0].encode())  # type: ignore[union-attr]
+        else:
+            self._perform_all(outputs)
+        if self._read_paused or self._write_paused or (self.session is not None and self.session.backlogged):
+            self._flow()  # only when reading may have to stop or start again
+
+    def _perform_all(self, outputs: list[Output]) -> None:
         self._performing = True
         queue = self._outputs
         queue.extend(outputs)
@@ -177,8 +187,6 @@ class ControlConnection(asyncio.Protocol):
             self._performing = False
             queue.clear()
             self.flush()
-        if self._read_paused or self._write_paused or (self.session is not None and self.session.backlogged):
-            self._flow()  # only when reading may have to stop or start again
 
     def flush(self) -> None:
         """Write the replies performed so far."""

@@ -144,6 +144,7 @@ class NodeServer:
             user_gate=self.user_gate,
             limits=self.services.transfer_limits,
             on_command=self.services.command_counter(),
+            heard=self.heard,
         )
 
     def user_gate(self, user: str, ip: str) -> str | None:
@@ -323,6 +324,11 @@ class NodeServer:
         if subs is None:
             subs = self._routes[name] = tuple(s for s in self.subscribers if hears(s, name))
         return subs
+
+    def heard(self, name: str) -> bool:
+        """Does any subscriber hear events called `name` (SessionSettings.heard)?"""
+        subs = self._routes.get(name)
+        return bool(subs if subs is not None else self.route(name))
 
     def publish(self, event: Event, info: SessionInfo | None) -> None:
         self.deliver(self.route(event.name), event, info)

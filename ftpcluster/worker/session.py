@@ -56,6 +56,9 @@ class SessionSettings:
     # verb -> None, called for each command instead of emitting a COMMAND event when only
     # a counter would hear it (set by the node; None: the event, as tests expect)
     on_command: Callable[[str], None] | None = None
+    # event name -> whether anyone hears it; an event nobody hears is not made at all
+    # (set by the node from its routes; None: every event, as tests expect)
+    heard: Callable[[str], bool] | None = None
 
 
 class Session:
@@ -112,7 +115,9 @@ class Session:
         self._out.append(action)
 
     def emit(self, name: EventName, **fields: Any) -> None:
-        self._out.append(Event(name, fields))
+        heard = self.settings.heard
+        if heard is None or heard(name):
+            self._out.append(Event(name, fields))
 
     def _take(self) -> list[Output]:
         out, self._out = self._out, []
