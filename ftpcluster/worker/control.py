@@ -81,10 +81,14 @@ class ControlConnection(asyncio.Protocol):
         node = self.node
         if not self.admitted:
             peer = transport.get_extra_info("peername")
-            ip = peer[0] if peer else ""
+            if not peer:  # reset before we got to it: nobody to answer
+                self.closing = True
+                transport.close()
+                return
+            ip = peer[0]
             if ip.startswith("::ffff:"):
                 ip = ip[7:]
-            self.client_ip, self.client_port = ip, peer[1] if peer else 0
+            self.client_ip, self.client_port = ip, peer[1]
             refusal = node.admit(ip)
             if refusal is not None:
                 self.closing = True
