@@ -5,6 +5,7 @@ ban tables cannot be opened. Every node stays the same process throughout."""
 from __future__ import annotations
 
 import errno
+import ftplib
 import resource
 import select
 import socket
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from .support_cluster import alive, node_pids, ready_status
-from .support_server import cli, free_port, make_server
+from .support_server import cli, free_port, make_server, wait_for
 
 pytestmark = pytest.mark.slow  # supervisor faults: `make test` runs it, -m "not slow" leaves it out
 
@@ -106,6 +107,49 @@ def test_supervisor_survives_fd_exhaustion_and_a_failed_reload(tmp_path) -> None
         assert r.returncode == 1 and "reload failed" in r.stderr, (r.returncode, r.stderr)
         assert srv.proc.poll() is None
         assert cli("ban", "host", "127.0.0.77", config=srv.config).returncode == 0  # old tables still work
+        assert node_pids(srv) == before
+    finally:
+        srv.stop()
+
+
+def _limit_fds_96() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+
+
+def test_node_with_few_descriptors_answers_421_instead_of_running_out(tmp_path) -> None:
+    """A node whose descriptor limit is below what max_sessions_per_node needs admits
+    only the sessions that fit and answers 421 to the rest: no connection is closed
+    unanswered (the event loop's accept, out of descriptors, would close them), the
+    node stays the same process, and it serves again once they are gone."""
+    srv = make_server(tmp_path)
+    srv.start(nodes=1, preexec_fn=_limit_fds_96)
+    try:
+        ready_status(srv, 1)
+        before = node_pids(srv)
+        held = [socket.create_connection((srv.host, srv.port), timeout=5) for _ in range(150)]
+        firsts = []
+        for s in held:
+            s.settimeout(5)
+            try:
+                firsts.append(s.recv(100)[:3])
+            except OSError:
+                firsts.append(b"err")
+        greeted, refused = firsts.count(b"220"), firsts.count(b"421")
+        assert greeted + refused == len(held), sorted(set(firsts))
+        assert 0 < greeted < len(held) and refused > 0
+        assert "descriptor limit below what max_sessions_per_node needs" in srv.logs()
+        for s in held:
+            s.close()
+
+        def served() -> bool:
+            try:
+                with srv.ftp() as f:
+                    f.voidcmd("NOOP")
+                return True
+            except (OSError, EOFError, ftplib.Error):  # 421 until the node saw the closes
+                return False
+
+        assert wait_for(served, timeout=10), "not served again once the connections were gone"
         assert node_pids(srv) == before
     finally:
         srv.stop()

@@ -28,6 +28,7 @@ import structlog
 
 from ..cluster.memcache_thread import MemcacheThread
 from ..config import LISTEN_BACKLOG, Config
+from ..descriptors import sessions_within, soft_limit
 from ..logs import reopen
 from ..users import Authenticator, UserRecord, load_users
 from .control import ControlConnection
@@ -92,6 +93,11 @@ class NodeServer:
         self._pid = os.getpid()  # for session ids: the node is made after the fork
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._server: asyncio.AbstractServer | None = None  # the loop's server on the plain listener
+        # Sessions admitted at most: max_sessions_per_node, or fewer when the descriptor
+        # limit would run out first (then a client gets 421, not a silent close from
+        # the event loop's accept out of descriptors).
+        fits = sessions_within(soft_limit())
+        self.session_cap = cfg.server.max_sessions_per_node if fits is None else min(cfg.server.max_sessions_per_node, fits)
         self._memcache: MemcacheThread | None = None
         self._memcache_lock = threading.Lock()
         self.auth = Authenticator({})
@@ -194,7 +200,7 @@ class NodeServer:
         """A refusal for a connection the loop accepted (bans, limits, a full node), or
         None; refusals are counted as _refuse() counts them."""
         msg = self.refusal_for(ip)
-        if msg is None and len(self.sessions) + self.connecting >= self.cfg.server.max_sessions_per_node:
+        if msg is None and len(self.sessions) + self.connecting >= self.session_cap:
             msg = "421 Too many connections on this node, try again later"
         if msg is None and self.stopping and not self.draining:  # accepted just before the stop
             msg = "421 Server shutting down"

@@ -1,0 +1,25 @@
+"""How many descriptors a session needs, for the limits both the supervisor (the
+soft RLIMIT_NOFILE it raises) and a node (the sessions it admits) derive from it."""
+
+from __future__ import annotations
+
+import resource
+
+PER_SESSION = 3  # control connection, passive listener, data connection
+RESERVE = 64  # log files, shared memory, memcached, pipes, and an accept to refuse with
+
+
+def soft_limit() -> int | None:
+    """The soft RLIMIT_NOFILE, None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def needed(sessions: int) -> int:
+    """Descriptors for `sessions` sessions and the process around them."""
+    return sessions * PER_SESSION + RESERVE
+
+
+def sessions_within(limit: int | None) -> int | None:
+    """How many sessions fit under `limit` descriptors (None: no bound)."""
+    return None if limit is None else max(1, (limit - RESERVE) // PER_SESSION)
