@@ -177,16 +177,18 @@ def start_pyftpdlib(files: Files, workers: int) -> Peer:
     _share(files, home)
     port = free_port()
     lo, hi = passive_range(256)
+    args = ["--port", str(port), "--user", USER, "--password", PASSWORD, "--home", str(home), "--passive", f"{lo}-{hi}",
+            "--cert", str(files.cert), "--key", str(files.key), "--workers", str(workers), "--max-cons", str(MAX_SESSIONS)]
+    return _start_module("pyftpdlib", "bench.pyftpd_server", args, tmp, home, port)
+
+
+def _start_module(name: str, module: str, args: list[str], tmp: Path, home: Path, port: int) -> Peer:
+    """`python -m module args` on loopback `port`, logging to tmp/server.log, once it listens."""
     log = tmp / "server.log"
     with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.pyftpd_server", "--port", str(port), "--user", USER,
-             "--password", PASSWORD, "--home", str(home), "--passive", f"{lo}-{hi}",
-             "--cert", str(files.cert), "--key", str(files.key), "--workers", str(workers),
-             "--max-cons", str(MAX_SESSIONS)],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True,
-        )  # fmt: skip
-    peer = Peer("pyftpdlib", "127.0.0.1", port, home, proc, log)
+        proc = subprocess.Popen([sys.executable, "-m", module, *args],
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)  # fmt: skip
+    peer = Peer(name, "127.0.0.1", port, home, proc, log)
     try:
         wait_port("127.0.0.1", port, proc=proc, log=log)
     except Exception:
@@ -200,17 +202,7 @@ def start_floor(files: Files, workers: int) -> Peer:
     tmp = files.base / FLOOR
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = tmp / "server.log"
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.floor_server", "--port", str(port), "--workers", str(workers)],
-                                stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)  # fmt: skip
-    peer = Peer(FLOOR, "127.0.0.1", port, tmp, proc, log)
-    try:
-        wait_port("127.0.0.1", port, proc=proc, log=log)
-    except Exception:
-        peer.stop()
-        raise
-    return peer
+    return _start_module(FLOOR, "bench.floor_server", ["--port", str(port), "--workers", str(workers)], tmp, tmp, port)
 
 
 # -- ProFTPD ------------------------------------------------------------------

@@ -108,11 +108,7 @@ class LineTemplate:
 
     def write(self, head: str) -> None:
         """`head`: '{"key": value, ...' up to the event (no closing brace)."""
-        t, c = time.time(), _Clock  # _Clock.now(), inline
-        sec = int(t)
-        if sec != c.second:
-            c.second, c.prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        _Batch.write(f"{head}{self.tail}{c.prefix}.{int((t - sec) * 1e6):06d}Z\"}}\n")
+        _Batch.write(f"{head}{self.tail}{_Clock.now()}\"}}\n")
 
 
 class _Clock:
@@ -188,10 +184,7 @@ def configure(cfg: LogConfig, base_dir: Any = None, **base: Any) -> None:
 def emit(method: str, fields: dict[str, Any]) -> None:
     """A record straight to the sink, as a structlog logger bound to `fields` would
     write it (the caller checked `enabled` first): the session log's hot path."""
-    for k, v in _State.base.items():  # _finish(), inline: three of these per session
-        fields.setdefault(k, v)
-    fields["level"] = method
-    fields["timestamp"] = _Clock.now()
+    _finish(fields, method)
     console = _State.console
     _Batch.write((_encode(fields) if console is None else console(None, method, fields)) + "\n")
 
@@ -215,9 +208,7 @@ class _Batch:
 
     @classmethod
     def write(cls, line: str) -> None:
-        loop = cls.loops.get(threading.get_ident())  # _running_loop()'s usual answer, inline
-        if loop is None or not loop.is_running():
-            loop = cls._running_loop()
+        loop = cls._running_loop()
         with cls.lock:
             pending = len(cls.lines)
             if not pending and loop is None:

@@ -169,15 +169,15 @@ class BanSync:
         self._log({"op": "remove", "kind": kind, "name": name, "upto": upto, "origin_host": self.host_id})
 
     def _index_update(self, kind: str, name: str, add: bool) -> None:
-        shard, entry = f"banidx:{_shard(kind, name)}", f"{kind}:{name}"
+        entry = {f"{kind}:{name}"}
+        self._edit_index(f"banidx:{_shard(kind, name)}", add=entry if add else set(), drop=set() if add else entry)
+
+    def _edit_index(self, shard: str, add: set[str], drop: set[str]) -> None:
+        """Add and drop entries of one index shard (gets/cas on every replica)."""
 
         def change(raw: bytes | None) -> bytes:
             items = _index_parse(self.mac.open("banidx", shard, raw, server_of(self.ring, shard)))
-            if add:
-                items.add(entry)
-            else:
-                items.discard(entry)
-            return self.mac.seal(shard, json.dumps(sorted(items)).encode())
+            return self.mac.seal(shard, json.dumps(sorted((items | add) - drop)).encode())
 
         self.ring.update(shard, change)
 
@@ -383,12 +383,7 @@ class BanSync:
             kind, _, ban_name = name[4:].partition(":")
             by_shard.setdefault(f"banidx:{_shard(kind, ban_name)}", set()).add(name[4:])
         for shard, drop in by_shard.items():
-
-            def change(raw: bytes | None, shard: str = shard, drop: set[str] = drop) -> bytes:
-                items = _index_parse(self.mac.open("banidx", shard, raw, server_of(self.ring, shard)))
-                return self.mac.seal(shard, json.dumps(sorted(items - drop)).encode())
-
-            self.ring.update(shard, change)
+            self._edit_index(shard, add=set(), drop=drop)
         if absent:
             trace.debug("ban index pruned", entries=len(absent))
 

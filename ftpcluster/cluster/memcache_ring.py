@@ -75,13 +75,17 @@ class Ring:
     def key(self, name: str) -> str:
         return self.prefix + name
 
+    def _live(self, s: Server) -> bool:
+        """Not ejected by the ring, not down by the health checker's verdict."""
+        return s.up and not (self.health is not None and self.health.is_down(s.address))
+
     def targets(self, name: str) -> list[Server]:
         out: list[Server] = []
         if not self.servers:
             return out
         for node in self.ring.range(self.key(name), size=None, unique=True):
             s = self.servers[node["nodename"] if isinstance(node, dict) else node]
-            if s.up and not (self.health is not None and self.health.is_down(s.address)):
+            if self._live(s):
                 out.append(s)
                 if len(out) == self.replicas:
                     break
@@ -150,8 +154,7 @@ class Ring:
         """The names none of their replicas holds, every replica asked (one get_many per
         server). Empty unless every server is up and answers: a server that is down, or
         stood in for by another, may hold the only copy."""
-        if not self.servers or not all(s.up and not (self.health is not None and self.health.is_down(s.address))
-                                       for s in self.servers.values()):  # fmt: skip
+        if not self.servers or not all(self._live(s) for s in self.servers.values()):
             return set()
         names = list(names)
         by_server: dict[str, list[str]] = {}
@@ -268,7 +271,7 @@ class Ring:
         return out
 
     def any_up(self) -> bool:
-        return any(s.up and not (self.health is not None and self.health.is_down(s.address)) for s in self.servers.values())
+        return any(self._live(s) for s in self.servers.values())
 
     def close(self) -> None:
         for s in self.servers.values():

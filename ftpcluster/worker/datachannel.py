@@ -36,6 +36,11 @@ class DataRefused(Exception):
         self.code = code
 
 
+def family_of(host: str) -> int:
+    """The address family of a numeric address."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def same_host(a: str, b: str) -> bool:
     if a == b:
         return True  # the usual case, without parsing two addresses per data connection
@@ -83,7 +88,7 @@ class DataChannel:
         ClientHello right away and wait for our answer before reading the control
         channel again (a 200 ms stall per transfer otherwise)."""
         self.close()
-        self.family = family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+        self.family = family = family_of(bind_host)
         self.listener = ports.open(bind_host, family)
         self.listening_since = time.monotonic()
         self.port = ports.last_port
@@ -119,8 +124,7 @@ class DataChannel:
         """The kept listener's port for a new plain PASV/EPSV, its queue emptied first
         (connections nobody is waiting on); None when there is none to take."""
         listener = self.listener
-        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-        if not self.kept_at or listener is None or early_wrap is not None or family != self.family:
+        if not self.kept_at or listener is None or early_wrap is not None or family_of(bind_host) != self.family:
             return None
         for _ in range(PASSIVE_BACKLOG + 1):  # what the queue holds at most
             try:
@@ -185,8 +189,7 @@ class DataChannel:
                     return await self._accept()
                 if self.active is not None:
                     host, port = self.active
-                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
                     sock.setblocking(False)
                     try:
                         await self.loop.sock_connect(sock, (host, port))

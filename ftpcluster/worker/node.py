@@ -251,8 +251,8 @@ class NodeServer:
             await self._connect_counted(sock, client, implicit)
         finally:
             self.connecting -= 1
-            if self.draining and not self.sessions and not self.connecting:
-                self._stop_when_idle()  # the last accepted connection refused or failed while draining
+            if self.stopping:
+                self._stop_when_idle()  # maybe the last accepted connection, refused or failed
 
     async def _connect_counted(self, sock: socket.socket, client: tuple[str, int], implicit: bool) -> None:
         info: dict[str, Any] = {}
@@ -305,13 +305,14 @@ class NodeServer:
         if conn in self.sessions:
             self.sessions.discard(conn)
             conn.publish(_DISCONNECT)
-        if self.stopping and not self.sessions and not (self.draining and self.connecting):
+        if self.stopping:
             self._stop_when_idle()
 
     def _stop_when_idle(self) -> None:
-        """Stopping with nothing left: stopped, one loop turn later. A connection the loop's
-        server accepted before stop_accepting() has its connection_made() queued before
-        this check, so it is served (draining) or told 421 (stopping), never cut."""
+        """Stopped once nothing is left, checked one loop turn later (_stop_if_idle): a
+        connection the loop's server accepted before stop_accepting() has its
+        connection_made() queued before the check, so it is served (draining) or told
+        421 (stopping), never cut."""
         self.loop.call_soon(self._stop_if_idle)
 
     def _stop_if_idle(self) -> None:
@@ -333,8 +334,7 @@ class NodeServer:
 
     def heard(self, name: str) -> bool:
         """Does any subscriber hear events called `name` (SessionSettings.heard)?"""
-        subs = self._routes.get(name)
-        return bool(subs if subs is not None else self.route(name))
+        return bool(self.route(name))
 
     def publish(self, event: Event, info: SessionInfo | None) -> None:
         self.deliver(self.route(event.name), event, info)
@@ -406,8 +406,7 @@ class NodeServer:
         for conn in list(self.sessions):
             if conn.transfer_task is None:
                 conn.kick(421, "Server shutting down")
-        if not self.sessions:
-            self._stop_when_idle()
+        self._stop_when_idle()
 
     def reopen_logs(self) -> None:
         """SIGUSR1 (logrotate): reopen the log file and every service's own (xferlog)."""
@@ -422,8 +421,7 @@ class NodeServer:
             return
         self.stopping = self.draining = True
         self.stop_accepting()
-        if not self.sessions and not self.connecting:  # accepted ones still connecting are served too
-            self._stop_when_idle()
+        self._stop_when_idle()  # accepted ones still connecting are served too
         self.loop.call_later(self.cfg.server.graceful_timeout, self._drain_expired)
 
     def _drain_expired(self) -> None:

@@ -30,7 +30,7 @@ from .listing import MLST_FACTS
 from .parse import FOREIGN_PREFIXES, FOREIGN_PROTOCOL, NOT_IMPLEMENTED, parse_line, verb_of
 from .protocol import Action, Close, Event, EventName, Output, Reply, RunBlocking, Transfer, TransferResult
 from .replies import os_error_reply, passive_reply
-from .state import TRANSITIONS, URGENT_STATES, State, Step, next_state
+from .state import URGENT_STATES, State, Step, next_state
 
 __all__ = ["MAX_QUEUED_LINES", "Session", "SessionSettings", "State", "User", "os_error_reply", "parse_line"]
 
@@ -104,8 +104,7 @@ class Session:
 
     def step(self, step: Step) -> None:
         """Move along the transition table (state.py); a step it does not allow raises."""
-        to = TRANSITIONS[self.state].get(step)  # next_state(), without a call on the usual path
-        self.state = to if to is not None else next_state(self.state, step)  # the latter raises
+        self.state = next_state(self.state, step)
 
     # ------------------------------------------------------------ output API
     def reply(self, code: int, text: str | tuple[str, ...] | list[str]) -> None:
@@ -230,10 +229,7 @@ class Session:
             self.emit(EventName.COMMAND, verb=verb)
         else:
             on_command(verb)
-        try:  # _guarded(), inline: once per command
-            spec.handler(self, arg)
-        except Exception as e:
-            self._failed(verb, e)
+        self._guarded(verb, spec.handler, arg)
 
     def _guarded(self, verb: str, fn: Callable[[Session, Any], None], arg: Any) -> None:
         """Run a handler (or its continuation): refusals and OS errors become replies."""
@@ -241,16 +237,11 @@ class Session:
             if isinstance(arg, Exception):
                 raise arg  # a blocking call failed: answered like the handler's own error
             fn(self, arg)
-        except Exception as e:
-            self._failed(verb, e)
-
-    def _failed(self, verb: str, e: Exception) -> None:
-        """A handler raised `e` (called in its except block)."""
-        if isinstance(e, PathError):
+        except PathError as e:
             self.reply(550, str(e))
-        elif isinstance(e, OSError):
+        except OSError as e:
             self.reply(*os_error_reply(e))
-        else:  # a bug: answer, log it once with its traceback, go on
+        except Exception as e:  # a bug: answer, log it once with its traceback, go on
             self.reply(451, "Local error in processing")
             self.emit(EventName.HANDLER_ERROR, command=verb, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
 

@@ -70,11 +70,8 @@ class SessionLogger:
         # The record as self.log.<level>(message, **fields) builds it, without
         # structlog's bound-logger round trip (three of these per session at info).
         fields = {"channel": "session", "node": self.node_id, **event.fields}
-        if info is not None:  # context(), inline
-            fields["session"], fields["client"] = info.session_id, info.client_ip
-            user = info.user if info.user is not None else info.pending_user
-            if user is not None:
-                fields["user"] = user
+        if info is not None:
+            fields.update(self.context(info))
         fields["event"] = message
         emit(level, fields)
 
