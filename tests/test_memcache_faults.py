@@ -154,11 +154,14 @@ def test_hung_memcached_stalls_no_loop_and_shows_down(cluster):
         time.sleep(0.5)
     finally:
         churn.stop.set()
+        resumed_at = time.monotonic()
         for m in mcs:
             _cont(m)
         churn.join(15)
     before = [r for r in churn.results if r[0] < split]
-    after = [r for r in churn.results if r[0] >= stopped_at]
+    # Handshakes done while memcached was stopped: one still running at the SIGCONT may
+    # find memcached answering again (seen once in a clean-clone run: 1 of 13 resumed).
+    after = [r for r in churn.results if r[0] >= stopped_at and r[0] + r[1] < resumed_at]
     print(f"\nlogin ms healthy p50 {statistics.median(healthy) * 1000:.2f} max {max(healthy) * 1000:.1f}; "
           f"hung p50 {statistics.median(hung) * 1000:.2f} max {max(hung) * 1000:.1f}; "
           f"cross-host handshakes hung: {len(after)}, max {max((r[1] for r in after), default=0) * 1000:.1f} ms, "
