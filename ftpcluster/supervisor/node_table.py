@@ -9,9 +9,12 @@ A slot is a seqlock: a sequence word, odd while its writer is in the middle of
 a write, then the record. `struct.pack_into` zero-fills before it writes, so
 without it a reader racing a heartbeat saw `pid = 0` (about 1 % of reads) and
 the supervisor killed a healthy node as stale. The sequence word is one aligned
-8-byte store (a memoryview of 'Q'), and on x86-64 stores and loads are not
-reordered with each other, so a reader that sees the same even value before and
-after reading the record has a record from one write."""
+8-byte store (a memoryview of 'Q'). On x86-64 stores and loads are not reordered
+with each other, so a reader that sees the same even value before and after
+reading the record has a record from one write. Python has no memory barriers,
+and ARM (aarch64) may reorder them, so the record also carries a CRC32 of its
+body: a record mixed from two writes fails it and is read again, whatever order
+the stores became visible in."""
 
 from __future__ import annotations
 
@@ -19,12 +22,15 @@ import mmap
 import os
 import struct
 import time
+import zlib
 from dataclasses import dataclass
 
 SEQ = struct.Struct("<Q")  # the slot's sequence word, at its start
+CRC = struct.Struct("<Q")  # CRC32 of the body (in a word of its own), after the sequence word
 BODY = struct.Struct("<qqddqqq")  # pid, state, started, heartbeat, sessions, sessions_total, rejected
-SLOT_SIZE = 64
-assert SEQ.size + BODY.size <= SLOT_SIZE and SLOT_SIZE % 8 == 0
+RECORD_OFF = SEQ.size  # the CRC word, then the body
+SLOT_SIZE = 128  # two cache lines: a slot never shares a line with its neighbour's sequence word
+assert SEQ.size + CRC.size + BODY.size <= SLOT_SIZE and SLOT_SIZE % 8 == 0
 READ_SPINS = 64  # plain re-reads before yielding the CPU to a writer that was preempted mid-write
 READ_PATIENCE = 0.05  # seconds; after that the last consistent view of the slot is returned
 
@@ -54,24 +60,30 @@ class NodeTable:
     def _write(self, slot: int, *values: object) -> None:
         """One writer per slot at a time (the node while it runs, the supervisor
         before the fork and after the reap)."""
-        i = slot * SLOT_SIZE // 8
+        i, off = slot * SLOT_SIZE // 8, slot * SLOT_SIZE + RECORD_OFF
+        body = BODY.pack(*values)
+        record = CRC.pack(zlib.crc32(body)) + body
         seq = self.words[i]
         seq += seq & 1  # a writer that died mid-write left it odd: start from the next even value
         self.words[i] = seq + 1
-        BODY.pack_into(self.mem, slot * SLOT_SIZE + SEQ.size, *values)
+        self.mem[off : off + len(record)] = record
         self.words[i] = seq + 2
 
     def read(self, slot: int) -> SlotView:
-        """A record from one write: retried while a writer is in the middle of one."""
-        i, off = slot * SLOT_SIZE // 8, slot * SLOT_SIZE + SEQ.size
+        """A record from one write: retried while a writer is in the middle of one
+        (odd or moving sequence word, or a body that fails its CRC)."""
+        i, off = slot * SLOT_SIZE // 8, slot * SLOT_SIZE + RECORD_OFF
+        end = off + CRC.size + BODY.size
         deadline = 0.0
         spins = 0
         while True:
             seq = self.words[i]
+            if seq == 0:  # never written: a free slot
+                return SlotView(slot, 0, FREE, 0.0, 0.0, 0, 0, 0)
             if not seq & 1:
-                values = BODY.unpack_from(self.mem, off)
-                if self.words[i] == seq:
-                    view = SlotView(slot, *values)
+                record = self.mem[off:end]
+                if self.words[i] == seq and CRC.unpack_from(record)[0] == zlib.crc32(record[CRC.size :]):
+                    view = SlotView(slot, *BODY.unpack_from(record, CRC.size))
                     self._last[slot] = view
                     return view
             spins += 1
@@ -80,7 +92,7 @@ class NodeTable:
                 if not deadline:
                     deadline = now + READ_PATIENCE
                 elif now > deadline:  # its writer died mid-write (and is about to be reaped)
-                    return self._last.get(slot) or SlotView(slot, *BODY.unpack_from(self.mem, off))
+                    return self._last.get(slot) or SlotView(slot, *BODY.unpack_from(self.mem, off + CRC.size))
                 os.sched_yield()
 
     def claim(self, used: set[int]) -> int:
