@@ -127,6 +127,12 @@ MUTATIONS: list[Mutation] = [
     M("shm-cache-torn", "TLS session cache reads a slot a writer left half-written", "ftpcluster/cluster/shm_cache.py",
       [("            if seq & 1:\n", "            if False:\n")],
       ["tests/test_tls_native.py::test_shm_cache_get_put_expire_and_torn_writes"]),
+    M("shm-cache-no-crc", "TLS session cache believes a slot whose bytes fail its CRC", "ftpcluster/cluster/shm_cache.py",
+      [("(seq == 0 or zlib.crc32(entry) == crc)", "True")],
+      ["tests/test_tls_native.py::test_shm_cache_get_put_expire_and_torn_writes"]),
+    M("node-slot-no-crc", "a heartbeat slot is believed when its body fails the CRC", "ftpcluster/supervisor/node_table.py",
+      [("self.words[i] == seq and CRC.unpack_from(record)[0] == zlib.crc32(record[CRC.size :])", "self.words[i] == seq")],
+      ["tests/test_node_table.py::test_crc_catches_stores_seen_out_of_order"]),
     M("record-mac-off", "records read from memcached are believed without a valid MAC", "ftpcluster/cluster/record_mac.py",
       [("        if not hmac.compare_digest(self._tag(key, head, name, payload), bytes(raw[len(head) : HEAD - 1])):\n"
         "            return None\n", "")],

@@ -11,7 +11,10 @@ sequence number: a writer takes an fcntl lock on that slot's byte range (the
 kernel drops it if the writer dies), makes the number odd, writes, makes it
 even again. A reader copies the slot and accepts it only if the number was
 even and unchanged, so it never sees half an entry; a writer killed mid-write
-leaves an odd number, which reads as a miss until the slot is written again."""
+leaves an odd number, which reads as a miss until the slot is written again.
+The entry also carries a CRC32 (expiry, key, value): Python has no memory
+barriers, and a weakly ordered CPU (aarch64) may show a value's bytes after the
+closing sequence store; such a slot fails its CRC and reads as a miss."""
 
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ import os
 import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 from .shm_file import map_shared
 
-MAGIC = b"FTPCSHM1"
+MAGIC = b"FTPCSHM2"
 HEADER = struct.Struct("<8sIII")  # magic, sets, ways, slot size
-SLOT_HEAD = struct.Struct("<QdH32sH")  # seq, expires_at (wall clock), key length, key digest, value length
+# seq, CRC32 of the rest of the entry, expires_at (wall clock), key length, key digest, value length
+SLOT_HEAD = struct.Struct("<QIdH32sH")
+CHECKED = 12  # the CRC covers the entry from here (after seq and the CRC) to the value's end
 READ_TRIES = 4
 # fcntl locks are per process: a node's loop and its memcached thread (which copies
 # sessions from memcached) both write, so writers of one process also take this
@@ -60,18 +66,19 @@ class ShmCache:
         first = HEADER.size + s * self.ways * self.slot_size
         return range(first, first + self.ways * self.slot_size, self.slot_size)
 
-    def _read_slot(self, off: int) -> tuple[int, float, bytes, bytes] | None:
-        """(seq, expires_at, key digest, value) of a stable slot, else None."""
+    def _read_slot(self, off: int, want: bytes | None = None) -> tuple[int, float, bytes, bytes] | None:
+        """(seq, expires_at, key digest, value) of a stable slot whose CRC holds, else
+        None; with `want`, None at once for a slot holding another key (no copy)."""
         mm = self.mm
         for _ in range(READ_TRIES):
-            seq, expires, _klen, kd, vlen = SLOT_HEAD.unpack_from(mm, off)
+            seq, crc, expires, _klen, kd, vlen = SLOT_HEAD.unpack_from(mm, off)
             if seq & 1:
                 continue
-            if vlen > self.max_value:
+            if vlen > self.max_value or (want is not None and kd != want):
                 return None
-            value = mm[off + SLOT_HEAD.size : off + SLOT_HEAD.size + vlen]
-            if struct.unpack_from("<Q", mm, off)[0] == seq:
-                return seq, expires, kd, value
+            entry = mm[off + CHECKED : off + SLOT_HEAD.size + vlen]
+            if struct.unpack_from("<Q", mm, off)[0] == seq and (seq == 0 or zlib.crc32(entry) == crc):
+                return seq, expires, kd, entry[SLOT_HEAD.size - CHECKED :]
         return None
 
     # ------------------------------------------------------------ API
@@ -79,8 +86,8 @@ class ShmCache:
         d = self.digest(key)
         now = time.time() if now is None else now
         for off in self._slots(d):
-            got = self._read_slot(off)
-            if got is not None and got[2] == d and got[1] > now and got[0]:
+            got = self._read_slot(off, d)
+            if got is not None and got[1] > now and got[0]:
                 return got[3]
         return None
 
@@ -105,8 +112,7 @@ class ShmCache:
     def delete(self, key: bytes) -> bool:
         d = self.digest(key)
         for off in self._slots(d):
-            got = self._read_slot(off)
-            if got is not None and got[2] == d:
+            if self._read_slot(off, d) is not None:
                 self._write(off, b"\0" * 32, b"", 0.0)
                 return True
         return False
@@ -122,8 +128,8 @@ class ShmCache:
             seq = struct.unpack_from("<Q", mm, off)[0]
             seq = seq + 1 if seq & 1 == 0 else seq  # odd: being written (a dead writer left it odd: stay odd)
             struct.pack_into("<Q", mm, off, seq)
-            SLOT_HEAD.pack_into(mm, off, seq, expires, 32, digest, len(value))
-            mm[off + SLOT_HEAD.size : off + SLOT_HEAD.size + len(value)] = value
+            entry = SLOT_HEAD.pack(seq, 0, expires, 32, digest, len(value))[CHECKED:] + value
+            mm[off + 8 : off + CHECKED + len(entry)] = struct.pack("<I", zlib.crc32(entry)) + entry
             struct.pack_into("<Q", mm, off, seq + 1)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, self.slot_size, off, os.SEEK_SET)
