@@ -133,6 +133,10 @@ MUTATIONS: list[Mutation] = [
     M("node-slot-no-crc", "a heartbeat slot is believed when its body fails the CRC", "ftpcluster/supervisor/node_table.py",
       [("self.words[i] == seq and CRC.unpack_from(record)[0] == zlib.crc32(record[CRC.size :])", "self.words[i] == seq")],
       ["tests/test_node_table.py::test_crc_catches_stores_seen_out_of_order"]),
+    M("ban-index-prune-race", "an index prune drops a ban published again between its check and its edit",
+      "ftpcluster/cluster/ban_sync.py",
+      [("self._edit_index(shard, add=set(), drop=drop, recheck=True)", "self._edit_index(shard, add=set(), drop=drop)")],
+      ["tests/test_cluster_bans.py::test_index_prune_keeps_a_ban_published_again_meanwhile"]),
     M("record-mac-off", "records read from memcached are believed without a valid MAC", "ftpcluster/cluster/record_mac.py",
       [("        if not hmac.compare_digest(self._tag(key, head, name, payload), bytes(raw[len(head) : HEAD - 1])):\n"
         "            return None\n", "")],

@@ -240,3 +240,53 @@ def test_ring_reads_the_next_replica_when_one_lost_its_data(tmp_path, memcached)
     assert len(first) == 2  # both servers were some name's first replica, so both paths ran
     assert any(ring.get(n, next_on_miss=False) is None for n in names)  # the flushed first replica's answer
     ring.close()
+
+
+def test_index_prune_keeps_a_ban_published_again_meanwhile(tmp_path, memcached):
+    """A host prunes an index entry whose record expired; another host bans the same
+    name again between the prune's check and its index edit. The entry must stay
+    (the record exists: a host started later finds the ban only through it)."""
+    from ftpcluster import config as config_mod
+    from ftpcluster.cluster.ban_engine import BanEngine
+    from ftpcluster.cluster.ban_sync import BanSync
+    from ftpcluster.cluster.ban_table import Ban, BanTable
+    from ftpcluster.cluster.memcache_ring import Ring, key_prefix
+    from ftpcluster.cluster.record_mac import RecordMac
+    from ftpcluster.cluster.session_seal import Secret
+
+    mcs = memcached(2)
+    cfg = config_mod.from_dict({"memcache": {"enabled": True, "servers": [m.address for m in mcs], "replicas": 2,
+                                             "timeout": "200ms"}}, tmp_path / "f.toml")  # fmt: skip
+    mac = RecordMac([Secret(1, b"p" * 32)], key_prefix(cfg))
+    syncs = []
+    for name in ("ha", "hb"):
+        table = BanTable(tmp_path / f"{name}.shm", capacity=64, create=True)
+        syncs.append(BanSync(BanEngine(cfg, table, None, origin_host=name), Ring(cfg), name, mac))
+    a, b = syncs
+    now = time.time()
+    ban = Ban("host", "127.0.9.1", now + 3600, "test", origin="local", created=now, origin_host="hb")
+    entry, record = "host:127.0.9.1", "ban:host:127.0.9.1"
+    b.publish(ban)
+    assert entry in a._read_index()
+    b.ring.delete(record)  # the record expired
+    real_missing = a.ring.missing
+    checks: list[set[str]] = []
+
+    def missing_then_reban(names):
+        out = real_missing(names)
+        if not checks:
+            b.publish(ban)  # the other host bans the name again right after the first check
+        checks.append(out)
+        return out
+
+    a.ring.missing = missing_then_reban  # type: ignore[method-assign]
+    a._prune_index({entry})
+    assert checks[0] == {record}, checks  # the first check saw the record gone
+    assert entry in a._read_index(), "the index lost a ban whose record exists"
+    a.ring.missing = real_missing  # type: ignore[method-assign]
+    b.ring.delete(record)  # now truly gone: pruned
+    a._prune_index({entry})
+    assert entry not in a._read_index()
+    for s in syncs:
+        s.ring.close()
+        s.engine.table.close()

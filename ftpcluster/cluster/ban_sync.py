@@ -172,12 +172,19 @@ class BanSync:
         entry = {f"{kind}:{name}"}
         self._edit_index(f"banidx:{_shard(kind, name)}", add=entry if add else set(), drop=set() if add else entry)
 
-    def _edit_index(self, shard: str, add: set[str], drop: set[str]) -> None:
-        """Add and drop entries of one index shard (gets/cas on every replica)."""
+    def _edit_index(self, shard: str, add: set[str], drop: set[str], recheck: bool = False) -> None:
+        """Add and drop entries of one index shard (gets/cas on every replica). With
+        `recheck`, an entry is dropped only if its record is still missing when asked
+        between this replica's gets and its cas: a host that writes the record again
+        meanwhile has written it before its own index cas, so either this cas fails
+        (and the check runs again) or that host's cas comes after and adds the entry."""
 
         def change(raw: bytes | None) -> bytes:
             items = _index_parse(self.mac.open("banidx", shard, raw, server_of(self.ring, shard)))
-            return self.mac.seal(shard, json.dumps(sorted((items | add) - drop)).encode())
+            gone = drop & items
+            if recheck and gone:
+                gone = {name[4:] for name in self.ring.missing(f"ban:{e}" for e in sorted(gone))}
+            return self.mac.seal(shard, json.dumps(sorted((items | add) - gone)).encode())
 
         self.ring.update(shard, change)
 
@@ -374,8 +381,9 @@ class BanSync:
     def _prune_index(self, gone: set[str]) -> None:
         """Drop index entries whose record every replica confirms is gone (expired bans,
         removal records past REMOVAL_TTL), so the index does not grow with every ban
-        ever made. Only when every server answers (Ring.missing); a record being
-        written meanwhile is read again first, so it keeps its entry."""
+        ever made. Only when every server answers (Ring.missing), and each entry is
+        checked again inside the index's gets/cas (`recheck`): a ban published again
+        meanwhile keeps its entry."""
         names = [f"ban:{e}" for e in sorted(gone)[:PRUNE_BATCH]]
         absent = self.ring.missing(names)
         by_shard: dict[str, set[str]] = {}
@@ -383,7 +391,7 @@ class BanSync:
             kind, _, ban_name = name[4:].partition(":")
             by_shard.setdefault(f"banidx:{_shard(kind, ban_name)}", set()).add(name[4:])
         for shard, drop in by_shard.items():
-            self._edit_index(shard, add=set(), drop=drop)
+            self._edit_index(shard, add=set(), drop=drop, recheck=True)
         if absent:
             trace.debug("ban index pruned", entries=len(absent))
 
