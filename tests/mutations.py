@@ -137,6 +137,10 @@ MUTATIONS: list[Mutation] = [
       "ftpcluster/cluster/ban_sync.py",
       [("self._edit_index(shard, add=set(), drop=drop, recheck=True)", "self._edit_index(shard, add=set(), drop=drop)")],
       ["tests/test_cluster_bans.py::test_index_prune_keeps_a_ban_published_again_meanwhile"]),
+    M("revocation-prefetch-race", "a session revoked while a prefetch was reading it comes back into L1",
+      "ftpcluster/cluster/tls_store.py",
+      [("                if revoked(self.l1, sid):", "                if False:")],
+      ["tests/test_cluster_tls.py::test_revocation_racing_a_prefetch_leaves_no_session"]),
     M("record-mac-off", "records read from memcached are believed without a valid MAC", "ftpcluster/cluster/record_mac.py",
       [("        if not hmac.compare_digest(self._tag(key, head, name, payload), bytes(raw[len(head) : HEAD - 1])):\n"
         "            return None\n", "")],

@@ -234,3 +234,53 @@ def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, m
     for h in (a, b):
         got = wait_for(lambda h=h: (r := login(h, session)) and not r[1] and r[2].startswith(b"530") and r, 15)
         assert got, f"{h.dir.name}: the banned user's session still resumes or logs in: {login(h, session)[1:]}"
+
+
+def test_revocation_racing_a_prefetch_leaves_no_session(tmp_path, memcached):
+    """The node's memcached thread reads a session from memcached; the user is banned
+    and the supervisor revokes the session (memcached, then L1) before the thread puts
+    it into L1. The tombstone the revocation left takes it out again, and a session
+    still in a replica the delete missed never comes back."""
+    from ftpcluster import config as config_mod
+    from ftpcluster.cluster.memcache_ring import Ring, key_prefix
+    from ftpcluster.cluster.record_mac import RecordMac
+    from ftpcluster.cluster.session_seal import Sealer, Secret
+    from ftpcluster.cluster.shm_cache import ShmCache
+    from ftpcluster.cluster.tls_revoke import remember, revoke_user
+    from ftpcluster.cluster.tls_store import TwoLevelStore
+
+    (mc,) = memcached(1)
+    cfg = config_mod.from_dict({"memcache": {"enabled": True, "servers": [mc.address], "timeout": "200ms"},
+                                "tls": {"session_cache": "memcache"}}, tmp_path / "f.toml")  # fmt: skip
+    secrets = [Secret(1, b"s" * 32)]
+    counted: list[tuple[str, tuple[str, ...]]] = []
+    l1 = ShmCache(tmp_path / "l1.shm", sets=16, create=True)
+    store = TwoLevelStore(cfg, l1, Sealer(secrets), lambda n, lb: counted.append((n, lb)), remote=object())
+    ring = Ring(cfg)
+    mac = RecordMac(secrets, key_prefix(cfg))
+    sid, der = b"\x07" * 32, b"session-der-bytes"
+    ring.set(store._key(sid), store.sealer.seal(der, aad=sid), 3600)
+    remember(l1, "alice", sid, 3600)
+
+    real_get_many = ring.get_many
+
+    def get_then_revoke(names):  # the supervisor revokes right after the thread's read
+        got = real_get_many(names)
+        revoke_user("alice", l1, ring, mac, 3600)
+        return got
+
+    ring.get_many = get_then_revoke  # type: ignore[method-assign]
+    assert store._fetch(ring, [sid]) is False
+    assert l1.get(sid) is None, "a revoked session came back into L1"
+    ring.get_many = real_get_many  # type: ignore[method-assign]
+    # A replica that missed the delete still holds it: fetched, and taken out again.
+    ring.set(store._key(sid), store.sealer.seal(der, aad=sid), 3600)
+    assert store._fetch(ring, [sid]) is False and l1.get(sid) is None
+    store._flush_counts()
+    assert counted.count(("ftpcluster_tls_session_cache_total", ("L2", "revoked"))) == 2
+    # Other sessions are untouched.
+    other = b"\x08" * 32
+    ring.set(store._key(other), store.sealer.seal(der, aad=other), 3600)
+    assert store._fetch(ring, [other]) is True and l1.get(other) == der
+    ring.close()
+    l1.close()

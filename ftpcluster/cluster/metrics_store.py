@@ -81,7 +81,7 @@ def default_definitions(verbs: Iterable[str], memcache_servers: Iterable[str]) -
             "counter",
             "TLS session cache operations",
             ("level", "result"),
-            tuple((lv, r) for lv in ("L1", "L2") for r in ("hit", "miss", "store", "error", "timeout")),
+            tuple((lv, r) for lv in ("L1", "L2") for r in ("hit", "miss", "store", "error", "timeout", "revoked")),
         ),
         MetricDef(
             "ftpcluster_tls_mode",

@@ -59,16 +59,30 @@ def remember(l1: Any, user: str, session_id: bytes, ttl: float) -> bytes | None:
     return packed
 
 
-def revoke_user(user: str, l1: Any, ring: Any = None, mac: Any = None) -> int:
+def tombstone_key(session_id: bytes) -> bytes:
+    return b"tlsrevoked:" + session_id
+
+
+def revoked(l1: Any, session_id: bytes) -> bool:
+    """Was this session revoked on this host (a tombstone in L1)?"""
+    return l1.get(tombstone_key(session_id)) is not None
+
+
+def revoke_user(user: str, l1: Any, ring: Any = None, mac: Any = None, ttl: float = 3600.0) -> int:
     """Delete every remembered session of `user` from L1 and L2 (`ring` with its
-    RecordMac `mac`); returns how many ids."""
+    RecordMac `mac`); returns how many ids. Each id first gets a tombstone in L1 for
+    `ttl` (the session lifetime): a prefetch that read the session from memcached
+    before the delete, and puts it into L1 after it, checks the tombstone after its
+    put and takes the session out again (TwoLevelStore._fetch); so does a fetch from
+    a replica that missed the delete."""
     ids = set(unpack_ids(l1.get(user_key(user)) if l1 is not None else None))
     if ring is not None and mac is not None:
         name = memcache_name(user)
         ids |= set(unpack_ids(mac.open("tlsuser", name, ring.get(name), server_of(ring, name))))
+    for sid in ids if l1 is not None else ():
+        l1.put(tombstone_key(sid), b"\x01", ttl)
     # memcached first: a handshake on this host between the two deletes would
-    # otherwise fetch the session back into L1 (prefetch on an L1 miss), where
-    # nothing would delete it again.
+    # otherwise fetch the session back into L1 (prefetch on an L1 miss).
     for sid in ids if ring is not None else ():
         ring.delete("tls:" + sid.hex())
     for sid in ids if l1 is not None else ():

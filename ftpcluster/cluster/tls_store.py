@@ -27,7 +27,7 @@ from ..config import Config
 from .memcache_ring import key_prefix
 from .record_mac import RecordMac, server_of
 from .session_seal import Sealer
-from .tls_revoke import memcache_name, pack_ids, remember, unpack_ids
+from .tls_revoke import memcache_name, pack_ids, remember, revoked, unpack_ids
 
 MAX_ENTRY = 10 * 1024
 MAX_PENDING = 2000
@@ -127,6 +127,10 @@ class TwoLevelStore:
                 self.mac.reject("tls", server_of(ring, self._key(sid)))
             if der is not None:
                 self.l1.put(sid, der, self.cfg.tls.session_lifetime)
+                if revoked(self.l1, sid):  # after the put: a revocation racing this fetch (tls_revoke)
+                    self.l1.delete(sid)
+                    self._count_from_thread(CACHE_METRIC, ("L2", "revoked"))
+                    continue
                 found = True
         return found
 

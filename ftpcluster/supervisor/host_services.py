@@ -105,17 +105,18 @@ class HostServices:
         """A banned user's cached TLS sessions go, on this host and in memcached (on the
         cluster thread: the supervisor's loop never talks to memcached)."""
         cache = self.shared.get("tls_cache")
+        lifetime = self.cfg.tls.session_lifetime
         if self.cluster is not None and self.cfg.tls.session_cache == "memcache":
             mac = self.cluster.mac
 
             def revoke(ring: Any, _sync: Any) -> None:
-                n = revoke_user(user, cache, ring if mac is not None else None, mac)
+                n = revoke_user(user, cache, ring if mac is not None else None, mac, lifetime)
                 if n:
                     log.info("TLS sessions revoked", user=user, sessions=n)
 
             self.cluster.submit(revoke)
         elif cache is not None:
-            n = revoke_user(user, cache, None, None)
+            n = revoke_user(user, cache, None, None, lifetime)
             if n:
                 log.info("TLS sessions revoked", user=user, sessions=n)
 
