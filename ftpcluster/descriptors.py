@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import resource
 
-PER_SESSION = 3  # control connection, passive listener, data connection
+# Control connection, passive listener, data connection. The one transient extra, the
+# duplicate descriptor AUTH TLS peeks the ClientHello through (tls_prefetch.peek_ids),
+# fits in the three: AUTH comes before login, so no data connection exists then (a
+# passive listener kept by REIN after a transfer at most).
+PER_SESSION = 3
 RESERVE = 64  # log files, shared memory, memcached, pipes, and an accept to refuse with
 
 
