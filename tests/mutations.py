@@ -141,6 +141,10 @@ MUTATIONS: list[Mutation] = [
       "ftpcluster/cluster/tls_store.py",
       [("                if revoked(self.l1, sid):", "                if False:")],
       ["tests/test_cluster_tls.py::test_revocation_racing_a_prefetch_leaves_no_session"]),
+    M("kept-listener-blocks-pasv", "kept passive listeners make a new EPSV at the per-host limit fail",
+      "ftpcluster/worker/control.py",
+      [("node.release_kept(self.client_ip) and node.passive_held[self.client_ip] < limit", "False")],
+      ["tests/test_data_channel_abuse.py::test_kept_listeners_give_way_to_a_new_epsv_at_the_per_host_limit"]),
     M("record-mac-off", "records read from memcached are believed without a valid MAC", "ftpcluster/cluster/record_mac.py",
       [("        if not hmac.compare_digest(self._tag(key, head, name, payload), bytes(raw[len(head) : HEAD - 1])):\n"
         "            return None\n", "")],

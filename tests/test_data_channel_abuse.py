@@ -331,3 +331,32 @@ def test_small_retr_keeps_its_passive_port_for_the_next_epsv(srv: Server) -> Non
     assert _passive_retr(c, first, "kept.txt") == b"k" * 1000
     assert wait_for(lambda: _refused(first), timeout=10, step=0.5), "kept listener still open"
     c.close()
+
+
+def test_kept_listeners_give_way_to_a_new_epsv_at_the_per_host_limit(srv: Server) -> None:
+    """Sessions of one address that each kept their listener after a small RETR hold
+    max_passive_per_host ports; another session's EPSV then closes those kept
+    listeners instead of answering 425 (a reuse that may never come does not block a
+    transfer that is asked for now)."""
+    (srv.home / "kept2.txt").write_bytes(b"q" * 1000)
+    keepers = [Raw(srv) for _ in range(PASSIVE_PER_HOST)]
+    ports = []
+    for c in keepers:
+        c.login()
+        code, text = c.reply_to("EPSV")
+        assert code == 229, text
+        ports.append(int(text.split(b"|")[3]))
+        assert _passive_retr(c, ports[-1], "kept2.txt") == b"q" * 1000  # its listener is kept
+    new = Raw(srv)
+    new.login()
+    code, text = new.reply_to("EPSV")
+    assert code == 229, text  # not 425: the kept listeners were released
+    port = int(text.split(b"|")[3])
+    assert _passive_retr(new, port, "kept2.txt") == b"q" * 1000
+    # The keepers' next EPSV gets a fresh listener; their sessions go on.
+    for c in keepers:
+        code, text = c.reply_to("EPSV")
+        assert code in (229, 425), text
+        assert c.cmd("NOOP") == 200
+    for c in [*keepers, new]:
+        c.close()

@@ -343,13 +343,21 @@ class ControlConnection(asyncio.Protocol):
         """A new passive listener's port, or None after answering why there is none."""
         s = self.session
         assert s is not None
-        limit = self.node.cfg.server.max_passive_per_host
-        if limit and self.node.passive_held[self.client_ip] >= limit:
+        node = self.node
+        limit = node.cfg.server.max_passive_per_host
+        if limit and node.passive_held[self.client_ip] >= limit and not (
+            node.release_kept(self.client_ip) and node.passive_held[self.client_ip] < limit
+        ):
             self.publish(Event(EventName.PASSIVE_LIMIT, {"held": limit}))
             self.perform(s.passive_failed(f"Can't open passive connection: {limit} passive ports already open from your address"))
             return None
         try:
-            return channel.open_passive(self.node.passive_ports, local, early)
+            try:
+                return channel.open_passive(node.passive_ports, local, early)
+            except NoPassivePort:
+                if not node.release_kept():
+                    raise
+                return channel.open_passive(node.passive_ports, local, early)
         except NoPassivePort as e:
             self.publish(Event(EventName.PASSIVE_EXHAUSTED, {}))
             self.perform(s.passive_failed(f"Can't open passive connection: {e}"))

@@ -353,6 +353,18 @@ class NodeServer:
             with contextlib.suppress(Exception):
                 sub(Event(name, fields), None)
 
+    def release_kept(self, client_ip: str | None = None) -> int:
+        """Close the passive listeners sessions keep after a small RETR (of `client_ip`'s
+        sessions, or everyone's): a PASV about to be refused for the per-host limit or
+        for want of a free port takes precedence over a reuse that may never come."""
+        released = 0
+        for conn in self.sessions:
+            data = conn.data
+            if data is not None and data.kept_at and (client_ip is None or conn.client_ip == client_ip):
+                data.close()
+                released += 1
+        return released
+
     def data_peers(self, conn: ControlConnection) -> tuple[str, ...]:
         """Who may open this session's passive data connection."""
         peers = [conn.client_ip]
