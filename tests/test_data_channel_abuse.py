@@ -360,3 +360,49 @@ def test_kept_listeners_give_way_to_a_new_epsv_at_the_per_host_limit(srv: Server
         assert c.cmd("NOOP") == 200
     for c in [*keepers, new]:
         c.close()
+
+
+def test_upload_onto_a_fifo_is_refused_and_the_node_keeps_serving(srv: Server) -> None:
+    """A FIFO in a home (made outside FTP): STOR, APPE and REST+STOR onto it get 550
+    before any data connection is used; opening it for writing would block the
+    node's event loop until a reader came (the supervisor then killed the node)."""
+    fifo = srv.home / "pipe"
+    os.mkfifo(fifo)
+    try:
+        c, other = Raw(srv), Raw(srv)
+        c.login()
+        other.login()
+        for cmds in (["STOR pipe"], ["APPE pipe"], ["REST 0", "STOR pipe"]):
+            c.pasv().close()
+            for line in cmds[:-1]:
+                assert c.cmd(line) == 350
+            code, text = c.reply_to(cmds[-1])
+            assert code == 550 and b"regular file" in text, (cmds, code, text)
+        assert other.cmd("NOOP") == 200  # the node's loop never blocked
+        assert c.cmd("NOOP") == 200
+        c.close()
+        other.close()
+    finally:
+        fifo.unlink()
+
+
+def test_upload_open_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    """The I/O layer's own guard, for a FIFO swapped in after the core's check: the
+    open does not wait for a reader, and the FIFO is refused (PathError: 550)."""
+    from ftpcluster.worker.datachannel import _open_for_upload
+    from ftpcluster.worker.fs import PathError
+    from ftpcluster.worker.protocol import Transfer
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    appe, rest = Transfer("receive_file", path=str(fifo), append=True), Transfer("receive_file", path=str(fifo), offset=3)
+    for t in (appe, rest):  # no reader: open(2) itself says no (ENXIO)
+        with pytest.raises(PathError):
+            _open_for_upload(t)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for t in (appe, rest):  # a reader: the open succeeds, the file type refuses it
+            with pytest.raises(PathError):
+                _open_for_upload(t)
+    finally:
+        os.close(reader)

@@ -97,7 +97,8 @@ def download(srv: Server, path: str, nbytes: int, user: str = "alice", rest: int
     return got
 
 
-def upload(srv: Server, name: str, data: bytes, user: str = "carol", allo: int | None = None, cmd: str = "STOR") -> str:
+def upload(srv: Server, name: str, data: bytes, user: str = "carol", allo: int | None = None, cmd: str = "STOR",
+           rest: int | None = None) -> str:  # fmt: skip
     """Upload; the final reply's code ("226", "552", ...)."""
     f = login(srv, user)
     try:
@@ -105,7 +106,7 @@ def upload(srv: Server, name: str, data: bytes, user: str = "carol", allo: int |
         if allo is not None:
             f.sendcmd(f"ALLO {allo}")
         try:
-            conn = f.transfercmd(f"{cmd} {name}")
+            conn = f.transfercmd(f"{cmd} {name}", rest)
         except ftplib.error_perm as e:
             return str(e)[:3]
         try:
@@ -280,6 +281,13 @@ def test_max_upload_size_cuts_during_upload(cluster):
     assert upload(h1, "big.up", b"z" * 900_000, user="bob") == "552"
     assert not (home / "big.up").exists() and not no_partial_files(home)
     assert upload(h1, "ok.up", b"z" * 700_000, user="bob") == "226"
+    # REST n STOR past the limit: the file keeps its size (its first n bytes untouched).
+    assert upload(h1, "ok.up", b"n" * 600_000, user="bob", rest=300_000) == "552"
+    got = (home / "ok.up").read_bytes()
+    assert len(got) == 700_000 and got[:300_000] == b"z" * 300_000, len(got)
+    # REST n STOR within it: the first n bytes, then the new data, and nothing after.
+    assert upload(h1, "ok.up", b"n" * 50_000, user="bob", rest=100_000) == "226"
+    assert (home / "ok.up").read_bytes() == b"z" * 100_000 + b"n" * 50_000
 
 
 def test_status_json_and_metrics_show_limits(cluster):

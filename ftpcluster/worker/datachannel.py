@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
 import ssl
+import stat
 import time
 from typing import Any, Awaitable, Callable
 
 from .datastream import DataStream, PlainStream, tcp_progress
+from .fs import PathError
 from .passive import PASSIVE_BACKLOG, PassivePorts
 from .protocol import Transfer, TransferResult
 from .replies import os_error_reply
@@ -280,22 +283,36 @@ async def _send_lines(stream: DataStream, t: Transfer) -> int:
 
 
 def _open_for_upload(t: Transfer) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    """The file an upload writes. O_NONBLOCK: opening a FIFO someone put in a home
+    for writing would block the event loop until a reader came (the node's heartbeat
+    then goes stale and the supervisor kills it); anything but a regular file is
+    refused (550), as the core refuses it before the 150 (a race could swap one in)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     if t.temp_path:
         return os.open(t.temp_path, flags | os.O_EXCL, 0o644)
     if t.exclusive:
         return os.open(t.path, flags | os.O_EXCL, 0o644)
-    if t.append:
-        return os.open(t.path, flags | os.O_APPEND, 0o644)
-    fd = os.open(t.path, flags, 0o644)
-    os.ftruncate(fd, t.offset)  # REST n STOR: keep the first n bytes, replace the rest
-    os.lseek(fd, t.offset, os.SEEK_SET)
+    try:
+        fd = os.open(t.path, flags | (os.O_APPEND if t.append else 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a FIFO with no reader
+            raise PathError("Not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PathError("Not a regular file")
+    os.set_blocking(fd, True)
+    if not t.append:
+        # REST n STOR: keep the first n bytes, write from there; what lies past the
+        # new end is cut when the upload ends (_receive_file), not now, so a refused
+        # upload can give the file back its size (QuotaGuard._refuse).
+        os.lseek(fd, t.offset, os.SEEK_SET)
     return fd
 
 
 async def _receive_file(stream: DataStream, t: Transfer) -> int:
     fd = _open_for_upload(t)
-    done = False
+    done = refused = False
     total = 0
     try:
         receive_to = getattr(stream, "receive_to_fd", None)
@@ -325,7 +342,13 @@ async def _receive_file(stream: DataStream, t: Transfer) -> int:
             else:
                 _write_all(fd, view[:n])
         done = True
+    except DataRefused:
+        refused = True  # a limit cut it: the guard already put the file back
+        raise
     finally:
+        if t.offset and not (t.append or t.temp_path or refused):
+            with contextlib.suppress(OSError):  # REST n STOR: the file ends where the data did
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
         os.close(fd)
         if t.temp_path:
             if done:
@@ -458,6 +481,8 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
         return TransferResult("ok", bytes=moved, seconds=time.monotonic() - started)
     except DataRefused as e:
         return TransferResult("refused", code=e.code, message=str(e))
+    except PathError as e:
+        return TransferResult("failed", code=550, message=str(e))
     except asyncio.CancelledError:
         raise
     except TimeoutError:

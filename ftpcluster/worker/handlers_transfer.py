@@ -249,14 +249,6 @@ def _store_unique(s: Session, name: str | None) -> None:
     _store_at(s, s.resolve(s.fs.to_virtual(name)), False, True, 0)
 
 
-def _size(s: Session, real: str) -> int | None:
-    """The size of what `real` leads to, None when nothing is there."""
-    try:
-        return s.fs.stat(real).st_size
-    except OSError:
-        return None
-
-
 def _store_at(s: Session, r: Resolved, append: bool, unique: bool, offset: int) -> None:
     if r.virtual == "/" or s.fs.is_dir(r.real):
         raise PathError("Is a directory")
@@ -265,7 +257,13 @@ def _store_at(s: Session, r: Resolved, append: bool, unique: bool, offset: int) 
         s.reply(553, "No such directory")
         return
     in_place = append or offset > 0 or unique or not s.settings.atomic_uploads
-    if offset and offset > (_size(s, r.real) or 0):
+    try:
+        st: Any = s.fs.stat(r.real)
+    except OSError:
+        st = None  # a new file
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise PathError("Not a regular file")  # a FIFO would block the writer's open
+    if offset and offset > (st.st_size if st is not None else 0):
         # A missing file is empty: any offset is past its end (no zero-filled hole).
         s.reply(554, "REST offset beyond the end of the file")
         return

@@ -94,10 +94,8 @@ class QuotaGuard:
         t = self.t
         if not t.temp_path:
             with contextlib.suppress(OSError):
-                if t.append and self.existing is not None:
-                    os.truncate(t.path, self.existing)
-                elif t.offset and self.existing is not None:
-                    os.truncate(t.path, t.offset)
+                if (t.append or t.offset) and self.existing is not None:
+                    os.truncate(t.path, self.existing)  # APPE, REST n STOR: the size it had
                 else:
                     os.unlink(t.path)
         self.svc.count("ftpcluster_quota_refusals_total", (limit, "during"))
