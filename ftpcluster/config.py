@@ -112,6 +112,7 @@ class TLSConfig:
     session_lifetime: float = 3600.0
     session_key_overlap: float = 86400.0  # a rotated-out cluster key is still accepted this long
     session_cache_size: int = 8192  # entries in the host's shared-memory cache (1 KB each)
+    upload_close_notify: bool = True  # a TLS upload must end with the client's close_notify
 
 
 @dataclass

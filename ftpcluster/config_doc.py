@@ -59,6 +59,7 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "session_lifetime": ("How long a cached session or ticket resumes.", "TLSSessionCache (timeout)"),
         "session_key_overlap": ("After `ftpcluster key generate` rotates the cluster key, the previous key is still accepted this long (sessions, ban records, log entries it sealed or MACed), then refused even if still in the file.", ""),
         "session_cache_size": ("Entries in the host's shared-memory session cache (about 1 KB each).", "TLSSessionCache (size)"),
+        "upload_close_notify": ("A protected upload (PROT P) must end with the client's TLS close_notify; one that ends with a bare TCP close or a reset may be truncated (by the network or an attacker), so it gets 426 and nothing is kept. false takes such an end as the end of the file (vsftpd's strict_ssl_read_eof = NO).", ""),
     },
     "memcache": {
         "enabled": ("Share bans, event counts and TLS sessions between hosts. memcached has no authentication: bind it to a private network and firewall it.", "MemcacheEngine"),

@@ -145,6 +145,13 @@ MUTATIONS: list[Mutation] = [
       "ftpcluster/worker/control.py",
       [("node.release_kept(self.client_ip) and node.passive_held[self.client_ip] < limit", "False")],
       ["tests/test_data_channel_abuse.py::test_kept_listeners_give_way_to_a_new_epsv_at_the_per_host_limit"]),
+    M("tls-upload-truncation", "a protected upload ended without close_notify is kept as complete",
+      "ftpcluster/worker/datatls.py", [("            if self.close_notify:\n", "            if False:\n")],
+      ["tests/test_ftps.py::test_tls_upload_without_close_notify_is_not_kept"]),
+    M("fifo-upload-blocks", "an upload onto a FIFO is opened (and blocks the loop) instead of refused",
+      "ftpcluster/worker/handlers_transfer.py",
+      [("    if st is not None and not stat.S_ISREG(st.st_mode):\n", "    if False:\n")],
+      ["tests/test_data_channel_abuse.py::test_upload_onto_a_fifo_is_refused_and_the_node_keeps_serving"]),
     M("record-mac-off", "records read from memcached are believed without a valid MAC", "ftpcluster/cluster/record_mac.py",
       [("        if not hmac.compare_digest(self._tag(key, head, name, payload), bytes(raw[len(head) : HEAD - 1])):\n"
         "            return None\n", "")],

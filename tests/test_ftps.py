@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -102,13 +103,48 @@ def _refusal(f: ftplib.FTP, err: BaseException) -> str:
     return str(err) if isinstance(err, ftplib.error_perm) else f.getresp()
 
 
-def test_plain_ftp_tls_allowed_when_reuse_not_required(server_factory):
-    srv = server_factory(tls={"require_data_session_reuse": False})
+def _upload_cut(f: ftplib.FTP, name: str, data: bytes, reset: bool) -> str:
+    """STOR over PROT P, then end the data connection without close_notify (an
+    SSLSocket's close sends none): a FIN, or a reset. The final reply."""
+    f.voidcmd("TYPE I")
+    conn = f.transfercmd(f"STOR {name}")
+    conn.sendall(data)
+    if reset:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    try:
+        return f.voidresp()
+    except ftplib.Error as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("maxv", VERSIONS, ids=["tls12", "tls13"])
+def test_tls_upload_without_close_notify_is_not_kept(tls_server, maxv):
+    """A network or an attacker that cuts a protected upload short sends no
+    close_notify: 426 and no file, not a shorter file with 226."""
+    data = os.urandom(400_000)
+    f = tls_login(tls_server, maxv=maxv)
+    for reset in (False, True):
+        name = f"cut-{int(reset)}-{maxv.name}.bin"
+        reply = _upload_cut(f, name, data, reset)
+        assert reply.startswith("426") and "close_notify" in reply, reply
+        assert not (tls_server.home / name).exists()
+    f.storbinary("STOR whole.bin", io.BytesIO(data))  # ftplib ends with close_notify (unwrap)
+    assert (tls_server.home / "whole.bin").read_bytes() == data
+    f.quit()
+
+
+def test_lenient_tls_options(server_factory):
+    """require_data_session_reuse = false: a client that does not resume gets data;
+    upload_close_notify = false: an upload ended by a bare TCP close is kept."""
+    srv = server_factory(tls={"require_data_session_reuse": False, "upload_close_notify": False})
     (srv.home / "x").write_bytes(b"hello")
     f = tls_login(srv, cls=ftplib.FTP_TLS)
     out = io.BytesIO()
     f.retrbinary("RETR x", out.write)
     assert out.getvalue() == b"hello"
+    assert _upload_cut(f, "fin.bin", b"y" * 200_000, reset=False).startswith("226")
+    assert (srv.home / "fin.bin").read_bytes() == b"y" * 200_000
     f.quit()
 
 

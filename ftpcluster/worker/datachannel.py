@@ -18,7 +18,7 @@ import stat
 import time
 from typing import Any, Awaitable, Callable
 
-from .datastream import DataStream, PlainStream, tcp_progress
+from .datastream import DataStream, PlainStream, Truncated, tcp_progress
 from .fs import PathError
 from .passive import PASSIVE_BACKLOG, PassivePorts
 from .protocol import Transfer, TransferResult
@@ -490,6 +490,8 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
     except OSError as e:
         # A TLS record layer error mid-transfer (the client dropped or truncated the
         # data connection) is the same 426 as a reset plain connection.
+        if isinstance(e, Truncated):
+            return TransferResult("failed", code=426, message="TLS data connection closed without close_notify: the upload may be truncated; transfer aborted")
         if isinstance(e, (ConnectionError, BrokenPipeError, ssl.SSLError)) or e.errno is None:
             return TransferResult("failed", code=426, message="Data connection closed; transfer aborted")
         code, text = os_error_reply(e)

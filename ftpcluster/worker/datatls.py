@@ -19,16 +19,18 @@ import ssl
 from typing import Any, Callable
 
 from .datachannel import DataRefused
+from .datastream import Truncated
 from .quickack import ack_now
 from .tls_native import NativeUnavailable, session_secret
 
 
 class TLSStream:
-    def __init__(self, sslsock: ssl.SSLSocket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sslsock: ssl.SSLSocket, loop: asyncio.AbstractEventLoop, close_notify: bool = True) -> None:
         self.sock = sslsock
         self.loop = loop
         self.moved = 0
         self._fd = sslsock.fileno()
+        self.close_notify = close_notify  # the end of received data needs the peer's close_notify
 
     async def _wait(self, write: bool) -> None:
         fut = self.loop.create_future()
@@ -77,14 +79,19 @@ class TLSStream:
         raise NotImplementedError("TLS data goes through send_all")
 
     async def recv_into(self, buf: memoryview) -> int:
+        """0 at the end of the data: the client's close_notify (OpenSSL reads it as a
+        clean end). A TCP close or reset without it (SSLEOFError, the socket being
+        wrapped with suppress_ragged_eofs off) is where a network or an attacker cut
+        the upload short: Truncated (426, nothing kept), unless [tls]
+        upload_close_notify = false takes it as the end (curl, lftp and ftplib all
+        send close_notify)."""
         try:
             n = await self._retry(lambda: self.sock.recv_into(buf))
         except ssl.SSLZeroReturnError:
             n = 0
-        except ssl.SSLEOFError:
-            # The peer closed without close_notify. For an upload this may be a
-            # truncation attack, but most FTP clients end uploads this way; the
-            # data was authenticated record by record up to here.
+        except (ssl.SSLEOFError, ConnectionResetError):
+            if self.close_notify:
+                raise Truncated("the upload ended without TLS close_notify") from None
             n = 0
         self.moved += n
         return n
@@ -121,11 +128,12 @@ async def wrap_data(
     timeout: float,
     loop: asyncio.AbstractEventLoop,
     on_handshake: Callable[[bool], None] | None = None,
+    close_notify: bool = True,
 ) -> TLSStream:
     """Handshake on an accepted/connected data socket; raise DataRefused (522) when
     the client did not resume its control connection's TLS session."""
-    sslsock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    stream = TLSStream(sslsock, loop)
+    sslsock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False)
+    stream = TLSStream(sslsock, loop, close_notify)
     try:
         async with asyncio.timeout(timeout):
             await stream.handshake()

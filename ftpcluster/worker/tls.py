@@ -172,6 +172,7 @@ class TLSService:
         """For a data connection of the session whose control connection is `control_tls`
         (its ssl.SSLObject): the session to resume is that one's."""
         context, require = self.data_context, self.cfg.tls.require_data_session_reuse
+        close_notify = self.cfg.tls.upload_close_notify
         loop = asyncio.get_running_loop()
 
         def counted(reused: bool) -> None:
@@ -179,7 +180,7 @@ class TLSService:
 
         async def wrap(sock: socket.socket) -> TLSStream:
             left = await self.prefetch(sock)
-            return await wrap_data(sock, context, control_tls, require, left, loop, counted)
+            return await wrap_data(sock, context, control_tls, require, left, loop, counted, close_notify)
 
         return wrap
 
