@@ -152,6 +152,9 @@ MUTATIONS: list[Mutation] = [
       "ftpcluster/worker/handlers_transfer.py",
       [("    if st is not None and not stat.S_ISREG(st.st_mode):\n", "    if False:\n")],
       ["tests/test_data_channel_abuse.py::test_upload_onto_a_fifo_is_refused_and_the_node_keeps_serving"]),
+    M("unfair-transfer", "a transfer whose socket is always ready keeps the event loop for the whole file",
+      "ftpcluster/worker/datastream.py", [("            await asyncio.sleep(0)\n", "            pass\n")],
+      ["tests/test_loop_fairness.py::test_tls_upload_yields_to_other_sessions"]),
     M("record-mac-off", "records read from memcached are believed without a valid MAC", "ftpcluster/cluster/record_mac.py",
       [("        if not hmac.compare_digest(self._tag(key, head, name, payload), bytes(raw[len(head) : HEAD - 1])):\n"
         "            return None\n", "")],

@@ -19,12 +19,12 @@ import ssl
 from typing import Any, Callable
 
 from .datachannel import DataRefused
-from .datastream import Truncated
+from .datastream import Fair, Truncated
 from .quickack import ack_now
 from .tls_native import NativeUnavailable, session_secret
 
 
-class TLSStream:
+class TLSStream(Fair):
     def __init__(self, sslsock: ssl.SSLSocket, loop: asyncio.AbstractEventLoop, close_notify: bool = True) -> None:
         self.sock = sslsock
         self.loop = loop
@@ -74,6 +74,7 @@ class TLSStream:
             n = await self._retry(lambda: self.sock.send(view))
             view = view[n:]
             self.moved += n
+            await self.fair(n)
 
     async def send_file(self, fd: int, offset: int, chunk: int) -> int:
         raise NotImplementedError("TLS data goes through send_all")
@@ -94,6 +95,7 @@ class TLSStream:
                 raise Truncated("the upload ended without TLS close_notify") from None
             n = 0
         self.moved += n
+        await self.fair(n)
         return n
 
     async def close(self, clean: bool = True) -> None:
