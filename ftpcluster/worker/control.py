@@ -376,7 +376,7 @@ class ControlConnection(asyncio.Protocol):
         try:
             result = await run_transfer(channel, t, tls_wrap)
         except asyncio.CancelledError:
-            result = TransferResult("aborted")
+            result = TransferResult("aborted", **channel.moved())
         finally:
             if t.temp_path:
                 self.node.uploads.finished()

@@ -84,6 +84,14 @@ class DataChannel:
         # The early accept of a passive connection (TLS wrapped at once, or a PROXY header to
         # read first), or a connection accepted_now() took: a task or a done future.
         self.pending: asyncio.Future[Any] | None = None
+        self.stream: DataStream | None = None  # the running transfer's (moved())
+        self.started = 0.0
+
+    def moved(self) -> dict[str, Any]:
+        """The bytes and seconds of the transfer run_transfer is running or ran last
+        (for a result that ends it early: 426, ABOR, a limit)."""
+        stream = self.stream
+        return {"bytes": stream.moved if stream is not None else 0, "seconds": time.monotonic() - self.started}
 
     def open_passive(self, ports: PassivePorts, bind_host: str, early_wrap: TLSWrap | None = None) -> int:
         """Listen, and accept (and, under PROT P, start TLS) as soon as the client
@@ -454,8 +462,11 @@ def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | 
 
 
 async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | None) -> TransferResult:
-    """Connect, move the data, close. Never raises except CancelledError (ABOR)."""
-    started = time.monotonic()
+    """Connect, move the data, close. Never raises except CancelledError (ABOR; then
+    `channel.moved()` tells what moved). A transfer that fails still reports the bytes
+    it moved and its time (xferlog `i` lines, the byte counters)."""
+    started = channel.started = time.monotonic()
+    channel.stream = None
     try:
         got = await channel.connect()
     except DataRefused as e:
@@ -475,27 +486,29 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
             stream = PlainStream(sock, channel.loop)
         if t.wrap is not None:
             stream = t.wrap(stream)
+        channel.stream = stream
         moved = await _watch(_RUNNERS[t.kind](stream, t), stream, channel.timeout)
         await stream.close(clean=True)
         stream = None
         return TransferResult("ok", bytes=moved, seconds=time.monotonic() - started)
     except DataRefused as e:
-        return TransferResult("refused", code=e.code, message=str(e))
+        return TransferResult("refused", code=e.code, message=str(e), **channel.moved())
     except PathError as e:
-        return TransferResult("failed", code=550, message=str(e))
+        return TransferResult("failed", code=550, message=str(e), **channel.moved())
     except asyncio.CancelledError:
         raise
     except TimeoutError:
-        return TransferResult("failed", code=426, message="Data connection timed out; transfer aborted")
+        return TransferResult("failed", code=426, message="Data connection timed out; transfer aborted", **channel.moved())
     except OSError as e:
         # A TLS record layer error mid-transfer (the client dropped or truncated the
         # data connection) is the same 426 as a reset plain connection.
         if isinstance(e, Truncated):
-            return TransferResult("failed", code=426, message="TLS data connection closed without close_notify: the upload may be truncated; transfer aborted")
+            text = "TLS data connection closed without close_notify: the upload may be truncated; transfer aborted"
+            return TransferResult("failed", code=426, message=text, **channel.moved())
         if isinstance(e, (ConnectionError, BrokenPipeError, ssl.SSLError)) or e.errno is None:
-            return TransferResult("failed", code=426, message="Data connection closed; transfer aborted")
+            return TransferResult("failed", code=426, message="Data connection closed; transfer aborted", **channel.moved())
         code, text = os_error_reply(e)
-        return TransferResult("failed", code=code, message=text)
+        return TransferResult("failed", code=code, message=text, **channel.moved())
     finally:
         if stream is not None:
             await stream.close(clean=False)
