@@ -64,6 +64,9 @@ def rnto(s: Session, arg: str) -> None:
     dst = s.resolve_entry(arg)  # an existing symlink there is replaced, its target untouched
     if dst.virtual == "/":
         raise PathError("Invalid target")
+    if (dst.virtual + "/").startswith(src.virtual.rstrip("/") + "/") and dst.virtual != src.virtual:
+        s.reply(553, "Not allowed: a directory cannot move into itself")
+        return
     replaced = s.fs.rename(src.real, dst.real)  # the size of a regular file it replaced
     fields = {} if replaced is None else {"replaced_size": replaced}
     s.emit(EventName.RENAME, source=src.virtual, target=dst.virtual, **fields)
@@ -149,7 +152,7 @@ def site(s: Session, arg: str) -> None:
         if s.user is not None and s.user.read_only:
             s.reply(550, "Permission denied: read-only account")
             return
-        mode_s, _, path = rest.strip().partition(" ")
+        mode_s, _, path = rest.lstrip(" ").partition(" ")  # a path may end in spaces
         mode = int(mode_s, 8) if mode_s and all(c in "01234567" for c in mode_s) and len(mode_s) <= 4 else -1
         if not path or not 0 <= mode <= 0o777:
             s.reply(501, "Syntax: SITE CHMOD <octal mode 0-777> <path>")

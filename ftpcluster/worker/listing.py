@@ -14,6 +14,7 @@ from .fs import TEMP_PREFIX
 
 MLST_FACTS = ("type", "size", "modify", "perm", "unix.mode")  # RFC 3659 facts we offer
 _SIX_MONTHS = 180 * 86400
+_SPECIAL = {stat.S_IFIFO: "OS.unix=fifo", stat.S_IFSOCK: "OS.unix=socket", stat.S_IFCHR: "OS.unix=chr", stat.S_IFBLK: "OS.unix=blk"}
 CHUNK = 64 * 1024
 
 
@@ -23,8 +24,8 @@ def _entries(real_dir: str, root: str = "") -> Iterator[tuple[str, os.stat_resul
     so a listing never reveals the size, mode or type of anything outside the home."""
     with os.scandir(real_dir) as it:
         for entry in it:
-            if entry.name.startswith(TEMP_PREFIX):
-                continue
+            if entry.name.startswith(TEMP_PREFIX) or "\n" in entry.name or "\r" in entry.name:
+                continue  # a name with CR or LF (made outside FTP) would read as two entries
             try:
                 follow = not entry.is_symlink() or _inside(root, os.path.realpath(entry.path))
                 yield entry.name, entry.stat(follow_symlinks=follow)
@@ -93,6 +94,8 @@ def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, k
     is_dir = stat.S_ISDIR(st.st_mode)
     if kind is None and stat.S_ISLNK(st.st_mode):
         kind = "OS.unix=symlink"  # a link leaving the home: only DELE/RNFR apply to it
+    elif kind is None and not is_dir and not stat.S_ISREG(st.st_mode):
+        kind = _SPECIAL.get(stat.S_IFMT(st.st_mode), "OS.unix=special")  # RFC 3659 7.5.1: OS.name=type
     parts = []
     if "type" in facts:
         parts.append(f"type={kind or ('dir' if is_dir else 'file')}")
@@ -103,6 +106,8 @@ def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, k
     if "perm" in facts:
         if kind == "OS.unix=symlink":
             perm = "df" if writable else ""
+        elif kind is not None and kind.startswith("OS.unix="):
+            perm = "df" if writable else ""  # a FIFO or device: no transfer applies to it
         elif is_dir:
             perm = "elcmfp" if writable else "el"
         else:

@@ -39,8 +39,10 @@ def verb_of(line: bytes) -> str:
 
 
 def split_list_arg(arg: str) -> str:
-    """Drop ls-style options ('-la', '-l dir') that many clients send with LIST."""
+    """Drop ls-style options ('-la', '-l dir') that many clients send with LIST;
+    '--' ends them, as in ls ('LIST -- -la' lists the file '-la')."""
     words = arg.split(" ")
     while words and words[0].startswith("-"):
-        words.pop(0)
+        if words.pop(0) == "--":
+            break
     return " ".join(words)

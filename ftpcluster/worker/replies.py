@@ -18,6 +18,9 @@ _OS_ERRORS = {
     errno.ENOTDIR: (550, "Not a directory"),
     errno.EISDIR: (550, "Is a directory"),
     errno.ENAMETOOLONG: (550, "File name too long"),
+    errno.EINVAL: (550, "Invalid argument"),
+    errno.EXDEV: (553, "Not allowed: source and target are on different filesystems"),
+    errno.ELOOP: (550, "Too many levels of symbolic links"),
 }
 
 

@@ -196,6 +196,8 @@ def test_site_chmod_and_help(drv: Driver) -> None:
     for bad in ("SITE CHMOD 999 f.txt", "SITE CHMOD 600", "SITE CHMOD 17777 f.txt", "SITE CHMOD x f.txt"):
         assert d.code(bad) == 501, bad
     assert d.code("SITE CHMOD 600 nope") == 550
+    (d.home / "trail ").write_bytes(b"t")  # a name that ends in a space (lftp mirror -R chmods it)
+    assert d.code("SITE CHMOD 600 trail ") == 200 and (d.home / "trail ").stat().st_mode & 0o777 == 0o600
     assert d.code("SITE HELP") == 214
     assert d.code("SITE NOPE") == 500
     assert d.text("SITE QUOTA").startswith("200-No quota.")

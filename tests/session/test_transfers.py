@@ -224,6 +224,26 @@ def test_list(listed: Driver) -> None:
     one = _list(listed, "LIST f.txt")
     assert len(one) == 1 and one[0].endswith(" f.txt")
     assert _list(listed, "LIST -l d") == [ln for ln in _list(listed, "LIST d")]
+    (listed.home / "-la").write_bytes(b"dash")
+    one = _list(listed, "LIST -- -la")  # '--' ends the options, as in ls
+    assert len(one) == 1 and one[0].endswith(" -la")
+    assert _list(listed, "NLST -l -- -la") == ["-la"]
+
+
+def test_names_with_cr_or_lf_are_not_listed(listed: Driver) -> None:
+    """Made outside FTP, such a name would read as two entries (a fake one)."""
+    (listed.home / "evil\r\n213 injected").write_bytes(b"x")
+    (listed.home / "lf\nname").write_bytes(b"x")
+    for line in ("LIST", "NLST", "MLSD"):
+        got = _list(listed, line)
+        assert not any("injected" in ln or ln.endswith("lf") or ln.startswith("name") for ln in got), (line, got)
+        assert any(ln.endswith("f.txt") for ln in got)
+
+
+def test_mlsd_names_special_files(listed: Driver) -> None:
+    os.mkfifo(listed.home / "pipe")
+    facts = {ln.split(" ", 1)[1]: ln.split(" ", 1)[0] for ln in _list(listed, "MLSD")}
+    assert facts["pipe"].startswith("type=OS.unix=fifo;") and "perm=df;" in facts["pipe"], facts["pipe"]
 
 
 def test_nlst(listed: Driver) -> None:
