@@ -273,6 +273,16 @@ def test_daemon_start_and_failures(tmp_path):
         other.config.write_text(cfg)
         r2 = cli("start", "--daemon", config=other.config, env=_daemon_env())
         assert r2.returncode == 1 and "Address already in use" in r2.stderr
+        # The same config again, or another on its state_dir: refused before binding,
+        # naming the running supervisor (which stays the one `status` and `stop` reach).
+        pid = (srv.dir / "state" / "ftpcluster.pid").read_text().strip()
+        shared = make_server(tmp_path / "g")
+        shared.config.write_text(shared.config.read_text().replace('state_dir = "state"', f'state_dir = "{srv.dir / "state"}"'))
+        for config in (srv.config, shared.config):
+            r3 = cli("start", "--daemon", config=config, env=_daemon_env())
+            assert r3.returncode == 1 and "already running on state_dir" in r3.stderr and f"pid {pid}" in r3.stderr, r3.stderr
+        assert (srv.dir / "state" / "ftpcluster.pid").read_text().strip() == pid
+        assert srv.status()["supervisor_pid"] == int(pid)
     finally:
         cli("stop", "--timeout", "5s", config=srv.config)
     # An unreadable certificate fails before anything forks.

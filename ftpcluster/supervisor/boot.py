@@ -9,9 +9,10 @@ import sys
 from ..bootstrap import prepare
 from ..config import Config
 from ..logs import configure
-from .arbiter import BOOT_TIMEOUT, Arbiter
+from .arbiter import BOOT_TIMEOUT, PIDFILE, Arbiter
 from .daemon import daemonize, wait_ready
 from .fd_limit import raise_fd_limit
+from .instance_lock import AlreadyRunning, hold
 from .listeners import BindError, bind_all
 from .preflight import StartupError, check
 from .preload import preload
@@ -25,10 +26,11 @@ def start(cfg: Config, daemon: bool = False) -> int:
     raise_fd_limit(cfg)  # before binding and forking: the nodes inherit it
     try:
         check(cfg)
+        hold(cfg.state_dir, cfg.state_dir / PIDFILE)  # before binding: "already running", not "address in use"
         listeners = bind_all(cfg)
         if drop_privileges(cfg):
             check(cfg)  # again as the service account: the nodes read these files as it
-    except (StartupError, BindError, PrivilegeError) as e:
+    except (StartupError, BindError, PrivilegeError, AlreadyRunning) as e:
         print(f"ftpcluster: {e}", file=sys.stderr)
         return 1
     ready_fd = None
