@@ -245,6 +245,32 @@ def test_ttin_ttou(server_factory):
     srv.ftp().quit()
 
 
+def test_stop_past_its_timeout_ends_transfers_as_aborts(server_factory):
+    """A transfer still running when `stop --timeout` runs out: the node stops its
+    sessions itself (421), the upload ends as an abort (its xferlog `i` line, with
+    the bytes it got, and no partial file left), and nothing is SIGKILLed."""
+    from ftpcluster.worker.fs import TEMP_PREFIX
+
+    srv = server_factory(nodes=1, log={"xferlog": "xfer.log"})
+    f = srv.ftp()
+    f.voidcmd("TYPE I")
+    conn = f.transfercmd("STOR slow.bin")
+    conn.sendall(b"s" * 100_000)  # then nothing more: the upload never ends by itself
+    assert wait_for(lambda: any(p.name.startswith(TEMP_PREFIX) for p in srv.home.iterdir()), what="the upload's temp file")
+    r = cli("stop", "--timeout", "1s", config=srv.config)
+    assert r.returncode == 0, r.stderr
+    assert srv.proc.wait(20) == 0
+    f.sock.settimeout(10)
+    assert f.getline().startswith("421"), "the client was not told"
+    conn.close()
+    f.close()
+    assert not [p.name for p in srv.home.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    assert not (srv.home / "slow.bin").exists()
+    line = (srv.dir / "xfer.log").read_text().split()
+    assert line[-1] == "i" and int(line[7]) == 100_000, line  # status incomplete, bytes received
+    assert "stopping its sessions now" in srv.logs() and "killing it" not in srv.logs()
+
+
 def test_stop_command_waits_for_the_end(server_factory):
     srv = server_factory(nodes=2)
     pids = list(node_pids(srv).values())

@@ -38,6 +38,7 @@ log = structlog.get_logger("ftpcluster.supervisor")
 MAX_BOOT_FAILURES = 5
 BOOT_TIMEOUT = 30.0
 FAST_STOP_GRACE = 5.0
+HURRY_GRACE = 3.0  # after a stop deadline: the node's own fast stop, then SIGKILL
 MAX_NODES = 64
 PIDFILE = "ftpcluster.pid"
 SIGNAL_HANDLERS = {
@@ -267,8 +268,17 @@ class Arbiter:
         self.begin_stop("fast", FAST_STOP_GRACE)
 
     def enforce_deadlines(self, now: float) -> None:
+        """A node past its stop deadline is told to stop at once (SIGQUIT: its sessions
+        get 421, transfers end as aborts: 426, xferlog `i`, no partial upload left);
+        one that still runs HURRY_GRACE later is killed."""
         for node in self.nodes.values():
-            if node.stop_deadline is not None and now >= node.stop_deadline and not node.killed:
+            if node.stop_deadline is None or now < node.stop_deadline or node.killed:
+                continue
+            if not node.hurried:
+                log.warning("node did not stop in time, stopping its sessions now", node=node.node_id, pid=node.pid)
+                node.ask_stop(signal.SIGQUIT, now + HURRY_GRACE)
+                node.stop_deadline = now + HURRY_GRACE
+            else:
                 log.warning("node did not stop in time, killing it", node=node.node_id, pid=node.pid)
                 node.kill()
 

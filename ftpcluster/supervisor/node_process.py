@@ -39,6 +39,7 @@ class NodeHandle:
     passive: tuple[int, int]
     started: float = field(default_factory=time.monotonic)
     stop_deadline: float | None = None  # set once asked to stop
+    hurried: bool = False  # told to stop at once (SIGQUIT): SIGKILL is next
     killed: bool = False
 
     def send(self, sig: int) -> None:
@@ -49,9 +50,11 @@ class NodeHandle:
             pass
 
     def ask_stop(self, sig: int, deadline: float) -> None:
-        """Ask it to stop by `deadline` (an earlier deadline wins); SIGKILL after it."""
+        """Ask it to stop by `deadline` (an earlier deadline wins); after it, SIGQUIT
+        (the node aborts what runs, as a fast stop), then SIGKILL."""
         if self.stop_deadline is None or deadline < self.stop_deadline:
             self.stop_deadline = deadline
+        self.hurried = self.hurried or sig == signal.SIGQUIT
         self.send(sig)
 
     def kill(self) -> None:

@@ -123,8 +123,13 @@ class ControlConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        task = self.transfer_task
         self.abort("control connection lost")
-        if self.session is not None:  # not a refused connection
+        if self.session is None:  # a refused connection
+            return
+        if task is not None and not task.done():  # its transfer's record (426, xferlog i) comes first
+            task.add_done_callback(lambda _: self.node.session_closed(self))
+        else:
             self.node.session_closed(self)
 
     def pause_writing(self) -> None:
@@ -264,6 +269,10 @@ class ControlConnection(asyncio.Protocol):
     def _report(self, outputs: list[Output]) -> None:
         if not self.closing:
             self.perform(outputs)
+            return
+        for out in outputs:  # the session is ending: no replies, but what happened still counts
+            if type(out) is Event:  # a transfer cut by the close or a stop: its xferlog line, its bytes
+                self.publish(out)
 
     def _channel(self) -> DataChannel:
         if self.data is None:

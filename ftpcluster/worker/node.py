@@ -43,6 +43,7 @@ from .users_watch import watch_users
 log = structlog.get_logger("ftpcluster.worker")
 
 ACCEPT_BATCH = 64
+FAST_STOP_CLEANUP = 2.0  # seconds transfers cancelled by a fast stop get to clean up
 _CONNECT, _DISCONNECT = Event(EventName.CONNECT, {}), Event(EventName.DISCONNECT, {})  # no fields: shared
 
 
@@ -441,11 +442,20 @@ class NodeServer:
             self.graceful_stop()
 
     def fast_stop(self) -> None:
+        """Stop now (SIGQUIT, or a graceful stop past its deadline): every session gets
+        421; running transfers are cancelled and given a moment to end as an abort
+        does (the partial upload removed, the xferlog `i` line written) before the
+        node exits."""
         self.stopping = True
         self.stop_accepting()
+        transfers = [c.transfer_task for c in self.sessions if c.transfer_task is not None]
         for conn in list(self.sessions):
             conn.kick(421, "Server shutting down")
-        self.stopped.set()
+        if not transfers:
+            self.stopped.set()
+            return
+        waited = asyncio.ensure_future(asyncio.wait(transfers, timeout=FAST_STOP_CLEANUP), loop=self.loop)
+        waited.add_done_callback(lambda _: self.stopped.set())
 
     def after_transfer(self, conn: ControlConnection) -> None:
         if self.stopping and not self.draining:
