@@ -115,9 +115,11 @@ def test_config_check_reads_files_as_the_service_user(tmp_path: Path) -> None:
 
 def _as_service_user(base: Path, account: str, group: str) -> None:
     gid = grp.getgrnam(group).gr_gid
-    srv = make_server(base / "b", tls=True, server={"user": account})
+    srv = make_server(base / "b", tls=True, server={"user": account},
+                      log={"level": "info", "format": "json", "xferlog": "logs/xfer.log"})  # fmt: skip
     users, key = srv.dir / "users.toml", srv.dir / "certs" / "key.pem"
-    for p in (srv.dir, srv.dir / "certs"):
+    (srv.dir / "logs").mkdir()
+    for p in (srv.dir, srv.dir / "certs", srv.dir / "logs"):
         p.chmod(0o755)
     found = "\n".join(_problems(srv.config))
     assert f"the folder {base} is closed to it" in found, found  # mkdtemp made it 0700
@@ -128,9 +130,12 @@ def _as_service_user(base: Path, account: str, group: str) -> None:
     assert f"[server] users_file {users}: not readable by the service user {account}" in r.stderr, r.stderr
     assert f"chgrp {group} {users}; chmod 0640 {users}" in r.stderr
     assert f"[tls] private_key {key}: not readable" in r.stderr
+    # The nodes write the xferlog as the service user (a root-owned folder failed their boot).
+    assert f"[log] xferlog {srv.dir / 'logs' / 'xfer.log'}: not writable by the service user {account}" in r.stderr
     for p in (users, key):
         os.chown(p, 0, gid)
         p.chmod(0o640)
+    os.chown(srv.dir / "logs", pwd.getpwnam(account).pw_uid, gid)
     assert _problems(srv.config) == []
     # user add keeps that owner, group and mode, and the new home belongs to the service user.
     home = srv.dir / "homes" / "bob"

@@ -319,14 +319,16 @@ def test_daemon_start_and_failures(tmp_path):
 
 
 def test_boot_failure_backs_off_and_exits(tmp_path):
-    """A node that dies at boot every time: the supervisor gives up instead of forking forever."""
-    srv = make_server(tmp_path / "g", tls=True)
-    # The users file turns unreadable only for the nodes: valid at preflight, broken after.
+    """A node that dies at boot every time: the supervisor gives up instead of forking
+    forever, and the log says why (under --daemon stderr is /dev/null)."""
+    srv = make_server(tmp_path / "g", tls=True, log={"level": "info", "format": "json", "file": "server.log"})
     env = _daemon_env()
-    env["FTPCLUSTER_FAULT"] = "node-boot"
-    r = cli("start", "--nodes", "1", config=srv.config, env=env, timeout=60)
+    env["FTPCLUSTER_FAULT"] = "node-boot"  # the node raises before it accepts
+    r = cli("start", "--daemon", "--nodes", "1", config=srv.config, env=env, timeout=60)
     assert r.returncode == 1
     assert "failing at boot" in (r.stderr + r.stdout)
+    logged = (srv.dir / "server.log").read_text()
+    assert '"node failed to boot"' in logged and "injected boot failure" in logged, logged[-2000:]
 
 
 def test_sd_notify(tmp_path):

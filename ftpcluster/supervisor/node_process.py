@@ -8,6 +8,7 @@ can tell a broken config from a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
+
+import structlog
 
 from ..config import Config
 from ..logs import configure
@@ -83,9 +86,13 @@ def spawn(
         code = _child(node_id, slot, cfg, listeners, table, passive, parent_fd, close_fds, supervisor_pid)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
         code = 1 if table.read(slot).state in (ACCEPTING, STOPPING) else BOOT_ERROR
+        with contextlib.suppress(Exception):  # into the log too: under --daemon stderr is /dev/null
+            structlog.get_logger("ftpcluster.node").error(
+                "node failed to boot" if code == BOOT_ERROR else "node crashed",
+                node=node_id, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())  # fmt: skip
     finally:
         try:
             flush_logs()  # lines of the node's last loop iteration (batched, see logs.py)

@@ -90,6 +90,23 @@ def _readable(acct: Account, path: Path, what: str, fix: str) -> str | None:
     return None
 
 
+def _writable(acct: Account, path: Path, what: str) -> str | None:
+    """A log file the nodes open (append) as the service account: it, or the folder
+    it will be made in, must be writable by that account."""
+    if not path.parent.is_dir():
+        return f"{what} {path}: the folder {path.parent} does not exist (create it for the service user)"
+    target = path if path.exists() else path.parent
+    try:
+        ok = acct.blocked_at(path) is None and acct.may(target, 2)
+    except OSError:
+        ok = False
+    if ok:
+        return None
+    who = f"the service user {acct.name}" if acct.name else "this user"
+    fix = f"chown {acct.name} {target}" if acct.name else f"check the permissions of {target}"
+    return f"{what} {path}: not writable by {who} ({fix}, or point it to a folder it can write)"
+
+
 def problems(cfg: Config, create: bool = True) -> list[str]:
     """Every reason this config cannot start, one line each (empty = fine)."""
     out: list[str] = []
@@ -128,6 +145,10 @@ def problems(cfg: Config, create: bool = True) -> list[str]:
                 out += user_problems(cfg, load_users(users))
             except (UserError, OSError, ValueError) as e:
                 out.append(f"[server] users_file: bad users file {e}")
+    for key, name in (("file", cfg.log.file), ("xferlog", cfg.log.xferlog)):
+        bad = _writable(acct, cfg.resolve(name), f"[log] {key}") if name else None
+        if bad:
+            out.append(bad)
     if cfg.tls.enabled:
         out += _tls_problems(cfg, acct, embedded)
     tls_checked_key = cfg.tls.enabled and (cfg.tls.session_tickets == "cluster" or cfg.tls.session_cache == "memcache")
