@@ -339,6 +339,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("server.nodes: at least 1")
     if cfg.server.max_line_length < 512:
         raise ConfigError("server.max_line_length: at least 512")
+    if cfg.server.masquerade_address:
+        try:  # PASV carries four numbers: a name or an IPv6 address cannot go there
+            ipaddress.IPv4Address(cfg.server.masquerade_address)
+        except ValueError:
+            raise ConfigError(f"server.masquerade_address: an IPv4 address is needed (PASV replies carry one), "
+                              f"got {cfg.server.masquerade_address!r}") from None  # fmt: skip
     if cfg.memcache.replicas < 1:
         raise ConfigError("memcache.replicas: at least 1")
     for s in cfg.memcache.servers:

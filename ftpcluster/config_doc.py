@@ -20,7 +20,7 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "listen": ("Control connections, host:port (`[::]:21` for IPv6). Explicit FTPS via AUTH TLS on the same port.", "Port, DefaultAddress"),
         "implicit_tls_listen": ('Implicit FTPS listener, e.g. "0.0.0.0:990"; "" = none.', "TLSOptions UseImplicitSSL"),
         "passive_ports": ("PASV/EPSV port range of this host, LOW-HIGH; each node owns a slice. Open it in the firewall and, behind a balancer, forward it to this host.", "PassivePorts"),
-        "masquerade_address": ('Address written into PASV replies (the balancer\'s public address); "" = the address the client connected to.', "MasqueradeAddress"),
+        "masquerade_address": ('IPv4 address written into PASV replies (the balancer\'s public address; a name is refused: PASV carries four numbers); "" = the address the client connected to.', "MasqueradeAddress"),
         "nodes": ("Worker processes; `start --nodes` overrides.", ""),
         "state_dir": ("Pid file, control socket, shared-memory tables, host id, bans.json. Must be writable by the service user.", "ScoreboardFile, PidFile"),
         "root": ("Default home for users without one; created by `make run`.", "DefaultRoot"),

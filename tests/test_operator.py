@@ -94,6 +94,13 @@ def test_config_check_names_the_file_and_the_fix(tmp_path: Path) -> None:
     users.write_text("[[users]\nname = ")
     r = cli("config", "check", config=srv.config)
     assert r.returncode == 1 and f"[server] users_file: bad users file {users}" in r.stderr, r.stderr
+    # A name as masquerade_address would make every PASV reply unreadable ("lb,example,com,...").
+    from ftpcluster import config as config_mod
+
+    for bad in ("lb.example.com", "2001:db8::1"):
+        with pytest.raises(config_mod.ConfigError, match="masquerade_address: an IPv4 address"):
+            config_mod.from_dict({"server": {"masquerade_address": bad}}, tmp_path / "m.toml")
+    assert config_mod.from_dict({"server": {"masquerade_address": "203.0.113.7"}}, tmp_path / "m.toml")
 
 
 def _problems(config: Path) -> list[str]:
