@@ -340,13 +340,7 @@ def cmd_quota(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from .sizes import SizeError, format_size, parse_size
     from .users import UserError, load_users, set_quota
 
-    import logging
-
-    import structlog
-
-    # memcached warnings (a server down) must not mix into stdout (JSON); the one line says it.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
-                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))  # fmt: skip
+    _quiet_logs()
     path = cfg.resolve(cfg.server.users_file)
     try:
         if args.quota_command == "set":
@@ -433,8 +427,21 @@ def cmd_config(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return 1 if found else 0
 
 
+def _quiet_logs() -> None:
+    """For commands that talk to memcached themselves: its warnings and debug lines (a
+    server down) must not mix into stdout; the command's own lines say what counts."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))  # fmt: skip
+
+
 def cmd_cluster(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from .cluster_check import as_json, render, run
+
+    _quiet_logs()
 
     results = run(cfg, lambda req: _control(cfg, req), args.balancer, args.expect_hosts, args.source)
     print(json.dumps(as_json(results), indent=2) if args.json else render(results))

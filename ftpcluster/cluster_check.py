@@ -94,7 +94,9 @@ def check_hosts(cfg: Config, hosts: list[dict[str, Any]], expect: int, rejected:
                "[tls] session_key_file, or forged): copy the key file from one host to all, then reload") if rejected else ""  # fmt: skip
     out = [Result("hosts", len(hosts) >= max(expect, 1) and not rejected, f"{len(hosts)} host(s) in memcached: {names}"
                   + (f"; expected {expect}" if len(hosts) < expect else "") + foreign)]  # fmt: skip
-    if cfg.tls.enabled:
+    if cfg.tls.enabled and not hosts:
+        out.append(Result("session keys", False, "no host in memcached to compare this host's key with"))
+    elif cfg.tls.enabled:
         mine = key_fingerprint(cfg)
         keys = {h["host"]: h.get("key") or "" for h in hosts}
         differ = [f"{h} has {k or 'no key'}" for h, k in keys.items() if k != mine]
@@ -122,6 +124,18 @@ def _refused(h: dict[str, Any], user: str, source: str, ctx: ssl.SSLContext) -> 
             f.close()
 
 
+def _failure(cfg: Config, e: BaseException) -> str:
+    """An exception as a result's detail; a connection closed before any greeting from
+    a host that speaks the PROXY protocol usually means this address is a trusted
+    balancer there (a header is then required), so say how to check from another."""
+    text = f"{type(e).__name__}: {e}"
+    if cfg.proxy_protocol.enabled and isinstance(e, (EOFError, ConnectionResetError)):
+        text += (" (the host closed the connection: with [proxy_protocol] enabled it expects a PROXY header from "
+                 "its trusted addresses; if this host's address is one of them, run the check with --source "
+                 "ADDRESS, an address of this host that is not trusted)")  # fmt: skip
+    return text
+
+
 def check_ban(cfg: Config, hosts: list[dict[str, Any]], control: Callable[[dict[str, Any]], dict[str, Any]], source: str) -> list[Result]:
     user = f"cluster-check-{secrets.token_hex(4)}"
     reply = control({"cmd": "ban", "kind": "user", "name": user, "duration": 60, "reason": "ftpcluster cluster check"})
@@ -140,7 +154,7 @@ def check_ban(cfg: Config, hosts: list[dict[str, Any]], control: Callable[[dict[
                 try:
                     refused, last = _refused(h, user, source, ctx)
                 except (OSError, EOFError, ftplib.Error, ssl.SSLError) as e:
-                    refused, last = False, f"{type(e).__name__}: {e}"
+                    refused, last = False, _failure(cfg, e)
                 if refused or time.monotonic() >= deadline:
                     break
                 time.sleep(1.0)
@@ -178,7 +192,7 @@ def check_tls(cfg: Config, hosts: list[dict[str, Any]], balancer: str, source: s
     try:
         session, _, version = _session_from(first[0], first[1], source, ctx)
     except (OSError, EOFError, ftplib.Error, ssl.SSLError, AssertionError) as e:
-        return [Result("TLS resumption", False, f"no TLS session from {origin}: {type(e).__name__}: {e}")]
+        return [Result("TLS resumption", False, f"no TLS session from {origin}: {_failure(cfg, e)}")]
     targets = [(f"{h['address']}:{h['port']}", h["address"], h["port"]) for h in hosts]
     if balancer:
         targets.append((f"balancer {balancer}", *first))
@@ -188,7 +202,7 @@ def check_tls(cfg: Config, hosts: list[dict[str, Any]], balancer: str, source: s
             _, reused, v = _session_from(host, port, source, ctx, session)
             out.append(Result(f"TLS resumption on {name}", reused, f"session from {origin} {'resumed' if reused else 'NOT resumed (full handshake)'} ({v})"))
         except (OSError, EOFError, ftplib.Error, ssl.SSLError, AssertionError) as e:
-            out.append(Result(f"TLS resumption on {name}", False, f"{type(e).__name__}: {e}"))
+            out.append(Result(f"TLS resumption on {name}", False, _failure(cfg, e)))
     return out
 
 

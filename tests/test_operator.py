@@ -275,6 +275,8 @@ def test_cluster_check_reports_a_different_key_and_a_lone_host(tmp_path: Path) -
     assert not results["hosts"].ok and "expected 3" in results["hosts"].detail
     assert not results["session keys"].ok and "b has 0123456789ab" in results["session keys"].detail
     assert all(r.ok for r in check_hosts(cfg, hosts[:1], expect=1))
+    none = {r.check: r for r in check_hosts(cfg, [], expect=0)}  # no host: nothing was compared
+    assert not none["hosts"].ok and not none["session keys"].ok, none
     # Without memcached there is no cluster to check: exit 1, said plainly.
     r = cli("cluster", "check", config=config)
     assert r.returncode == 1 and "[memcache] enabled = false" in r.stdout
