@@ -183,7 +183,8 @@ def cmd_reload(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     reply = _control(cfg, {"cmd": "reload"}, timeout=60)
     if not reply.get("ok", False):
         raise CommandError(reply.get("error", "reload failed"))
-    print(f"reloaded: generation {reply.get('generation', '?')} accepting; config, users and certificates re-read")
+    notes = "".join(f"; {n}" for n in reply.get("notes", []))
+    print(f"reloaded: generation {reply.get('generation', '?')} accepting; config, users and certificates re-read{notes}")
     return 0
 
 

@@ -247,6 +247,15 @@ def test_state_changing_commands_say_what_they_did(daemon: Server) -> None:
     assert cli("permit", "user", "mallory", config=srv.config).returncode == 0
     r = cli("reload", config=srv.config)
     assert r.returncode == 0 and r.stdout.startswith("reloaded: generation 2 accepting"), r.stdout + r.stderr
+    # What a reload cannot apply is said where the operator looks, not only in the log.
+    text = srv.config.read_text()
+    srv.config.write_text(text.replace(f"127.0.0.1:{srv.port}", f"127.0.0.1:{srv.port + 1}"))
+    try:
+        r = cli("reload", config=srv.config)
+    finally:
+        srv.config.write_text(text)
+    assert r.returncode == 0 and "listen addresses changed: they take effect at the next restart" in r.stdout, r.stdout
+    srv.ftp().quit()  # still on the old address
     r = cli("user", "del", "nobody-here", config=srv.config)
     assert r.returncode == 1 and r.stderr.startswith("ftpcluster: no such user: nobody-here")
 

@@ -73,6 +73,7 @@ class Arbiter:
         self.stopping: str | None = None  # None | "graceful" | "fast"
         self.stop_waiters: list[Pending] = []
         self.reload_waiters: list[Pending] = []
+        self.reload_notes: list[str] = []  # what the last reload could not apply (said by `reload`)
         self.boot_failures = 0
         self.next_spawn_at = 0.0
         self.exit_code = 0
@@ -149,8 +150,9 @@ class Arbiter:
         """Re-read the config, users and certificates; new nodes, old ones drain. Returns an error text."""
         if self.stopping:
             return "stopping"
+        self.reload_notes = []
         try:
-            new = reload_config(self.cfg)
+            new = reload_config(self.cfg, self.reload_notes)
         except StartupError as e:
             log.error("reload refused, keeping the running config", error=str(e))
             return f"reload refused: {e}"
@@ -338,7 +340,7 @@ class Arbiter:
         systemd.notify(f"READY=1\nSTATUS=serving with {self.target} nodes\nMAINPID={self.pid}")
         self.ready.send("ok")
         for p in self.reload_waiters:
-            p.answer({"ok": True, "generation": self.generation})
+            p.answer({"ok": True, "generation": self.generation, "notes": self.reload_notes})
         self.reload_waiters.clear()
         log.info("all nodes accepting", nodes=self.target, generation=self.generation)
 

@@ -201,16 +201,20 @@ def check(cfg: Config) -> None:
 
 
 
-def reload_config(running: Config) -> Config:
+def reload_config(running: Config, notes: list[str] | None = None) -> Config:
     """The config file read again and checked, for a reload (raises StartupError).
     Listen addresses cannot move while the listeners stay open: they keep the
-    running values until the next restart (with a warning)."""
+    running values until the next restart (with a warning, also added to `notes`
+    for the operator's `reload` command)."""
     try:
         new = load_config(str(running.path) if running.path else None)
         check(new)
     except ConfigError as e:
         raise StartupError(str(e)) from None
     if new.listen_address != running.listen_address or new.implicit_tls_address != running.implicit_tls_address:
-        structlog.get_logger("ftpcluster.supervisor").warning("listen addresses changed: they take effect at the next restart")
+        note = "listen addresses changed: they take effect at the next restart"
+        structlog.get_logger("ftpcluster.supervisor").warning(note)
+        if notes is not None:
+            notes.append(note)
         new.server.listen, new.server.implicit_tls_listen = running.server.listen, running.server.implicit_tls_listen
     return new
