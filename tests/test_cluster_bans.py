@@ -47,6 +47,14 @@ def test_manual_ban_and_permit_reach_the_other_host(server_factory, memcached):
     assert greet(h2, "127.0.0.30").startswith(b"220")
     # A permit is a MAC'd removal record on every replica (a deleted key would not lift it)
     assert all(b'"removed":true' in m.command(key) for m in mcs)
+    # A ban counts the hosts it reaches; a host that stopped takes its record out at once
+    # (it was counted for another 30 s).
+    hosts_seen = lambda: len(h1.status().get("cluster", {}).get("hosts", []))  # noqa: E731
+    assert wait_for(lambda: hosts_seen() == 2, timeout=10)
+    r = cli("ban", "host", "127.0.0.33", "--for", "1m", config=h1.config)
+    assert r.stdout.endswith("on 2 hosts\n"), r.stdout
+    h2.stop()
+    assert wait_for(lambda: hosts_seen() == 1, timeout=10), "the stopped host is still counted"
 
 
 def test_automatic_ban_on_one_host_refused_on_the_other(server_factory, memcached):

@@ -122,6 +122,14 @@ class HostRegistry:
         return {"cluster": {"host_id": self.host_id, "key_fingerprint": self.record["key"],
                             "hosts": [h["host"] for h in self.hosts]}}  # fmt: skip
 
+    def withdraw(self) -> None:
+        """A stopping host takes its record out at once (it would stay RECORD_TTL), so
+        `ban` and `cluster check` elsewhere stop counting it."""
+        try:
+            self.ring.delete(f"host:{self.host_id}")
+        except Exception:  # memcached down: the record expires on its own
+            pass
+
     def close(self) -> None:
         self.ring.close()
 

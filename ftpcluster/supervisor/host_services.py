@@ -174,6 +174,7 @@ class HostServices:
         if self.bans is not None:
             self.bans.close()
         if self.cluster is not None:
-            self.cluster.stop(wait=1.0)
+            self.cluster.stop(wait=1.0)  # before the registry's ring is used from this thread
         if self.registry is not None:
+            self.registry.withdraw()
             self.registry.close()
