@@ -44,7 +44,8 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append("")
         for s in mc.get("servers", []):
             state = "up" if s.get("up") else "DOWN"
-            line = f"memcached   {s['address']:24} {state:5} errors {s.get('errors', 0)}"
+            # the supervisor's own calls; ftpcluster_memcache_errors_total sums every process's
+            line = f"memcached   {s['address']:24} {state:5} supervisor errors {s.get('errors', 0)}"
             if s.get("up") and s.get("latency_ms") is not None:
                 line += f", latency {s['latency_ms']:.2f} ms"
             if not s.get("up") and s.get("ejected_since"):
