@@ -7,8 +7,10 @@ import resource
 
 # Control connection, passive listener, data connection. The one transient extra, the
 # duplicate descriptor AUTH TLS peeks the ClientHello through (tls_prefetch.peek_ids),
+# then watches its handshake through (quickack.ack_arrivals), one after the other,
 # fits in the three: AUTH comes before login, so no data connection exists then (a
-# passive listener kept by REIN after a transfer at most).
+# passive listener kept by REIN after a transfer at most). An implicit-TLS handshake
+# holds two (connection and watch).
 PER_SESSION = 3
 RESERVE = 64  # log files, shared memory, memcached, pipes, and an accept to refuse with
 

@@ -34,7 +34,7 @@ from .protocol import (
     TransferResult,
     VerifyPassword,
 )
-from .quickack import ack_now
+from .quickack import ack_arrivals, ack_now
 from .session import Session, User
 
 if TYPE_CHECKING:
@@ -411,7 +411,8 @@ class ControlConnection(asyncio.Protocol):
         if self.closing or self.transport is None or self.transport.is_closing():
             return
         try:
-            new = await loop.start_tls(self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=left)
+            with ack_arrivals(loop, sock):  # the client's Finished may wait on it (see quickack.py)
+                new = await loop.start_tls(self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=left)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
             self.publish(Event(EventName.TLS_FAILED, {"error": str(e) or type(e).__name__}))
             self.closing = True

@@ -51,17 +51,21 @@ class TLSStream(Fair):
             else:
                 self.loop.remove_reader(self._fd)
 
-    async def _retry(self, op: Callable[[], Any]) -> Any:
+    async def _retry(self, op: Callable[[], Any], quickack: bool = False) -> Any:
         while True:
             try:
                 return op()
             except ssl.SSLWantReadError:
+                if quickack:
+                    ack_now(self.sock)
                 await self._wait(write=False)
             except ssl.SSLWantWriteError:
                 await self._wait(write=True)
 
     async def handshake(self) -> None:
-        await self._retry(self.sock.do_handshake)
+        # Mid-handshake, after our flight: a client that writes its TLS 1.3 CCS and
+        # Finished apart (GnuTLS: lftp) holds the Finished until the CCS is ACKed.
+        await self._retry(self.sock.do_handshake, quickack=True)
         # The client speaks last (its Finished: TLS 1.2 resumed, and TLS 1.3 since data
         # connections issue no ticket), then writes its data (STOR): with Nagle on, that
         # waits for our ACK. Once is enough: we never write on an upload, so Linux then

@@ -34,6 +34,7 @@ from ..users import Authenticator, UserRecord, load_users
 from .control import ControlConnection
 from .loops import new_event_loop
 from .passive import PassivePorts
+from .quickack import ack_arrivals
 from .protocol import Event, EventName, SessionInfo, Subscriber, hears
 from .services import NodeServices, build_services
 from .session import SessionSettings
@@ -279,12 +280,13 @@ class NodeServer:
                 self.handshaking[ip] += 1
                 try:
                     left = await self.tls.prefetch(sock)
-                    await self.loop.connect_accepted_socket(
-                        lambda: ControlConnection(self, client, True, info),
-                        sock,
-                        ssl=self.tls.context,
-                        ssl_handshake_timeout=left,
-                    )
+                    with ack_arrivals(self.loop, sock):  # the client's Finished may wait on it (see quickack.py)
+                        await self.loop.connect_accepted_socket(
+                            lambda: ControlConnection(self, client, True, info),
+                            sock,
+                            ssl=self.tls.context,
+                            ssl_handshake_timeout=left,
+                        )
                 finally:
                     self.handshaking[ip] -= 1
                     if self.handshaking[ip] <= 0:
