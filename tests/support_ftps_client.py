@@ -265,3 +265,92 @@ def measure(cases: dict[str, Case], n: int) -> dict[str, tuple[float, float]]:
                 got[nodelay].append(case(nodelay))
         out[name] = (statistics.median(got[False]), statistics.median(got[True]))
     return out
+
+
+# ------------------------------------------------------------------ split handshake
+# GnuTLS (lftp) writes the last flight of a TLS 1.3 handshake as two writes, its
+# ChangeCipherSpec (6 bytes), then its Finished; with Nagle on, the Finished waits
+# for our ACK of the CCS, in the middle of the handshake.
+CCS = 20  # TLS record type change_cipher_spec
+
+
+def split_handshake(sock: socket.socket, ctx: ssl.SSLContext, split: bool, session: Any = None) -> float:
+    """A client handshake over `sock` (Nagle left on) through memory BIOs; with `split`
+    the last flight's ChangeCipherSpec record and the rest go out as two writes, as
+    GnuTLS writes them. Returns the seconds from that last write to the server's next
+    bytes (a ticket, the banner, file data), which are peeked, not read."""
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=sock.getpeername()[0], session=session)
+    for _ in range(16):  # flights of one handshake: 2 or 3
+        try:
+            obj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        data = out.read()
+        if done and split and data[:1] == bytes([CCS]):
+            sock.sendall(data[:6])
+            sock.sendall(data[6:])
+        elif data:
+            sock.sendall(data)
+        if done:
+            t0 = time.perf_counter()
+            sock.recv(1, socket.MSG_PEEK)
+            return time.perf_counter() - t0
+        got = sock.recv(65536)
+        if not got:
+            raise ConnectionError("server closed during the handshake")
+        inc.write(got)
+    raise RuntimeError("handshake did not finish in 16 flights")
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """One single-line reply off a plain socket, before TLS."""
+    buf = b""
+    for _ in range(64):
+        if buf.endswith(b"\r\n"):
+            return buf
+        got = sock.recv(1024)
+        if not got:
+            break
+        buf += got
+    raise ConnectionError(f"no reply line: {buf!r}")
+
+
+def split_cases(t: Target) -> tuple[dict[str, Case], Callable[[], None]]:
+    """Full TLS 1.3 handshakes (explicit and implicit login) and PROT P RETRs (resumed)
+    by a client that writes its CCS and Finished apart; the flag, as nodelay does for
+    the stock cases, picks the reference: the same client writing them at once. Each
+    call returns the seconds from the client's last handshake write to our next bytes."""
+    f, _ = login(t.host, t.port, t.user, t.password, context=client_context(V13))
+    f.prot_p()
+    f.voidcmd("TYPE I")
+    stor(f, "split-seed.bin", KB)
+
+    def explicit(one_write: bool) -> float:
+        with socket.create_connection((t.host, t.port), 10) as s:
+            _reply(s)
+            s.sendall(b"AUTH TLS\r\n")
+            _reply(s)
+            return split_handshake(s, client_context(V13), not one_write)
+
+    def implicit(one_write: bool) -> float:
+        assert t.implicit_port is not None
+        with socket.create_connection((t.host, t.implicit_port), 10) as s:
+            return split_handshake(s, client_context(V13), not one_write)
+
+    def retr(one_write: bool) -> float:
+        with socket.create_connection(f.makepasv(), 10) as d:
+            f.putcmd("RETR split-seed.bin")
+            secs = split_handshake(d, f.context, not one_write, session=f.sock.session)
+            for _ in range(64):  # the encrypted file and close_notify, then the server closes
+                if not d.recv(65536):
+                    break
+        f.getresp()  # 150
+        f.voidresp()  # 226
+        return secs
+
+    cases: dict[str, Case] = {"split CCS|Finished explicit login": explicit, "split CCS|Finished PROT P RETR": retr}
+    if t.implicit_port is not None:
+        cases["split CCS|Finished implicit login"] = implicit
+    return cases, lambda: quit(f)
