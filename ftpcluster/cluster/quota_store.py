@@ -15,6 +15,12 @@ Without memcached (disabled, down, or no cluster key) a host keeps the same
 two numbers in a small file per user under `state_dir/quota/`, updated under
 flock by every node of the host.
 
+Scans skip the temporary files of atomic uploads in flight (their bytes are in
+the usage as reservations), so a scan that replaces the usage drops those
+reservations. Each stored scan therefore starts a new generation ("g", random):
+an upload passes its reservations and the generation they went into with each
+move (`Reserved`), and the move adds them again when the generation changed.
+
 Blocking calls: nodes run them on their limits threads, the CLI directly.
 The record lives on the first live replica only (like ban counters); a server
 that goes away takes it along and the next read rescans."""
@@ -25,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +43,18 @@ from .session_seal import SealError
 
 TEMP_PREFIX = ".ftpcluster-upload."  # in-flight atomic uploads: counted by their reservations instead
 COUNTER_TTL_MIN = 3600
+Reserved = tuple[int, int, int]  # (generation, bytes, files) an upload in flight reserved
+
+
+def new_generation() -> int:
+    return secrets.randbits(31) | 1  # 0: a record written before generations
+
+
+def _rebased(cur_gen: int, d_bytes: int, d_files: int, rebase: Reserved | None) -> tuple[int, int]:
+    """The move, plus the caller's earlier reservations when a scan has replaced them."""
+    if rebase is not None and rebase[0] != cur_gen:
+        return d_bytes + rebase[1], d_files + rebase[2]
+    return d_bytes, d_files
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +87,17 @@ def scan_home(home: str) -> tuple[int, int]:
     return total, files
 
 
-def _parse(payload: bytes | None) -> tuple[int, int] | None:
+def _parse(payload: bytes | None) -> tuple[int, int, int] | None:
     if payload is None or len(payload) > 200:
         return None
     try:
         d = json.loads(payload)
-        b, f = d["b"], d["f"]
-    except (ValueError, KeyError, TypeError):
+        b, f, g = d["b"], d["f"], d.get("g", 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not (isinstance(b, int) and isinstance(f, int) and b >= 0 and f >= 0):
+    if not (isinstance(b, int) and isinstance(f, int) and isinstance(g, int) and b >= 0 and f >= 0):
         return None
-    return b, f
+    return b, f, g
 
 
 class MemcacheUsage:
@@ -96,8 +115,8 @@ class MemcacheUsage:
         t = self.ring.targets(name)
         return t[0] if t else None
 
-    def _seal(self, name: str, b: int, f: int) -> bytes:
-        return self.mac.seal(name, json.dumps({"b": max(0, b), "f": max(0, f)}, separators=(",", ":")).encode())
+    def _seal(self, name: str, b: int, f: int, g: int) -> bytes:
+        return self.mac.seal(name, json.dumps({"b": max(0, b), "f": max(0, f), "g": g}, separators=(",", ":")).encode())
 
     def get(self, user: str) -> tuple[int, int] | None:
         name = f"quota:{user}"
@@ -106,14 +125,15 @@ class MemcacheUsage:
             return None
         k = self.ring.key(name)
         ok, raw = self.ring._call(s, "get", lambda c: c.get(k))
-        return _parse(self.mac.open("quota", name, raw, s.address)) if ok else None
+        got = _parse(self.mac.open("quota", name, raw, s.address)) if ok else None
+        return got[:2] if got is not None else None
 
     def put(self, user: str, used_bytes: int, used_files: int) -> bool:
         name = f"quota:{user}"
         s = self._first(name)
         if s is None:
             return False
-        k, value = self.ring.key(name), self._seal(name, used_bytes, used_files)
+        k, value = self.ring.key(name), self._seal(name, used_bytes, used_files, new_generation())
         ok, _ = self.ring._call(s, "set", lambda c: c.set(k, value, expire=self.ttl, noreply=False))
         return bool(ok)
 
@@ -130,23 +150,25 @@ class MemcacheUsage:
             return False, None
         return True, (got[1] if got and got[0] is not None else None)
 
-    def store_scan(self, user: str, used_bytes: int, used_files: int, token: Any) -> bool:
-        """A scan's result: `add` where there was no record, else `cas` on the token
-        read before the scan. False when the usage moved meanwhile (scan again)."""
+    def store_scan(self, user: str, used_bytes: int, used_files: int, token: Any) -> int | None:
+        """A scan's result, in a new generation (returned): `add` where there was no
+        record, else `cas` on the token read before the scan. None when the usage
+        moved meanwhile (scan again)."""
         name = f"quota:{user}"
         s = self._first(name)
         if s is None:
-            return False
-        k, value = self.ring.key(name), self._seal(name, used_bytes, used_files)
+            return None
+        gen = new_generation()
+        k, value = self.ring.key(name), self._seal(name, used_bytes, used_files, gen)
         if token is None:
             ok, stored = self.ring._call(s, "add", lambda c: c.add(k, value, expire=self.ttl, noreply=False))
         else:
             ok, stored = self.ring._call(s, "cas", lambda c: c.cas(k, value, token, expire=self.ttl, noreply=False))
-        return bool(ok and stored)
+        return gen if ok and stored else None
 
-    def add(self, user: str, d_bytes: int, d_files: int) -> tuple[int, int] | None:
-        """Move the usage (gets/cas); the new totals, or None (memcached down, the
-        record missing or not ours, or too much contention)."""
+    def add(self, user: str, d_bytes: int, d_files: int, rebase: Reserved | None = None) -> tuple[int, int, int] | None:
+        """Move the usage (gets/cas); the new (bytes, files, generation), or None
+        (memcached down, the record missing or not ours, or too much contention)."""
         name = f"quota:{user}"
         s = self._first(name)
         if s is None:
@@ -159,7 +181,10 @@ class MemcacheUsage:
             cur = _parse(self.mac.open("quota", name, got[0], s.address))
             if cur is None:
                 return None
-            new = (max(0, cur[0] + d_bytes), max(0, cur[1] + d_files))
+            db, df = _rebased(cur[2], d_bytes, d_files, rebase)
+            if not (db or df):
+                return cur  # nothing to write (a refresh, a settled upload)
+            new = (max(0, cur[0] + db), max(0, cur[1] + df), cur[2])
             value, token = self._seal(name, *new), got[1]
             ok, stored = self.ring._call(s, "cas", lambda c: c.cas(k, value, token, expire=self.ttl, noreply=False))
             if not ok:
@@ -199,41 +224,73 @@ class LocalUsage:
             os.close(fd)
 
     @staticmethod
-    def _read(fd: int) -> tuple[int, int] | None:
+    def _raw(fd: int) -> bytes:
         os.lseek(fd, 0, os.SEEK_SET)
-        raw = os.read(fd, 4096)
+        return os.read(fd, 4096)
+
+    @staticmethod
+    def _read(fd: int) -> tuple[int, int, int] | None:
         try:
-            d = json.loads(raw)
-            return int(d["bytes"]), int(d["files"])
-        except (ValueError, KeyError, TypeError):
+            d = json.loads(LocalUsage._raw(fd))
+            return int(d["bytes"]), int(d["files"]), int(d.get("g", 0))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     @staticmethod
-    def _write(fd: int, b: int, f: int) -> None:
-        data = json.dumps({"bytes": max(0, b), "files": max(0, f), "time": time.time()}).encode()
+    def _write(fd: int, b: int, f: int, g: int) -> None:
+        data = json.dumps({"bytes": max(0, b), "files": max(0, f), "g": g, "time": time.time()}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
 
     def get(self, user: str) -> tuple[int, int] | None:
         try:
             with self._locked(user) as fd:
-                return self._read(fd)
+                got = self._read(fd)
+                return got[:2] if got is not None else None
         except OSError:
             return None
 
-    def put(self, user: str, b: int, f: int) -> None:
+    def put(self, user: str, b: int, f: int) -> int | None:
+        """A scan's result, unconditionally, in a new generation (returned; None: not written)."""
         with contextlib.suppress(OSError), self._locked(user) as fd:
-            self._write(fd, b, f)
+            gen = new_generation()
+            self._write(fd, b, f, gen)
+            return gen
+        return None
 
-    def add(self, user: str, d_bytes: int, d_files: int) -> tuple[int, int] | None:
+    def token(self, user: str) -> bytes | None:
+        """The file as it is before a scan (None: unreadable)."""
+        try:
+            with self._locked(user) as fd:
+                return self._raw(fd)
+        except OSError:
+            return None
+
+    def store_scan(self, user: str, b: int, f: int, token: bytes) -> int | None:
+        """A scan's result in a new generation (returned), only if the file is still
+        what `token` read before the scan: no node moved the usage meanwhile."""
+        try:
+            with self._locked(user) as fd:
+                if self._raw(fd) != token:
+                    return None
+                gen = new_generation()
+                self._write(fd, b, f, gen)
+                return gen
+        except OSError:
+            return None
+
+    def add(self, user: str, d_bytes: int, d_files: int, rebase: Reserved | None = None) -> tuple[int, int, int] | None:
         try:
             with self._locked(user) as fd:
                 got = self._read(fd)
                 if got is None:
                     return None
-                b, f = max(0, got[0] + d_bytes), max(0, got[1] + d_files)
-                self._write(fd, b, f)
-                return b, f
+                db, df = _rebased(got[2], d_bytes, d_files, rebase)
+                if not (db or df):
+                    return got
+                b, f = max(0, got[0] + db), max(0, got[1] + df)
+                self._write(fd, b, f, got[2])
+                return b, f, got[2]
         except OSError:
             return None
 

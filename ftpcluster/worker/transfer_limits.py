@@ -28,7 +28,7 @@ from ..cluster.host_lease import HostLeases
 from ..cluster.memcache_ring import Ring
 from ..cluster.memcache_thread import DeadlinePassed
 from ..cluster.metrics_store import SlotWriter
-from ..cluster.quota_store import LocalUsage, MemcacheUsage, scan_home
+from ..cluster.quota_store import LocalUsage, MemcacheUsage, Reserved, scan_home
 from ..cluster.rate_lease import RateLeaser
 from ..cluster.record_mac import load_record_mac
 from ..cluster.session_seal import SealError
@@ -48,7 +48,12 @@ LOOP_EVERY = 1.0
 class QuotaGuard:
     """One upload's accounts: refuses (552) the piece that would pass the quota or
     the maximum size, before it is written; reserves received bytes in the shared
-    counters as it goes (so other hosts see them); settles from the disk at the end."""
+    counters as it goes (so other hosts see them); settles from the disk at the end.
+
+    A scan stored meanwhile (a new generation of the usage) skipped our temporary
+    file, so an atomic upload's moves add its reservations again until it is named.
+    What a scan saw of a file written in place, or of one being renamed, nobody
+    can tell: the user is then rescanned once the upload is over."""
 
     def __init__(self, svc: NodeTransferLimits, user: str, home: str, lim: UserLimits, t: Transfer,
                  existing: int | None, used: int | None) -> None:  # fmt: skip
@@ -58,6 +63,29 @@ class QuotaGuard:
         self.known = used  # total usage as last heard, our reservations included
         self.got = self.pending = self.reserved = self.reserved_files = 0
         self.step = max(64 << 10, min(1 << 20, lim.quota_bytes // 20))
+        self.gen: int | None = None  # generation of the usage our reservations went into
+        self.named = False  # eof: the file may have its final name
+        self.unsure = False  # a scan came where only a rescan can tell what it saw
+
+    def _reserved(self) -> Reserved | None:
+        """What a move must add again if a scan replaced the usage (atomic uploads
+        until named: the scan skipped the temporary file)."""
+        if self.gen is None or not self.t.temp_path:
+            return None
+        return self.gen, self.reserved, self.reserved_files
+
+    async def _reserve(self, d_bytes: int, d_files: int) -> int:
+        """Reserve more; the usage now (bytes)."""
+        got = await self.svc.quota_add(self.user, self.home, d_bytes, d_files, on_disk=False, rebase=self._reserved())
+        self.reserved += d_bytes
+        self.reserved_files += d_files
+        self._seen(got[2])
+        return got[0]
+
+    def _seen(self, gen: int) -> None:
+        if self.gen is not None and gen != self.gen and (self.named or not self.t.temp_path):
+            self.unsure = True
+        self.gen = gen
 
     async def eof(self) -> None:
         """The upload is complete and about to get its name: reserve the rest, and
@@ -67,10 +95,9 @@ class QuotaGuard:
             return
         d, self.pending = self.pending, 0
         files = int(self.existing is None)
-        if d or files:
-            self.reserved += d
-            self.reserved_files += files
-            await self.svc.quota_add(self.user, self.home, d, files, on_disk=False)
+        if d or files or self.gen is not None:  # with nothing to add: a scan since, still before the name
+            await self._reserve(d, files)
+        self.named = True
 
     async def received(self, n: int) -> None:
         self.got += n
@@ -84,8 +111,7 @@ class QuotaGuard:
             self._refuse("bytes", "Exceeded storage allocation (quota)")
         if self.known is None or self.pending >= self.step:
             d, self.pending = self.pending, 0
-            self.reserved += d
-            self.known = (await self.svc.quota_add(self.user, self.home, d, 0, on_disk=False))[0]
+            self.known = await self._reserve(d, 0)
             if self.known > lim.quota_bytes:
                 self._refuse("bytes", "Exceeded storage allocation (quota)")
 
@@ -108,9 +134,10 @@ class QuotaGuard:
         after = _size(self.t.path)
         d_bytes = (after or 0) - (self.existing or 0) - self.reserved
         d_files = int(after is not None) - int(self.existing is not None) - self.reserved_files
+        rebase = self._reserved()
         self.reserved = self.reserved_files = 0
-        if d_bytes or d_files:
-            self.svc.quota_add_soon(self.user, self.home, d_bytes, d_files)
+        if d_bytes or d_files or self.gen is not None:  # also to see whether a scan came since
+            self.svc.quota_add_soon(self.user, self.home, d_bytes, d_files, rebase, self)
 
 
 def _size(path: str) -> int | None:
@@ -323,58 +350,85 @@ class NodeTransferLimits:
         task.add_done_callback(lambda _t: self.refreshing.discard(user))
         self.server.track(task)
 
-    def quota_add_soon(self, user: str, home: str, d_bytes: int, d_files: int) -> None:
+    def quota_add_soon(self, user: str, home: str, d_bytes: int, d_files: int, rebase: Reserved | None = None,
+                       guard: QuotaGuard | None = None) -> None:  # fmt: skip
+        """A change on the disk; an upload's last move (`guard`) also checks whether a
+        scan came that it cannot account for, and has the user rescanned then."""
         got = self.usage.get(user)
         if got is not None:  # at once for this node's next check; the shared counters follow
             self.usage[user] = (max(0, got[0] + d_bytes), max(0, got[1] + d_files), got[2])
-        self.server.track(self.server.loop.create_task(self.quota_add(user, home, d_bytes, d_files, on_disk=True)))
+
+        async def move() -> None:
+            gen = (await self.quota_add(user, home, d_bytes, d_files, on_disk=True, rebase=rebase))[2]
+            if guard is not None:
+                guard._seen(gen)
+                if guard.unsure:
+                    self.stale.add(user)  # the background loop rescans within a second
+
+        self.server.track(self.server.loop.create_task(move()))
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
         return await self.server.loop.run_in_executor(pool, fn, *args)
 
-    async def _scan(self, home: str, d_bytes: int, d_files: int, on_disk: bool) -> tuple[int, int]:
-        b, f = await self._on(self.fs, scan_home, home)
-        return (b, f) if on_disk else (b + d_bytes, f + d_files)
-
-    def _mc_add(self, user: str, d_bytes: int, d_files: int) -> tuple[int, int] | None:
-        return self._mcu.add(user, d_bytes, d_files) if self._mcu is not None else None
+    def _mc_add(self, user: str, d_bytes: int, d_files: int, rebase: Reserved | None) -> tuple[int, int, int] | None:
+        return self._mcu.add(user, d_bytes, d_files, rebase) if self._mcu is not None else None
 
     def _mc_token(self, user: str) -> tuple[bool, Any]:
         return self._mcu.token(user) if self._mcu is not None else (False, None)
 
-    def _mc_store_scan(self, user: str, b: int, f: int, token: Any) -> bool:
-        return self._mcu.store_scan(user, b, f, token) if self._mcu is not None else False
+    def _mc_store_scan(self, user: str, b: int, f: int, token: Any) -> int | None:
+        return self._mcu.store_scan(user, b, f, token) if self._mcu is not None else None
 
-    async def quota_add(self, user: str, home: str, d_bytes: int, d_files: int, on_disk: bool) -> tuple[int, int]:
-        """Move a user's usage; the new (bytes, files). `on_disk`: the change is
-        already on the disk (a rescan would see it), else it is a reservation."""
+    async def quota_add(self, user: str, home: str, d_bytes: int, d_files: int, on_disk: bool,
+                        rebase: Reserved | None = None) -> tuple[int, int, int]:  # fmt: skip
+        """Move a user's usage; the new (bytes, files, generation). `on_disk`: the
+        change is already on the disk (a rescan would see it), else it is a
+        reservation. `rebase`: an upload's reservations so far, added again if a
+        scan replaced them (quota_store.Reserved)."""
         if self.mc:
-            got = await self._mc(self._mc_add, user, d_bytes, d_files)
+            got = await self._mc(self._mc_add, user, d_bytes, d_files, rebase)
             if got is not None:
                 return self._remember(user, got)
             scanned = await self._scan_into_memcache(user, home)  # no record (or not ours), or memcached down
             if scanned is not None:
                 if on_disk:  # the scan saw the change
-                    return self._remember(user, scanned)
-                got = await self._mc(self._mc_add, user, d_bytes, d_files)
+                    return scanned
+                got = await self._mc(self._mc_add, user, d_bytes, d_files, rebase)
                 if got is not None:
                     return self._remember(user, got)
             self.stale.add(user)  # rescanned into memcached once it answers again
             self.count("ftpcluster_quota_fallbacks_total")
         if user in self.local_fresh:
-            got = await self._on(self.fs, self.local.add, user, d_bytes, d_files)
+            got = await self._on(self.fs, self.local.add, user, d_bytes, d_files, rebase)
             if got is not None:
                 return self._remember(user, got)
-        b, f = await self._scan(home, d_bytes, d_files, on_disk)
-        await self._on(self.fs, self.local.put, user, b, f)
-        self.local_fresh.add(user)
-        return self._remember(user, (b, f))
+        scanned = await self._scan_into_local(user, home)
+        if on_disk:
+            return scanned
+        got = await self._on(self.fs, self.local.add, user, d_bytes, d_files, rebase)
+        return self._remember(user, got) if got is not None else scanned
 
-    def _remember(self, user: str, got: tuple[int, int]) -> tuple[int, int]:
+    def _remember(self, user: str, got: tuple[int, int, int]) -> tuple[int, int, int]:
         self.usage[user] = (got[0], got[1], time.monotonic())
         return got
 
-    async def _scan_into_memcache(self, user: str, home: str, tries: int = 3) -> tuple[int, int] | None:
+    async def _scan_into_local(self, user: str, home: str, tries: int = 3) -> tuple[int, int, int]:
+        """Scan the home into this host's file, unless another node moved the usage
+        during the scan (then again; at last unconditionally)."""
+        for i in range(tries):
+            token = await self._on(self.fs, self.local.token, user)
+            b, f = await self._on(self.fs, scan_home, home)
+            gen = None
+            if token is not None and i < tries - 1:
+                gen = await self._on(self.fs, self.local.store_scan, user, b, f, token)
+            elif i == tries - 1:
+                gen = await self._on(self.fs, self.local.put, user, b, f)
+            if gen is not None:
+                break
+        self.local_fresh.add(user)
+        return self._remember(user, (b, f, gen or 0))
+
+    async def _scan_into_memcache(self, user: str, home: str, tries: int = 3) -> tuple[int, int, int] | None:
         """Scan the home and store the result, unless the usage moved during the scan
         (then again, a few times): a rescan never overwrites a concurrent change."""
         for _ in range(tries):
@@ -382,18 +436,19 @@ class NodeTransferLimits:
             if not answered:
                 return None
             b, f = await self._on(self.fs, scan_home, home)
-            if await self._mc(self._mc_store_scan, user, b, f, token, failed=False):
+            gen = await self._mc(self._mc_store_scan, user, b, f, token)
+            if gen:
                 self.stale.discard(user)
                 self.local_fresh.discard(user)  # a later outage starts from a fresh scan
-                return self._remember(user, (b, f))
+                return self._remember(user, (b, f, gen))
         return None
 
     async def rescan(self, user: str, home: str) -> None:
         if self.mc and await self._scan_into_memcache(user, home) is not None:
             return
-        b, f = await self._on(self.fs, scan_home, home)
-        await self._on(self.fs, self.local.put, user, b, f)
-        self._remember(user, (b, f))
+        await self._scan_into_local(user, home)
+        if not self.mc:
+            self.stale.discard(user)
 
     # ------------------------------------------------------------ events and background work
     def __call__(self, event: Event, info: SessionInfo | None) -> None:
@@ -424,7 +479,7 @@ class NodeTransferLimits:
             await asyncio.sleep(LOOP_EVERY)
             with contextlib.suppress(Exception):
                 up = self.mc and await self._mc(self._refresh_hosts, failed=False)
-                for user in list(self.stale) if up else []:  # no scan a second while memcached is away
+                for user in list(self.stale) if up or not self.mc else []:  # no scan a second while memcached is away
                     home = self.quota_users.get(user)
                     if home is not None:
                         await self.rescan(user, home)
