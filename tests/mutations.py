@@ -161,7 +161,7 @@ MUTATIONS: list[Mutation] = [
       ["tests/test_memcache_trust.py::test_forged_and_replayed_log_entries_are_ignored"]),
     M("ban-revokes-no-tls-session", "a user ban leaves the user's cached TLS sessions resumable",
       "ftpcluster/cluster/tls_revoke.py",
-      [('    RecordMac `mac`); returns how many ids."""\n    ids = set(', '    RecordMac `mac`); returns how many ids."""\n    return 0\n    ids = set(')],
+      [('    a replica that missed the delete."""\n    ids = set(', '    a replica that missed the delete."""\n    return 0\n    ids = set(')],
       ["tests/test_cluster_tls.py::test_user_ban_revokes_cached_sessions"]),
 ]
 
