@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .support_server import cli, closed_by_peer, needs
+from .support_server import cli, closed_by_peer, needs, wait_for
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
 
@@ -453,3 +453,22 @@ def test_plaintext_pipelined_after_auth_tls_is_discarded(tls_server):
     s.sendall(b"PASS " + tls_server.password.encode() + b"\r\n")
     assert s.recv(200).startswith(b"503")  # no USER was seen inside TLS
     s.close()
+
+
+def test_client_hello_sent_with_auth_tls_fails_at_once(tls_server):
+    """A client that does not wait for the 234 (its ClientHello in the same write as
+    AUTH TLS): we read the hello as command bytes, so no handshake can follow. The
+    connection is closed at once, not after handshake_timeout (10 s)."""
+    hello = ssl.MemoryBIO()
+    client = client_ctx().wrap_bio(ssl.MemoryBIO(), hello)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    raw = socket.create_connection((tls_server.host, tls_server.port), timeout=10)
+    f = raw.makefile("rb")
+    f.readline()
+    raw.sendall(b"AUTH TLS\r\n" + hello.read())
+    assert f.readline().startswith(b"234")
+    assert f.read() == b""  # closed
+    raw.close()
+    # Why, in the log (without the check the close came from the handshake timeout).
+    assert wait_for(lambda: "ClientHello sent before the 234 reply" in tls_server.logs(), timeout=10)

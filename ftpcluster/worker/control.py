@@ -404,6 +404,11 @@ class ControlConnection(asyncio.Protocol):
         tls = self.node.tls
         assert tls is not None and self.transport is not None and self.session is not None
         loop = asyncio.get_running_loop()
+        if self.session.hello_read_early:  # fail now, not after handshake_timeout
+            self.publish(Event(EventName.TLS_FAILED, {"error": "ClientHello sent before the 234 reply to AUTH TLS"}))
+            self.closing = True
+            self.transport.abort()
+            return
         sock = self.transport.get_extra_info("socket")
         left = tls.handshake_timeout
         if sock is not None:  # the ClientHello waits in the socket (reading is paused)

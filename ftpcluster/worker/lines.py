@@ -63,6 +63,10 @@ class LineBuffer:
         """Nothing buffered, nothing being discarded: the next read starts a line."""
         return self._start == len(self._buf) and not self._discarding
 
+    def peek(self, n: int) -> bytes:
+        """The first `n` bytes buffered and not yet taken (what follows the last line)."""
+        return bytes(self._buf[self._start : self._start + n])
+
     @property
     def pending(self) -> int:
         """Bytes buffered and not yet taken as lines."""

@@ -304,6 +304,12 @@ class Session:
         the next transfer command needs a new PASV/EPSV (425 otherwise)."""
         self.data_ready = False
 
+    @property
+    def hello_read_early(self) -> bool:
+        """The client sent its ClientHello behind AUTH TLS without waiting for the 234:
+        we read it as command bytes, so a handshake would wait for it in vain."""
+        return self._lines.peek(2) == b"\x16\x03"
+
     def tls_done(self) -> list[Output]:
         """The control connection is now TLS (after AUTH TLS)."""
         self.step(Step.TLS_DONE)
