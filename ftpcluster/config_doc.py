@@ -265,7 +265,7 @@ client, and a counter only ever makes a rule fire for the address or user it
 was derived from; the rate counters of `[limits]` likewise are a keyed hash of
 direction, user and 100 ms slot, a new name every slot. What is left there: a
 deleted usage record is rescanned from the disk, an older one of the same user
-put back makes that user's usage look lower until the next rescan, and
+put back makes that user's usage look lower or higher until the next rescan, and
 incrementing unknown counter keys can at worst slow some user's transfers for
 the slot it happens to hit.
 

@@ -178,6 +178,20 @@ def test_all_memcached_restarted_state_converges(server_factory, memcached):
     assert wait_for(lambda: greet(h2, "127.0.2.1").startswith(b"220"), timeout=15)
     names = {b["name"] for b in bans_json(h2)}
     assert "127.0.2.2" in names and "127.0.2.1" not in names
+    # Emptied (flush_all) and at once a new ban on the other host, which starts the
+    # counter again at 1: the hosts must still see that the servers lost everything and
+    # write their bans back (a host started later finds them only there).
+    record = lambda ip: any(m.command(f"get ftpcluster:v1:ban:host:{ip}").startswith(b"VALUE") for m in mcs)  # noqa: E731
+    assert wait_for(lambda: record("127.0.2.2"), timeout=10)
+    for m in mcs:  # the counter back at 1 at once, as another host's ban right after the flush does
+        assert m.command("flush_all").startswith(b"OK") and m.command("set ftpcluster:v1:banseq 0 0 1\r\n1").startswith(b"STORED")
+    assert cli("ban", "host", "127.0.2.3", "--for", "10m", config=h2.config).returncode == 0
+    assert wait_for(lambda: record("127.0.2.2") and record("127.0.2.3"), timeout=15), "bans lost with the flush stay lost"
+    # A counter that is not a number (written by someone else) does not stop propagation.
+    for m in mcs:
+        assert m.command("set ftpcluster:v1:banseq 0 0 7\r\ngarbage").startswith(b"STORED")
+    assert cli("ban", "host", "127.0.2.4", "--for", "10m", config=h1.config).returncode == 0
+    assert wait_for(lambda: greet(h2, "127.0.2.4").startswith(b"530"), timeout=15), "a garbage banseq stopped propagation"
 
 
 def _index_names(m, kind: str, name: str) -> set[str]:

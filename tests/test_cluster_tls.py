@@ -276,7 +276,7 @@ def test_revocation_racing_a_prefetch_leaves_no_session(tmp_path, memcached):
     # A replica that missed the delete still holds it: fetched, and taken out again.
     ring.set(store._key(sid), store.sealer.seal(der, aad=sid), 3600)
     assert store._fetch(ring, [sid]) is False and l1.get(sid) is None
-    store._flush_counts()
+    store.flush_counts()
     assert counted.count(("ftpcluster_tls_session_cache_total", ("L2", "revoked"))) == 2
     # Other sessions are untouched.
     other = b"\x08" * 32

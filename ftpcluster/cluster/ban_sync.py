@@ -237,10 +237,14 @@ class BanSync:
             return
         try:
             seq = int(raw or 0)
-        except ValueError:
-            return
-        if raw is None and self.last_seq:
-            self.republish_all()  # the counter vanished: the servers were emptied
+        except ValueError:  # not a counter (written by someone else): counted, then started again
+            self.mac.reject("banlog", server_of(self.ring, "banseq"))
+            self.ring.delete("banseq")
+            seq = 0
+        if self.last_seq and seq < self.last_seq:
+            # The counter vanished, or went back: the servers were emptied (a ban made
+            # meanwhile may already have started it again at 1) or it was reset.
+            self.republish_all()
         now = time.monotonic()
         if self.ring.rejoins != self.sync_rejoins:
             # A server came back, maybe empty: the counter may have restarted and already

@@ -46,7 +46,7 @@ class TwoLevelStore:
         self._lock = threading.Lock()
         self._from_thread: Counter[tuple[str, tuple[str, ...]]] = Counter()
         self.pending = 0
-        # used on the memcached thread only (its counts reach the loop through _flush_counts)
+        # used on the memcached thread only (its counts reach the loop through flush_counts)
         self.mac: RecordMac | None = None
         if self.remote is not None and sealer is not None:
             self.mac = RecordMac(sealer.secrets, key_prefix(cfg), cfg.tls.session_key_overlap, self._count_from_thread)
@@ -59,7 +59,7 @@ class TwoLevelStore:
         with self._lock:
             self._from_thread[(name, labels)] += 1
 
-    def _flush_counts(self) -> None:
+    def flush_counts(self) -> None:
         if self._from_thread:
             with self._lock:
                 counts, self._from_thread = self._from_thread, Counter()
@@ -70,7 +70,7 @@ class TwoLevelStore:
     # ------------------------------------------------------------ SessionBackend (on the loop)
     def lookup(self, session_id: bytes) -> bytes | None:
         """L1 only: called by OpenSSL inside the handshake."""
-        self._flush_counts()
+        self.flush_counts()
         if self.l1 is None:
             return None
         der = self.l1.get(session_id)
@@ -78,7 +78,7 @@ class TwoLevelStore:
         return der
 
     def store(self, session_id: bytes, der: bytes, ttl: float) -> None:
-        self._flush_counts()
+        self.flush_counts()
         if self.l1 is not None:
             ok = self.l1.put(session_id, der, ttl)
             self.count(CACHE_METRIC, ("L1", "store" if ok else "error"))
@@ -111,7 +111,7 @@ class TwoLevelStore:
             self.count(CACHE_METRIC, ("L2", "timeout"))
             return "timeout"
         finally:
-            self._flush_counts()
+            self.flush_counts()
         return "fetched" if got else "miss"
 
     def _fetch(self, ring: Any, ids: list[bytes]) -> bool:

@@ -401,6 +401,8 @@ class NodeServer:
             if self.ctx.heartbeat is not None:
                 with contextlib.suppress(Exception):
                     self.ctx.heartbeat(self.stats())
+            if self.tls is not None:
+                self.tls.flush_counts()  # the memcached thread's counts, also on an idle node
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), 1.0)
 

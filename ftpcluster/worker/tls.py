@@ -191,5 +191,11 @@ class TLSService:
             return
         self.store.remember_user(str(event.fields.get("user", "")), info.tls_session_id)
 
+    def flush_counts(self) -> None:
+        """What the memcached thread counted (L2 stores, rejected sealed sessions) into
+        the metrics; the store publishes them at its next lookup too."""
+        if self.store is not None:
+            self.store.flush_counts()
+
     def status(self) -> dict[str, Any]:
         return {"session_cache": self.cache_mode, "session_tickets": self.ticket_mode, "warnings": list(self.warnings)}
