@@ -119,6 +119,18 @@ def test_limit_events_feed_ban_rules(server_factory):
 
 def test_killed_node_leaves_no_stale_counts(server_factory):
     srv = server_factory(nodes=1, server={"max_clients_per_host": 1})
+    # A client that leaves while its password is checked (the first check: argon2, off
+    # the loop) logs in nobody, and so holds no place under the limit afterwards.
+    ghost = hold(srv, "127.0.0.59")
+    ghost.sendall(f"USER {srv.user}\r\nPASS {srv.password}\r\n".encode())
+    ghost.close()
+    assert wait_for(lambda: (f := _login_or_none(srv, "127.0.0.59")) and (f.quit() or True), timeout=10), "the ghost login counts"
+
+    def logins() -> list[dict]:
+        return [r for r in json_lines(srv.logs()) if r.get("event") == "login ok" and r.get("client") == "127.0.0.59"]
+
+    assert wait_for(logins, timeout=10)  # the real one's line (written in a batch)
+    assert len(logins()) == 1, logins()  # and none for the ghost (it used to log in after its disconnect)
     f = login(srv, "127.0.0.56")
     pid = session_pid(f)
     os.kill(pid, signal.SIGKILL)

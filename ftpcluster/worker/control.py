@@ -270,8 +270,8 @@ class ControlConnection(asyncio.Protocol):
         if not self.closing:
             self.perform(outputs)
             return
-        for out in outputs:  # the session is ending: no replies, but what happened still counts
-            if type(out) is Event:  # a transfer cut by the close or a stop: its xferlog line, its bytes
+        for out in outputs:  # the session is ending: no replies, but a transfer it cut still counts
+            if type(out) is Event and out.name == EventName.TRANSFER:  # its xferlog line, its bytes
                 self.publish(out)
 
     def _channel(self) -> DataChannel:
@@ -316,6 +316,8 @@ class ControlConnection(asyncio.Protocol):
         self._verified(await self.node.verify_password(action.user, action.password, self))
 
     def _verified(self, rec: Any) -> None:
+        if self.closing:  # the client left during the check: no login (it would count in the limits)
+            return
         user = User(rec.name, rec.home, rec.read_only) if rec is not None else None
         if user is not None:
             self.logged_in_at = time.monotonic()

@@ -74,7 +74,9 @@ TRANSITIONS: dict[State, dict[Step, State]] = {
 
 # States in which urgent commands still run; in FILESYSTEM everything waits in order
 # (the step is short, and the answer to the command before must come first).
-URGENT_STATES = frozenset({State.AUTH, State.PASSIVE, State.TRANSFER})
+# During a password check (AUTH) nothing is urgent: its reply (230/530) must come
+# before the next command's, so NOOP, STAT and QUIT wait behind it like the rest.
+URGENT_STATES = frozenset({State.PASSIVE, State.TRANSFER})
 
 
 def next_state(state: State, step: Step) -> State:

@@ -124,13 +124,20 @@ def test_commands_behind_a_password_check_wait_in_order(make: Callable[..., Driv
     assert after == [230, 257, 200, 215] and d.s.state is State.READY
 
 
-def test_quit_while_a_password_check_is_out(make: Callable[..., Driver]) -> None:
-    d = make()
-    out = d.s.receive_data(b"USER alice\r\nPASS s3cret-pw\r\nQUIT\r\n")
-    assert [o.code for o in out if hasattr(o, "code")] == [331, 221] and d.s.closed
-    # The check's answer still arrives; the session stays closed and reads nothing more.
-    d.s.auth_done(None)
-    assert d.s.closed and d.s.receive_data(b"NOOP\r\n") == []
+def test_quit_noop_stat_wait_for_a_password_check(make: Callable[..., Driver]) -> None:
+    """One reply per command, in order (RFC 959): the 230/530 comes before the reply
+    to whatever was pipelined behind PASS, urgent commands included."""
+    from ftpcluster.worker.session import User
+
+    for user, first in ((User("alice", ""), 230), (None, 530)):
+        d = make()
+        out = d.s.receive_data(b"USER alice\r\nPASS s3cret-pw\r\nNOOP\r\nSTAT\r\nQUIT\r\n")
+        assert [o.code for o in out if hasattr(o, "code")] == [331] and d.s.state is State.AUTH
+        if user is not None:
+            user = User("alice", str(d.home))
+        after = [o.code for o in d.s.auth_done(user) if hasattr(o, "code")]
+        assert after == [first, 200, 211, 221] and d.s.closed, after
+        assert d.s.receive_data(b"NOOP\r\n") == []
 
 
 def test_pasv_then_quit_answers_both_in_order(make: Callable[..., Driver]) -> None:
