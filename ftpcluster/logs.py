@@ -287,4 +287,8 @@ os.register_at_fork(before=flush, after_in_child=_Batch.after_fork)
 
 
 def get_logger(channel: str, **bound: Any) -> Any:
-    return structlog.get_logger("ftpcluster").bind(channel=channel, **bound)
+    """A logger for `channel`, lazy: one made at import time (a module-level `log`)
+    takes the configuration `configure` sets later, not the default it would
+    freeze with `.bind()` (console lines on stdout: the proxy channel's rejections
+    never reached the log file)."""
+    return structlog.get_logger("ftpcluster", channel=channel, **bound)

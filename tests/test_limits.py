@@ -69,6 +69,19 @@ def test_idle_timeout(server_factory: Factory) -> None:
         time.sleep(0.4)
         assert c.cmd("NOOP") == 200
     c.close()
+    # A byte now and then with no end of line is not activity (slowloris): still 421.
+    c = Raw(srv)
+    c.login()
+    for _ in range(8):
+        try:
+            c.send(b"N")
+        except OSError:  # closed already
+            break
+        time.sleep(0.4)
+        if c.closed_by_server(timeout=0.01):
+            break
+    else:
+        raise AssertionError("partial lines kept the session alive past idle_timeout")
 
 
 def test_idle_timeout_does_not_end_a_running_transfer(server_factory: Factory) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ipaddress
 import socket
 import struct
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from ftpcluster.worker.loops import new_event_loop
 from ftpcluster.worker.proxy_accept import ProxyReceiver, parse_trusted, read_proxy_header, receive_header
+
+from .support_server import REPO
 from ftpcluster.worker.proxy_protocol import (
     MAX_V2_LENGTH,
     PP2_TYPE_ALPN,
@@ -445,3 +448,26 @@ def test_receiver_policy(loop: asyncio.AbstractEventLoop) -> None:
         assert loop.run_until_complete(r.control_hook(a, ("127.0.0.1", 5555))) is None
     assert (r.headers_ok, r.headers_rejected, r.headers_local, r.untrusted) == (2, 1, 1, 1)
     assert r.rejected_by["timeout"] == 1
+
+
+def test_module_level_loggers_follow_the_configuration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """proxy_accept's logger is made at import, before the node configures logging:
+    its lines must still go where the configuration says (they went to stdout in
+    console format, so PROXY rejections never reached the log file)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path\n"
+        "from ftpcluster.worker import proxy_accept\n"
+        "from ftpcluster import config, logs\n"
+        f"cfg = config.from_dict({{'log': {{'file': 'x.log', 'format': 'json'}}}}, Path({str(tmp_path / 'c.toml')!r}))\n"
+        "logs.configure(cfg.log, cfg.base_dir, role='node')\n"
+        "proxy_accept.log.info('PROXY header rejected', reason='test')\n"
+        "logs.flush()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    assert "PROXY header rejected" not in r.stdout
+    line = json.loads((tmp_path / "x.log").read_text().splitlines()[-1])
+    assert (line["event"], line["channel"], line["reason"]) == ("PROXY header rejected", "proxy", "test")

@@ -106,7 +106,8 @@ class ControlConnection(asyncio.Protocol):
         self.perform(self.session.greeting())
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        if b"\n" in data:  # a command: a byte now and then without one keeps no session alive
+            self.last_activity = time.monotonic()
         if self._tls_early is not None:
             # A client that speaks right after its Finished: the TLS layer hands us the
             # bytes before start_tls() has returned. Keep them for the session.

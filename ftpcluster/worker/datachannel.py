@@ -472,7 +472,7 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
     except DataRefused as e:
         return TransferResult("refused", code=e.code, message=str(e))
     except (OSError, TimeoutError, ConnectionError) as e:
-        return TransferResult("no_connection", message=f"Can't open data connection: {e or 'timeout'}")
+        return TransferResult("no_connection", message=f"Can't open data connection: {str(e) or 'timeout'}")
     stream: DataStream | None = None if isinstance(got, socket.socket) else got
     sock = got if isinstance(got, socket.socket) else got.sock
     try:
