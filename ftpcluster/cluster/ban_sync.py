@@ -50,6 +50,7 @@ REMOVAL_TTL = 7 * 86400  # a removal record outlives the log: hosts that missed 
 MAX_LIFTED = 10000
 MAX_RESEND = 1000  # own removals written again after memcached lost its data
 FULL_EVERY = 30.0  # seconds between full reloads from the index (a safety net)
+MARK_EVERY = 2.0  # seconds between looks for this host's mark (memcached emptied?)
 PRUNE_BATCH = 500  # index entries of vanished records checked and dropped per full reload
 
 
@@ -128,6 +129,7 @@ class BanSync:
         self.next_full = 0.0
         self.applied = 0
         self.gap_since: float | None = None
+        self.next_mark = 0.0  # when sync() next looks for this host's mark (see there)
         engine.on_change.append(self._on_change)
 
     # ------------------------------------------------------------ writing
@@ -241,11 +243,19 @@ class BanSync:
             self.mac.reject("banlog", server_of(self.ring, "banseq"))
             self.ring.delete("banseq")
             seq = 0
-        if self.last_seq and seq < self.last_seq:
-            # The counter vanished, or went back: the servers were emptied (a ban made
-            # meanwhile may already have started it again at 1) or it was reset.
-            self.republish_all()
         now = time.monotonic()
+        if self.last_seq and seq < self.last_seq:
+            self.republish_all()  # the counter went back: the servers were emptied
+        elif now >= self.next_mark:
+            # This host's mark gone from every server (all of them answering) means they
+            # were emptied too, also when a ban made right after has already taken the
+            # counter back past where this host had read it.
+            self.next_mark = now + MARK_EVERY
+            mark = f"banmark:{self.host_id}"
+            if mark in self.ring.missing([mark]):
+                if self.last_seq is not None:
+                    self.republish_all()
+                self.ring.set(mark, b"1", 0)
         if self.ring.rejoins != self.sync_rejoins:
             # A server came back, maybe empty: the counter may have restarted and already
             # be back at (or past) last_seq with other entries, which the log cannot tell.
