@@ -97,7 +97,7 @@ class ControlConnection(asyncio.Protocol):
                 return
             self.admitted = True
         self.session = Session(node.session_settings(self.implicit_tls), self.client_ip, node.new_session_id())
-        self.session_info = SessionInfo(self.session.session_id, self.client_ip)
+        self.session_info = SessionInfo(self.session.session_id, self.client_ip, health_check="health_check" in self.info)
         node.session_opened(self)
         if self.implicit_tls:
             self.tls_object = transport.get_extra_info("ssl_object")

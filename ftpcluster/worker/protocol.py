@@ -139,6 +139,7 @@ class SessionInfo:
     home: str = ""  # the logged-in user's home directory on disk
     tls_session_id: bytes | None = None  # the control connection's TLS session, set at login
     log_head: str = ""  # the session log's start of a line for this session (session_log.py), made once
+    health_check: bool = False  # a balancer's check (PROXY LOCAL): its connect/disconnect lines at debug
 
     def real_path(self, virtual: str) -> str:
         """Where a path of the session's view is on disk (as `fs.Home.real_of`)."""

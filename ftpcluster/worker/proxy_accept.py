@@ -168,6 +168,7 @@ class ProxyReceiver:
             log.debug("PROXY header", peer=peer[0], listener=where, source=header.source, **header.info())
         if header.source is None:
             self.headers_local += 1
+            info["health_check"] = True  # LOCAL: the balancer's own check, not a client
             return peer, info
         return (plain_ip(header.source[0]), header.source[1]), info
 

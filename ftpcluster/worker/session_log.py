@@ -39,6 +39,8 @@ _LEVELS: dict[str, tuple[str, str]] = {  # EventName members: equal to their str
 _COMPOSED = frozenset({"channel", "node", "session", "client", "user", "event", "level", "timestamp"})
 
 
+_HEALTH_CHECK_QUIET = frozenset({EventName.CONNECT, EventName.DISCONNECT})
+
 class SessionLogger:
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
@@ -63,6 +65,8 @@ class SessionLogger:
             return
         spec = _LEVELS.get(event.name)
         level, message = spec if spec is not None else ("debug", str(event.name))
+        if info is not None and info.health_check and event.name in _HEALTH_CHECK_QUIET:
+            level = "debug"  # a balancer checks every second or so: not worth a line each
         if not enabled("session", level):
             return  # below the level: skip building the record (a hot path at warning)
         if info is not None and self._compose(level, message, event.fields, info):
