@@ -146,6 +146,29 @@ def test_quit_then_half_close_during_upload_still_completes(srv: Server) -> None
     assert (srv.home / "quit2.bin").read_bytes() == b"a" * 100_000 + b"b" * 100_000
 
 
+def test_half_close_behind_a_password_check_gets_every_reply(srv: Server) -> None:
+    """Commands piped in and the input closed (ncat, `nc -N`, a script): the password
+    check of a user not yet cached is still out when the FIN arrives. Every command
+    is answered, in order, then the server closes."""
+    from .support_server import cli, wait_for
+
+    home = srv.dir / "homes" / "halfclose"
+    r = cli("user", "add", "halfclose", "--home", str(home), "--password-stdin", config=srv.config, input="hc-pw\n")
+    assert r.returncode == 0, r.stderr
+
+    def answers() -> list[int]:
+        c = Raw(srv)
+        c.send(b"USER halfclose\r\nPASS hc-pw\r\nNOOP\r\nQUIT\r\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        codes = [c.reply()[0] for _ in range(4)]
+        assert c.closed_by_server()
+        c.close()
+        return codes
+
+    # (the nodes read the users file within about 2 s: 530 until then)
+    assert wait_for(lambda: answers() == [331, 230, 200, 221], timeout=15), answers()
+
+
 # ---------------------------------------------------------------- 6. REIN and USER during a transfer
 @pytest.mark.parametrize("cmd,expect", [("REIN", 220), ("USER alice", 331)])
 def test_rein_user_during_retr_answered_at_once(srv: Server, cmd: str, expect: int) -> None:

@@ -60,6 +60,7 @@ class ControlConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.data: DataChannel | None = None
         self.transfer_task: asyncio.Task[None] | None = None
+        self._eof = False  # the client half-closed with work out: close once it is answered
         self.last_activity = time.monotonic()
         self.started = self.last_activity
         self.last_transfer = 0.0
@@ -118,10 +119,20 @@ class ControlConnection(asyncio.Protocol):
             self.perform(self.session.receive_data(data))
 
     def eof_received(self) -> bool | None:
-        if self.session is not None and self.session.quitting and self.transfer_task is not None:
-            return True  # QUIT, then a half-close: the transfer still completes (RFC 959)
+        s = self.session
+        if s is not None and not self.closing and s.busy:
+            # A half-close with work out (a password check, a transfer, commands queued
+            # behind them: `ncat`, `nc -N` and scripts end their input this way): answer
+            # it all, then close (_close_if_eof). QUIT during a transfer waits the same way.
+            self._eof = True
+            return True
         self.abort("client closed the control connection")
         return None
+
+    def _close_if_eof(self) -> None:
+        s = self.session
+        if self._eof and not self.closing and (s is None or not s.busy):
+            self.abort("client closed the control connection")
 
     def connection_lost(self, exc: Exception | None) -> None:
         task = self.transfer_task
@@ -270,6 +281,7 @@ class ControlConnection(asyncio.Protocol):
     def _report(self, outputs: list[Output]) -> None:
         if not self.closing:
             self.perform(outputs)
+            self._close_if_eof()
             return
         for out in outputs:  # the session is ending: no replies, but a transfer it cut still counts
             if type(out) is Event and out.name == EventName.TRANSFER:  # its xferlog line, its bytes
@@ -318,6 +330,10 @@ class ControlConnection(asyncio.Protocol):
 
     def _verified(self, rec: Any) -> None:
         if self.closing:  # the client left during the check: no login (it would count in the limits)
+            if rec is None and self.session is not None:  # but a wrong guess still counts (ban rules)
+                for out in self.session.auth_done(None):
+                    if type(out) is Event:
+                        self.publish(out)
             return
         user = User(rec.name, rec.home, rec.read_only) if rec is not None else None
         if user is not None:

@@ -86,12 +86,13 @@ class DataChannel:
         self.pending: asyncio.Future[Any] | None = None
         self.stream: DataStream | None = None  # the running transfer's (moved())
         self.started = 0.0
+        self.tally = 0  # what the last transfer's stream had moved when it was closed
 
     def moved(self) -> dict[str, Any]:
         """The bytes and seconds of the transfer run_transfer is running or ran last
-        (for a result that ends it early: 426, ABOR, a limit)."""
+        (for a result that ends it early: 426, ABOR, a limit, a stop)."""
         stream = self.stream
-        return {"bytes": stream.moved if stream is not None else 0, "seconds": time.monotonic() - self.started}
+        return {"bytes": _tally(stream) if stream is not None else self.tally, "seconds": time.monotonic() - self.started}
 
     def open_passive(self, ports: PassivePorts, bind_host: str, early_wrap: TLSWrap | None = None) -> int:
         """Listen, and accept (and, under PROT P, start TLS) as soon as the client
@@ -511,9 +512,20 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
         return TransferResult("failed", code=code, message=text, **channel.moved())
     finally:
         if stream is not None:
+            channel.tally, channel.stream = _tally(stream), None  # for an ABOR's result, after this
             await stream.close(clean=False)
         elif not sock._closed:  # type: ignore[attr-defined]
             sock.close()
+
+
+def _tally(stream: DataStream) -> int:
+    """Bytes a stream moved. A plain socket's own count (what the peer acknowledged or
+    sent, tcp_progress) says more than `moved` while a blocking sendfile of a big file
+    runs in a thread: that counts its block only when the call returns."""
+    n = stream.moved
+    if isinstance(stream, PlainStream):
+        n = max(n, tcp_progress(stream.sock))
+    return n
 
 
 async def _watch(work: Awaitable[int], stream: DataStream, timeout: float) -> int:

@@ -64,7 +64,7 @@ def rnto(s: Session, arg: str) -> None:
     dst = s.resolve_entry(arg)  # an existing symlink there is replaced, its target untouched
     if dst.virtual == "/":
         raise PathError("Invalid target")
-    if (dst.virtual + "/").startswith(src.virtual.rstrip("/") + "/") and dst.virtual != src.virtual:
+    if (dst.virtual + "/").startswith(src.virtual.rstrip("/") + "/") and dst.virtual != src.virtual and s.fs.is_dir(src.real):
         s.reply(553, "Not allowed: a directory cannot move into itself")
         return
     replaced = s.fs.rename(src.real, dst.real)  # the size of a regular file it replaced

@@ -145,6 +145,12 @@ class Session:
         return self._take()
 
     @property
+    def busy(self) -> bool:
+        """A step is out (password check, transfer, ...) or commands wait in the queue:
+        what a client that half-closed still gets answers to."""
+        return self.state not in (State.READY, State.CLOSED, State.TLS) or (bool(self._queue) and not self.closed)
+
+    @property
     def backlogged(self) -> bool:
         """The I/O layer should stop reading: commands wait behind an asynchronous step
         (a password check, a transfer) and the queue is full. Pipelining is allowed

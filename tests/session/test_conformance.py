@@ -48,7 +48,8 @@ ROWS: list[tuple[str, bool, list[Step]]] = [
     ("rnfr-rnto", True, [("RNTO x", 503, ""), ("RNFR nope", 550, ""), ("RNFR f.txt", 350, ""), ("NOOP", 200, ""),
                          ("RNTO g.txt", 503, "RNFR")]),  # fmt: skip
     ("rnto-into-itself", True, [("MKD rd", 257, ""), ("MKD rd/sub", 257, ""), ("RNFR rd", 350, ""),
-                                ("RNTO rd/sub/x", 553, "into itself"), ("RNFR rd", 350, ""), ("RNTO rd2", 250, "")]),  # fmt: skip
+                                ("RNTO rd/sub/x", 553, "into itself"), ("RNFR rd", 350, ""), ("RNTO rd2", 250, ""),
+                                ("RNFR f.txt", 350, ""), ("RNTO f.txt/x", 550, "")]),  # fmt: skip
     ("abor-idle", False, [("ABOR", 225, "")]),
     ("dele-rmd-mkd", True, [("MKD x/y", 550, ""), ("MKD 'q\"", 257, '"/\'q"""'), ("RMD 'q\"", 250, ""),
                             ("DELE nope", 550, ""), ("RMD /", 550, "")]),  # fmt: skip
