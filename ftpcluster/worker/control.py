@@ -35,7 +35,7 @@ from .protocol import (
     VerifyPassword,
 )
 from .quickack import ack_arrivals, ack_now
-from .session import Session, User
+from .session import Session, State, User
 
 if TYPE_CHECKING:
     from .node import NodeServer
@@ -120,10 +120,12 @@ class ControlConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         s = self.session
-        if s is not None and not self.closing and s.busy:
-            # A half-close with work out (a password check, a transfer, commands queued
-            # behind them: `ncat`, `nc -N` and scripts end their input this way): answer
-            # it all, then close (_close_if_eof). QUIT during a transfer waits the same way.
+        # A half-close with work out (a password check, commands queued behind it:
+        # `ncat`, `nc -N` and scripts end their input this way): answer it all, then
+        # close (_close_if_eof). During a transfer only after QUIT (RFC 959: the
+        # transfer completes); otherwise the client left mid-transfer: abort it.
+        keep = s.quitting if s is not None and s.state is State.TRANSFER else s is not None and s.busy
+        if keep and not self.closing:
             self._eof = True
             return True
         self.abort("client closed the control connection")
