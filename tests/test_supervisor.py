@@ -252,6 +252,15 @@ def test_stop_past_its_timeout_ends_transfers_as_aborts(server_factory):
     from ftpcluster.worker.fs import TEMP_PREFIX
 
     srv = server_factory(nodes=1, log={"xferlog": "xfer.log"})
+    srv.home.mkdir(parents=True, exist_ok=True)
+    with open(srv.home / "big.bin", "wb") as fh:
+        fh.truncate(64 << 20)  # sparse: sent from a thread in blocks far larger than what is read
+    d = srv.ftp()
+    d.voidcmd("TYPE I")
+    down = d.transfercmd("RETR big.bin")
+    got = 0
+    while got < 1 << 20:  # 1 MB, then the reader stalls
+        got += len(down.recv(65536))
     f = srv.ftp()
     f.voidcmd("TYPE I")
     conn = f.transfercmd("STOR slow.bin")
@@ -266,8 +275,13 @@ def test_stop_past_its_timeout_ends_transfers_as_aborts(server_factory):
     f.close()
     assert not [p.name for p in srv.home.iterdir() if p.name.startswith(TEMP_PREFIX)]
     assert not (srv.home / "slow.bin").exists()
-    line = (srv.dir / "xfer.log").read_text().split()
-    assert line[-1] == "i" and int(line[7]) == 100_000, line  # status incomplete, bytes received
+    lines = {ln.split()[8]: ln.split() for ln in (srv.dir / "xfer.log").read_text().splitlines()}  # by file name
+    up, dn = lines[str(srv.home / "slow.bin")], lines[str(srv.home / "big.bin")]
+    assert up[-1] == "i" and int(up[7]) == 100_000, up  # status incomplete, bytes received
+    # The download's bytes: at least what the client read (its block never returned).
+    assert dn[-1] == "i" and got <= int(dn[7]) < 64 << 20, dn
+    down.close()
+    d.close()
     assert "stopping its sessions now" in srv.logs() and "killing it" not in srv.logs()
 
 

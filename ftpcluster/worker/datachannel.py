@@ -18,7 +18,7 @@ import stat
 import time
 from typing import Any, Awaitable, Callable
 
-from .datastream import DataStream, PlainStream, Truncated, tcp_progress
+from .datastream import DataStream, PlainStream, Truncated, tcp_acked, tcp_progress
 from .fs import PathError
 from .passive import PASSIVE_BACKLOG, PassivePorts
 from .protocol import Transfer, TransferResult
@@ -519,12 +519,12 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
 
 
 def _tally(stream: DataStream) -> int:
-    """Bytes a stream moved. A plain socket's own count (what the peer acknowledged or
-    sent, tcp_progress) says more than `moved` while a blocking sendfile of a big file
-    runs in a thread: that counts its block only when the call returns."""
+    """Bytes a stream moved. For a plain download the kernel's count of what the peer
+    acknowledged says more than `moved` while a blocking sendfile of a big file runs
+    in a thread: that counts its block only when the call returns."""
     n = stream.moved
     if isinstance(stream, PlainStream):
-        n = max(n, tcp_progress(stream.sock))
+        n = max(n, tcp_acked(stream.sock))
     return n
 
 

@@ -91,14 +91,25 @@ def tcp_progress(sock: socket.socket) -> int:
     `moved` only changes when a send call returns: a blocking sendfile of a whole
     block, or a non-blocking one waiting for a third of a multi-megabyte autotuned
     buffer to empty, can take minutes at 64 KB/s with the data flowing all along."""
+    acked, received = _tcp_counts(sock)
+    return acked + received
+
+
+def tcp_acked(sock: socket.socket) -> int:
+    """Data bytes the peer has acknowledged (our SYN counts one in the kernel's sum)."""
+    return max(0, _tcp_counts(sock)[0] - 1)
+
+
+def _tcp_counts(sock: socket.socket) -> tuple[int, int]:
+    """(tcpi_bytes_acked, tcpi_bytes_received); zeros where unavailable."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
     except (OSError, ValueError):
-        return 0
+        return 0, 0
     if len(info) < _TCP_INFO_LEN:
-        return 0
+        return 0, 0
     acked, received = struct.unpack_from("=QQ", info, 120)
-    return int(acked + received)
+    return int(acked), int(received)
 
 
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
