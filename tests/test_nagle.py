@@ -49,17 +49,22 @@ def stall_cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Targ
             srv.stop(signal.SIGINT)
 
 
+def _not_stalled(case: Case, name: str, labels: tuple[str, str], why: str) -> None:
+    """The case's two variants, measured in the same run: the first within twice the
+    second (plus SLACK), else a failure saying `why`."""
+    got = []
+    for _ in range(2):  # a second round only when the first looked stalled: noise, not a stall
+        slow, fast = measure({name: case}, ROUNDS)[name]
+        got.append(f"{labels[0]} {slow * 1000:.1f} ms vs {labels[1]} {fast * 1000:.1f} ms")
+        if slow <= 2 * fast + SLACK:
+            return
+    pytest.fail(f"{name}: {why}: {'; '.join(got)} (medians of {ROUNDS})")
+
+
 @pytest.mark.parametrize("name", case_names(implicit=True, cache=True))
 def test_stock_client_is_not_stalled(stall_cases: tuple[Target, dict[str, Case]], name: str) -> None:
     t, cases = stall_cases
-    got = []
-    for _ in range(2):  # a second round only when the first looked stalled: noise, not a stall
-        stock, nodelay = measure({name: cases[name]}, ROUNDS)[name]
-        got.append(f"stock {stock * 1000:.1f} ms vs TCP_NODELAY {nodelay * 1000:.1f} ms")
-        if stock <= 2 * nodelay + SLACK:
-            break
-    else:
-        pytest.fail(f"{name}: the stock (Nagle) client waits on our ACK: {'; '.join(got)} (medians of {ROUNDS})")
+    _not_stalled(cases[name], name, ("stock", "TCP_NODELAY"), "the stock (Nagle) client waits on our ACK")
     if "resumed" in name:
         assert t.resumed.get(name) and all(t.resumed[name]), f"{name}: not every login resumed: {t.resumed.get(name)}"
 
@@ -70,11 +75,4 @@ def test_split_tls13_finished_is_not_stalled(stall_cases: tuple[Target, dict[str
     delayed ACK (the GnuTLS client's Finished waits on it, Nagle on)."""
     _, cases = stall_cases
     name = f"split CCS|Finished {name}"
-    got = []
-    for _ in range(2):  # a second round only when the first looked stalled: noise, not a stall
-        split, one_write = measure({name: cases[name]}, ROUNDS)[name]
-        got.append(f"split {split * 1000:.1f} ms vs one write {one_write * 1000:.1f} ms")
-        if split <= 2 * one_write + SLACK:
-            break
-    else:
-        pytest.fail(f"{name}: the client's Finished waits on our ACK of its CCS: {'; '.join(got)} (medians of {ROUNDS})")
+    _not_stalled(cases[name], name, ("split", "one write"), "the client's Finished waits on our ACK of its CCS")

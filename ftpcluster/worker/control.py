@@ -406,7 +406,7 @@ class ControlConnection(asyncio.Protocol):
         try:
             result = await run_transfer(channel, t, tls_wrap)
         except asyncio.CancelledError:
-            result = TransferResult("aborted", **channel.moved())
+            result = channel.ended("aborted")
         finally:
             if t.temp_path:
                 self.node.uploads.finished()

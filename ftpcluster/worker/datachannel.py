@@ -84,15 +84,15 @@ class DataChannel:
         # The early accept of a passive connection (TLS wrapped at once, or a PROXY header to
         # read first), or a connection accepted_now() took: a task or a done future.
         self.pending: asyncio.Future[Any] | None = None
-        self.stream: DataStream | None = None  # the running transfer's (moved())
+        self.stream: DataStream | None = None  # the running transfer's (ended())
         self.started = 0.0
         self.tally = 0  # what the last transfer's stream had moved when it was closed
 
-    def moved(self) -> dict[str, Any]:
-        """The bytes and seconds of the transfer run_transfer is running or ran last
-        (for a result that ends it early: 426, ABOR, a limit, a stop)."""
-        stream = self.stream
-        return {"bytes": _tally(stream) if stream is not None else self.tally, "seconds": time.monotonic() - self.started}
+    def ended(self, status: Any, code: int = 0, message: str = "") -> TransferResult:
+        """The result of the transfer run_transfer is running or ran last, ended early
+        (426, ABOR, a limit, a stop): with the bytes it moved and its time."""
+        moved = _tally(self.stream) if self.stream is not None else self.tally
+        return TransferResult(status, bytes=moved, message=message, code=code, seconds=time.monotonic() - self.started)
 
     def open_passive(self, ports: PassivePorts, bind_host: str, early_wrap: TLSWrap | None = None) -> int:
         """Listen, and accept (and, under PROT P, start TLS) as soon as the client
@@ -464,10 +464,10 @@ def send_small_now(channel: DataChannel, t: Transfer) -> tuple[TransferResult | 
 
 async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | None) -> TransferResult:
     """Connect, move the data, close. Never raises except CancelledError (ABOR; then
-    `channel.moved()` tells what moved). A transfer that fails still reports the bytes
+    `channel.ended()` says what moved). A transfer that fails still reports the bytes
     it moved and its time (xferlog `i` lines, the byte counters)."""
     started = channel.started = time.monotonic()
-    channel.stream = None
+    channel.stream, channel.tally = None, 0
     try:
         got = await channel.connect()
     except DataRefused as e:
@@ -493,23 +493,22 @@ async def run_transfer(channel: DataChannel, t: Transfer, tls_wrap: TLSWrap | No
         stream = None
         return TransferResult("ok", bytes=moved, seconds=time.monotonic() - started)
     except DataRefused as e:
-        return TransferResult("refused", code=e.code, message=str(e), **channel.moved())
+        return channel.ended("refused", e.code, str(e))
     except PathError as e:
-        return TransferResult("failed", code=550, message=str(e), **channel.moved())
+        return channel.ended("failed", 550, str(e))
     except asyncio.CancelledError:
         raise
     except TimeoutError:
-        return TransferResult("failed", code=426, message="Data connection timed out; transfer aborted", **channel.moved())
+        return channel.ended("failed", 426, "Data connection timed out; transfer aborted")
     except OSError as e:
         # A TLS record layer error mid-transfer (the client dropped or truncated the
         # data connection) is the same 426 as a reset plain connection.
         if isinstance(e, Truncated):
-            text = "TLS data connection closed without close_notify: the upload may be truncated; transfer aborted"
-            return TransferResult("failed", code=426, message=text, **channel.moved())
+            return channel.ended("failed", 426, "TLS data connection closed without close_notify: "
+                                 "the upload may be truncated; transfer aborted")  # fmt: skip
         if isinstance(e, (ConnectionError, BrokenPipeError, ssl.SSLError)) or e.errno is None:
-            return TransferResult("failed", code=426, message="Data connection closed; transfer aborted", **channel.moved())
-        code, text = os_error_reply(e)
-        return TransferResult("failed", code=code, message=text, **channel.moved())
+            return channel.ended("failed", 426, "Data connection closed; transfer aborted")
+        return channel.ended("failed", *os_error_reply(e))
     finally:
         if stream is not None:
             channel.tally, channel.stream = _tally(stream), None  # for an ABOR's result, after this

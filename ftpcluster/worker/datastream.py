@@ -43,7 +43,6 @@ _threads_busy = 0
 _executor: ThreadPoolExecutor | None = None
 
 
-
 class Truncated(ConnectionError):
     """A protected upload ended without the client's close_notify (datatls.py): 426,
     and nothing kept, as for a reset connection."""

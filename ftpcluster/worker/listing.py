@@ -104,10 +104,8 @@ def mlsx_line(name: str, st: os.stat_result, facts: list[str], writable: bool, k
     if "modify" in facts:
         parts.append("modify=" + time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime)))
     if "perm" in facts:
-        if kind == "OS.unix=symlink":
-            perm = "df" if writable else ""
-        elif kind is not None and kind.startswith("OS.unix="):
-            perm = "df" if writable else ""  # a FIFO or device: no transfer applies to it
+        if kind is not None and kind.startswith("OS.unix="):
+            perm = "df" if writable else ""  # a link leaving the home, a FIFO, a device: no transfer
         elif is_dir:
             perm = "elcmfp" if writable else "el"
         else:

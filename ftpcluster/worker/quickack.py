@@ -26,9 +26,9 @@ handshake; during a data connection's, one per wait (0-2: an OpenSSL client's Fi
 is often there already); during a control connection's (once per login), one per
 arrival (3-4) and about 12 calls for the loop to watch the duplicate (as the
 ClientHello prefetch pays): some 15 us, next to milliseconds of crypto and password
-hashing. Measured against the
-alternatives: setting it before every read wait of a data connection (not only in the
-handshake) removed the upload stall too, at more system calls; making a TLS 1.3 ticket
+hashing. Measured against the alternatives: setting it before every read wait of a
+data connection (not only in the handshake) removed the upload stall too, at more
+system calls; making a TLS 1.3 ticket
 carry the ACK costs a ticket and cannot help TLS 1.2, whose client speaks last; an
 SNI callback (OpenSSL calls it just before our flight) finding the socket through a
 context variable fixed implicit logins but cannot reach AUTH TLS ones (uvloop runs

@@ -41,6 +41,7 @@ _COMPOSED = frozenset({"channel", "node", "session", "client", "user", "event", 
 
 _HEALTH_CHECK_QUIET = frozenset({EventName.CONNECT, EventName.DISCONNECT})
 
+
 class SessionLogger:
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
