@@ -203,24 +203,57 @@ def test_status_and_metrics_show_the_tls_mode(server_factory, memcached, tmp_pat
         assert re.search(r'ftpcluster_tls_session_cache_total\{level="L1",result="%s"\} [1-9]' % result, text), text[-3000:]
 
 
+def implicit_login(h, ctx: ssl.SSLContext, session: ssl.SSLSession | None):  # type: ignore[no-untyped-def]
+    """USER, PASS, QUIT over implicit FTPS: (the client's session, resumed?, the PASS reply)."""
+    with socket.create_connection((h.host, h.implicit_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, session=session) as s:
+            f = s.makefile("rwb")
+            f.readline()
+            f.write(f"USER {h.user}\r\nPASS {h.password}\r\n".encode())
+            f.flush()
+            f.readline()
+            reply = f.readline()
+            f.write(b"QUIT\r\n")
+            f.flush()
+            f.readline()
+            return s.session, s.session_reused, reply
+
+
+def test_only_sessions_resumable_by_id_are_remembered_for_revocation(server_factory, memcached, tmp_path):
+    """TLS 1.3 under stateless tickets resumes from the ticket alone, and each such
+    session has a dummy id of its own: a login must not add it to the user's list (a
+    shared-memory and a memcached write per login, for an id no client presents).
+    A TLS 1.2 session's id is remembered (a client without tickets resumes by it)."""
+    from ftpcluster.cluster.tls_cache import open_cache
+    from ftpcluster.cluster.tls_revoke import unpack_ids, user_key
+    from ftpcluster.config import load
+
+    _, (a,) = tls_hosts(server_factory, memcached, tmp_path, "cluster", n=1)
+    l1 = open_cache(load(str(a.config)))
+    try:
+        session, reused, ctx13 = None, [], client_ctx(ssl.TLSVersion.TLSv1_3)
+        for _ in range(2):
+            session, was_reused, reply = implicit_login(a, ctx13, session)
+            assert reply.startswith(b"230"), reply
+            reused.append(was_reused)
+        assert reused == [False, True]
+        assert unpack_ids(l1.get(user_key(a.user))) == []
+        ctx12 = client_ctx(ssl.TLSVersion.TLSv1_2)
+        ctx12.options |= ssl.OP_NO_TICKET  # resumes by session id
+        s12, _, reply = implicit_login(a, ctx12, None)
+        assert reply.startswith(b"230"), reply
+        assert unpack_ids(l1.get(user_key(a.user))) == [s12.id]
+    finally:
+        l1.close()
+
+
 @pytest.mark.parametrize("maxv", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
 def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, maxv):
     (mc,), (a, b) = tls_hosts(server_factory, memcached, tmp_path, "off")
     ctx = client_ctx(maxv)
 
     def login(h, session):  # type: ignore[no-untyped-def]
-        with socket.create_connection((h.host, h.implicit_port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, session=session) as s:
-                f = s.makefile("rwb")
-                f.readline()
-                f.write(f"USER {h.user}\r\nPASS {h.password}\r\n".encode())
-                f.flush()
-                f.readline()
-                reply = f.readline()
-                f.write(b"QUIT\r\n")
-                f.flush()
-                f.readline()
-                return s.session, s.session_reused, reply
+        return implicit_login(h, ctx, session)
 
     keys = tls_keys(mc)
     session, _, reply = login(a, None)
@@ -284,3 +317,23 @@ def test_revocation_racing_a_prefetch_leaves_no_session(tmp_path, memcached):
     assert store._fetch(ring, [other]) is True and l1.get(other) == der
     ring.close()
     l1.close()
+
+
+def test_listed_agrees_with_unpacking_the_list():
+    """remember()'s membership check (no list built) against unpack_ids, on packed
+    lists, garbage, truncated lists, ids that also occur inside other ids, and lists
+    longer than MAX_IDS (a 17th entry is not in the list)."""
+    import random
+
+    from ftpcluster.cluster.tls_revoke import _listed, pack_ids, unpack_ids
+
+    rnd = random.Random(7)
+    alphabet = b"\x00\x01\x02\x03 ab"
+    for _ in range(20000):
+        ids = [bytes(rnd.choice(alphabet[1:]) for _ in range(rnd.randint(1, 4))) for _ in range(rnd.randint(0, 20))]
+        raw = pack_ids(ids) + b"".join(bytes((len(i),)) + i for i in ids[16:]) if rnd.random() < 0.8 else \
+            bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))  # fmt: skip
+        if raw and rnd.random() < 0.2:
+            raw = raw[: rnd.randint(0, len(raw))]
+        sid = rnd.choice(ids) if ids and rnd.random() < 0.5 else bytes(rnd.choice(alphabet[1:]) for _ in range(rnd.randint(1, 4)))
+        assert _listed(raw, sid) == (sid in unpack_ids(raw)), (raw, sid)

@@ -45,14 +45,38 @@ def unpack_ids(raw: bytes | None) -> list[bytes]:
     return out
 
 
+def _listed(raw: bytes | None, session_id: bytes) -> bool:
+    """`session_id in unpack_ids(raw)`, without building the list: each resumed login
+    asks this, and the answer is almost always yes."""
+    if not raw or not 0 < len(session_id) <= ID_MAX:
+        return False
+    entry = bytes((len(session_id),)) + session_id
+    at = raw.find(entry)
+    if at < 0:
+        return False
+    i = n = 0
+    while i < at and n < MAX_IDS:  # is `at` where an entry starts?
+        size = raw[i]
+        if size == 0 or size > ID_MAX:
+            return False
+        i += 1 + size
+        n += 1
+        if i > at:
+            at = raw.find(entry, i)  # that match was inside an entry: the next one
+            if at < 0:
+                return False
+    return i == at and n < MAX_IDS
+
+
 def remember(l1: Any, user: str, session_id: bytes, ttl: float) -> bytes | None:
     """Add an id to the user's list in L1; returns the packed list (for L2), or None
     when the id is there already (a resumed session: nothing to write, here or in
     memcached, on every login)."""
     key = user_key(user)
-    ids = unpack_ids(l1.get(key))
-    if session_id in ids:
+    raw = l1.get(key)
+    if _listed(raw, session_id):
         return None
+    ids = unpack_ids(raw)
     ids.append(session_id)
     packed = pack_ids(ids)
     l1.put(key, packed, ttl)

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -318,7 +319,12 @@ class ControlConnection(asyncio.Protocol):
             self.node.deliver(subs, event, info)
 
     def _tls_session_id(self) -> bytes | None:
-        if self.tls_object is None:
+        """The id a ban would revoke (tls_revoke), or None where no client can resume by
+        id: TLS 1.3 with stateless tickets resumes from the ticket alone, and OpenSSL
+        gives each such session a dummy id of its own, so remembering it cost a shared
+        memory write (and a memcached write) per login for nothing."""
+        tls = self.tls_object
+        if tls is None or (not tls.context.options & ssl.OP_NO_TICKET and tls.version() == "TLSv1.3"):
             return None
         try:
             sess = self.tls_object.session
