@@ -41,7 +41,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--flood-seconds", type=float, help="ban_flood seconds per run; default 5, quick 2")
     ap.add_argument("--peers", default=",".join(PEERS),
                     help="comma-separated peers to start; add 'floor' for what a login costs in kernel and "
-                         "event loop alone (bench/floor_server.py, sessions only)")  # fmt: skip
+                         "event loop alone (bench/floor_server.py, sessions and ftps_resumed only)")  # fmt: skip
     ap.add_argument("--profile", metavar="WORKLOAD", choices=sorted(BY_NAME),
                     help="profile ftpcluster under WORKLOAD with py-spy (only that; no table)")  # fmt: skip
     ap.add_argument("--no-nice", action="store_true", help="don't lower the bench's priority")
@@ -132,8 +132,8 @@ def bench(a: argparse.Namespace) -> int:
                 for p in running:
                     if p.name == QUIET and not w.log_levels:
                         continue
-                    if p.name == peers_mod.FLOOR and w.name != "sessions":
-                        continue  # it only knows USER, PASS and QUIT
+                    if p.name == peers_mod.FLOOR and w.name not in peers_mod.FLOOR_WORKLOADS:
+                        continue  # it only knows logins
                     if p.name in skipped or (p.name in errors and not samples[p.name]):
                         continue  # failed before: don't spend the time again
                     if not p.alive():

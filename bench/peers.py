@@ -21,7 +21,8 @@ from tests.support_server import PASSWORD, REPO, cli, free_port, make_server, pa
 USER = "alice"
 FTPCLUSTER_TLS = {"session_cache": "local", "session_tickets": "local", "require_data_session_reuse": False}
 MAX_SESSIONS = 20000
-FLOOR = "floor"  # bench/floor_server.py, sessions workload only (--peers ...,floor)
+FLOOR = "floor"  # bench/floor_server.py, sessions and ftps_resumed only (--peers ...,floor)
+FLOOR_WORKLOADS = ("sessions", "ftps_resumed")
 QUIET = "ftpcluster@warning"  # ftpcluster at log level warning (the main peer runs at the default, info)
 
 
@@ -198,11 +199,12 @@ def _start_module(name: str, module: str, args: list[str], tmp: Path, home: Path
 
 
 def start_floor(files: Files, workers: int) -> Peer:
-    """bench/floor_server.py: what a login costs in kernel and event loop alone."""
+    """bench/floor_server.py: what a login costs in kernel, event loop and OpenSSL alone."""
     tmp = files.base / FLOOR
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    return _start_module(FLOOR, "bench.floor_server", ["--port", str(port), "--workers", str(workers)], tmp, tmp, port)
+    args = ["--port", str(port), "--workers", str(workers), "--cert", str(files.cert), "--key", str(files.key)]
+    return _start_module(FLOOR, "bench.floor_server", args, tmp, tmp, port)
 
 
 # -- ProFTPD ------------------------------------------------------------------

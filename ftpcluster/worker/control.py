@@ -35,7 +35,7 @@ from .protocol import (
     TransferResult,
     VerifyPassword,
 )
-from .quickack import ack_arrivals, ack_now
+from .quickack import ack_arrivals
 from .session import Session, State, User
 
 if TYPE_CHECKING:
@@ -438,12 +438,12 @@ class ControlConnection(asyncio.Protocol):
             return
         sock = self.transport.get_extra_info("socket")
         left = tls.handshake_timeout
-        if sock is not None:  # the ClientHello waits in the socket (reading is paused)
+        if sock is not None and tls.prefetches:  # the ClientHello waits in the socket (reading is paused)
             left = await tls.prefetch(sock, own_fd=False)
         if self.closing or self.transport is None or self.transport.is_closing():
             return
         try:
-            with ack_arrivals(loop, sock):  # the client's Finished may wait on it (see quickack.py)
+            with ack_arrivals(loop, sock):  # the client's Finished, then its USER, may wait on our ACK (quickack.py)
                 new = await loop.start_tls(self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=left)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
             self.publish(Event(EventName.TLS_FAILED, {"error": str(e) or type(e).__name__}))
@@ -455,7 +455,6 @@ class ControlConnection(asyncio.Protocol):
             return
         self.transport = new  # type: ignore[assignment]
         self._read_paused = False  # the TLS transport reads from the start
-        ack_now(new.get_extra_info("socket"))  # the client's USER may wait on it (see quickack.py)
         self.tls_object = new.get_extra_info("ssl_object")
         self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(self.tls_object and self.tls_object.session_reused)}))
         self._report(self.session.tls_done())

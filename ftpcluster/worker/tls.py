@@ -148,13 +148,19 @@ class TLSService:
         self.context, self.data_context = ctx, data_ctx
 
     # ------------------------------------------------------------ before a handshake
+    @property
+    def prefetches(self) -> bool:
+        """Is there a memcached level to prefetch from? (Asked before making the
+        coroutine: without memcached a login's handshake needs none.)"""
+        return self.store is not None and self.store.remote is not None
+
     async def prefetch(self, sock: Any, own_fd: bool = True) -> float:
         """Bring the session the waiting ClientHello wants to resume from memcached into
         the host cache, without blocking the loop and for at most `[memcache] timeout`
         (then the handshake is a full one). Nothing to do without memcached. Returns
         what is left of the handshake timeout (the wait for the ClientHello counts)."""
         store = self.store
-        if store is None or store.remote is None:
+        if not self.prefetches:
             return self.handshake_timeout
         t0 = time.monotonic()
         try:
