@@ -240,6 +240,57 @@ def test_curl_explicit_and_implicit(tls_server, tmp_path, tlsflags):
     assert "down.bin" in (tmp_path / "list").read_text()
 
 
+@needs("curl")
+@pytest.mark.parametrize("tlsflags", [["--tls-max", "1.2"], ["--tlsv1.3"]], ids=["tls12", "tls13"])
+def test_curl_several_urls_in_one_command(tls_server, tmp_path, tlsflags):
+    """curl keeps one session per host and, over TLS 1.3, uses a ticket once: the
+    control connection's one ticket served the first data connection and every
+    second transfer failed (522). The control connection now issues another ticket
+    before the next data connection."""
+    names = [f"many-{i}.bin" for i in range(4)]
+    for name in names:
+        (tls_server.home / name).write_bytes(os.urandom(50_000))
+    uploads = [tmp_path / f"up-{i}.bin" for i in range(3)]
+    for src in uploads:
+        src.write_bytes(os.urandom(120_000))
+    base = ["curl", "-sS", "-k", "--max-time", "30", "--ssl-reqd", *tlsflags, "-w", "%{response_code} "]
+    got = [x for name in names for x in ("-o", str(tmp_path / name), tls_server.url(f"/{name}"))]
+    r = subprocess.run([*base, *got], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout.split()) == (0, ["226"] * 4), r.stderr
+    r = subprocess.run([*base, "-T", f"{tmp_path}/{{up-0.bin,up-1.bin,up-2.bin}}", tls_server.url("/")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (r.returncode, r.stdout.split()) == (0, ["226"] * 3), r.stderr
+    for name in names:
+        assert sha(tmp_path / name) == sha(tls_server.home / name)
+    for src in uploads:
+        assert sha(tls_server.home / src.name) == sha(src)
+
+
+def test_a_client_may_keep_resuming_an_earlier_session(tls_server):
+    """A client that saved its session after login and offers it on every data
+    connection still transfers, after the server has issued fresh tickets (which a
+    client following the newest one resumes)."""
+    (tls_server.home / "again.txt").write_bytes(b"again\n" * 100)
+    f = tls_login(tls_server, maxv=ssl.TLSVersion.TLSv1_3)
+    f.voidcmd("NOOP")  # the ticket has been read
+    saved = f.sock.session
+
+    class Saved(ReusingFTP_TLS):
+        def ntransfercmd(self, cmd, rest=None):  # type: ignore[no-untyped-def]
+            conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+            return self.context.wrap_socket(conn, server_hostname=self.host, session=saved), size
+
+    seen = {saved.id}
+    for cls in (Saved, Saved, ReusingFTP_TLS, Saved, ReusingFTP_TLS):
+        f.__class__ = cls
+        out = io.BytesIO()
+        f.retrbinary("RETR again.txt", out.write)
+        assert out.getvalue() == b"again\n" * 100
+        seen.add(f.sock.session.id)
+    assert len(seen) > 1, "no fresh ticket reached the client"
+    f.quit()
+
+
 @needs("lftp")
 def test_lftp_ssl_force_and_protect_data(tls_server, tmp_path):
     src = tmp_path / "up.bin"

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .datachannel import DataChannel, run_transfer, send_small_now
+from .datatls import ControlSessions
 from .fs_port import run_off_loop
 from .passive import NoPassivePort
 from .protocol import (
@@ -68,6 +69,7 @@ class ControlConnection(asyncio.Protocol):
         self.logged_in_at: float | None = None  # for [server] no_transfer_timeout
         self.closing = False
         self.tls_object: Any = None  # ssl.SSLObject of the control connection once TLS is on
+        self.tls_sessions: ControlSessions | None = None  # the sessions its data connections may resume
         self._tls_early: list[bytes] | None = None  # set while AUTH TLS switches the transport
         self._outputs: collections.deque[Output] = collections.deque()
         self._unsent: list[bytes] = []  # replies of the outputs being performed, written together
@@ -103,6 +105,7 @@ class ControlConnection(asyncio.Protocol):
         node.session_opened(self)
         if self.implicit_tls:
             self.tls_object = transport.get_extra_info("ssl_object")
+            self.tls_sessions = ControlSessions(self.tls_object) if self.tls_object is not None else None
             resumed = bool(self.tls_object is not None and self.tls_object.session_reused)
             self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": resumed}))
         self.perform(self.session.greeting())
@@ -241,6 +244,9 @@ class ControlConnection(asyncio.Protocol):
 
     def _act_set_active(self, action: SetActive) -> None:
         self._channel().set_active(action.host, action.port)
+        s = self.session
+        if s is not None and s.prot_private and self.tls_sessions is not None:
+            self.tls_sessions.before_data()  # the ticket goes out ahead of the 150
 
     def _act_close_passive(self, action: ClosePassive) -> None:
         if self.data is not None:
@@ -363,7 +369,11 @@ class ControlConnection(asyncio.Protocol):
             local = self._local_ip = self.transport.get_extra_info("sockname")[0]
         channel = self._channel()
         channel.allowed_peers = self.node.data_peers(self)
-        early = self.node.tls.data_wrapper(self.tls_object) if (s.prot_private and self.node.tls is not None) else None
+        early = None
+        if s.prot_private and self.node.tls is not None:
+            early = self.node.tls.data_wrapper(self.tls_sessions)
+            if self.tls_sessions is not None:
+                self.tls_sessions.before_data()  # the ticket goes out ahead of the 227/229
         port = channel.reuse_passive(local, early)  # the one kept after the last small RETR
         if port is None:
             channel.close()  # this session's previous listener does not count against the limit
@@ -406,7 +416,7 @@ class ControlConnection(asyncio.Protocol):
         channel = self._channel()
         if sent:
             t = dataclasses.replace(t, offset=t.offset + sent)
-        tls_wrap = self.node.tls.data_wrapper(self.tls_object) if (t.protected and self.node.tls is not None) else None
+        tls_wrap = self.node.tls.data_wrapper(self.tls_sessions) if (t.protected and self.node.tls is not None) else None
         if t.temp_path:
             self.node.uploads.started(t.temp_path)  # found again if this node dies mid-upload
         try:
@@ -456,6 +466,7 @@ class ControlConnection(asyncio.Protocol):
         self.transport = new  # type: ignore[assignment]
         self._read_paused = False  # the TLS transport reads from the start
         self.tls_object = new.get_extra_info("ssl_object")
+        self.tls_sessions = ControlSessions(self.tls_object) if self.tls_object is not None else None
         self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(self.tls_object and self.tls_object.session_reused)}))
         self._report(self.session.tls_done())
         early, self._tls_early = self._tls_early or [], None

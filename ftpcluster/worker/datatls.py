@@ -13,6 +13,7 @@ ProFTPD do by default)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import ssl
@@ -21,7 +22,7 @@ from typing import Any, Callable
 from .datachannel import DataRefused
 from .datastream import Fair, Truncated
 from .quickack import ack_now
-from .tls_native import NativeUnavailable, session_secret
+from .tls_native import NativeUnavailable, new_session_ticket, session_secret
 
 
 class TLSStream(Fair):
@@ -111,25 +112,66 @@ class TLSStream(Fair):
             self.sock.close()
 
 
-def same_session(control_tls: Any, data: ssl.SSLSocket) -> bool:
-    """Whether the data connection resumed the control connection's own session
-    (not merely some session of this server, e.g. an attacker's own)."""
-    try:
-        a, b = control_tls.session, data.session
-        if a is None or b is None:
+KEEP_SESSIONS = 4  # sessions of one control connection its data connections may resume
+
+
+class ControlSessions:
+    """The TLS sessions one control connection handed its client: the ones its
+    protected data connections may resume (not merely some session of this server,
+    e.g. an attacker's own), compared by master secret / resumption PSK.
+
+    OpenSSL clients that keep a client-side session cache (curl) use a TLS 1.3 ticket
+    once, so the control connection's one ticket served the first data connection
+    and the next offered none (a full handshake: 522). Once a data connection has
+    resumed the newest session, the next PASV/EPSV/PORT/EPRT issues one more ticket
+    on the control connection, which the client reads before that reply. The last
+    KEEP_SESSIONS stay good, for clients that keep resuming an older one."""
+
+    __slots__ = ("tls", "secrets", "spent")
+
+    def __init__(self, control_tls: Any) -> None:
+        self.tls = control_tls  # the control connection's ssl.SSLObject
+        self.secrets: collections.deque[bytes] = collections.deque(maxlen=KEEP_SESSIONS)
+        self.spent = False  # a data connection resumed the newest session
+
+    def _newest(self) -> bytes | None:
+        session = self.tls.session
+        secret = session_secret(session) if session is not None else None
+        if secret is not None and secret not in self.secrets:
+            self.secrets.append(secret)
+        return secret
+
+    def resumed_by(self, data: ssl.SSLSocket) -> bool:
+        try:
+            newest = self._newest()
+            theirs = data.session
+            secret = session_secret(theirs) if theirs is not None else None
+        except (AttributeError, ValueError, ssl.SSLError, OSError):
             return False
-        sa, sb = session_secret(a), session_secret(b)
-    except (AttributeError, ValueError, ssl.SSLError, OSError):
-        return False
-    except NativeUnavailable:
-        return True  # cannot bind on this build: resumption alone is required
-    return sa is not None and sa == sb
+        except NativeUnavailable:
+            return True  # cannot bind on this build: resumption alone is required
+        if secret is None:
+            return False
+        if secret == newest:
+            self.spent = True
+        return secret in self.secrets
+
+    def before_data(self) -> None:
+        """A protected data connection comes next: one more ticket if the newest was used."""
+        if not self.spent:
+            return
+        self.spent = False
+        try:
+            if self.tls.version() == "TLSv1.3":
+                new_session_ticket(self.tls)
+        except (NativeUnavailable, AttributeError, ValueError, OSError):
+            pass
 
 
 async def wrap_data(
     sock: socket.socket,
     context: ssl.SSLContext,
-    control_tls: Any,
+    control: ControlSessions | None,
     require_reuse: bool,
     timeout: float,
     loop: asyncio.AbstractEventLoop,
@@ -153,7 +195,7 @@ async def wrap_data(
     if on_handshake is not None:
         on_handshake(reused)
     if require_reuse:
-        if not reused or control_tls is None or not same_session(control_tls, sslsock):
+        if not reused or control is None or not control.resumed_by(sslsock):
             await stream.close(clean=True)
             raise DataRefused(
                 522, "Data connection must resume the TLS session of the control connection (TLS session reuse required)"

@@ -22,7 +22,7 @@ from ..cluster.session_seal import SealError, derive, load_sealer
 from ..cluster.tls_cache import open_cache
 from ..cluster.tls_store import TwoLevelStore
 from ..config import Config
-from .datatls import TLSStream, wrap_data
+from .datatls import ControlSessions, TLSStream, wrap_data
 from .protocol import Event, EventName, SessionInfo, listens
 from .tls_native import NativeUnavailable, ctx_pointer, install_session_cache
 from .tls_prefetch import prefetch as prefetch_session
@@ -88,8 +88,9 @@ class TLSService:
     # ------------------------------------------------------------ contexts
     def _build(self, cfg: Config) -> tuple[ssl.SSLContext, ssl.SSLContext]:
         """(control, data) contexts alike but for tickets: the control connection
-        issues one TLS 1.3 ticket, so the session a data connection must resume is
-        unambiguous; data connections issue none (they would only be thrown away)."""
+        issues one TLS 1.3 ticket after its handshake (and one more before a data
+        connection once the last was used: datatls.ControlSessions); data connections
+        issue none (a client that uploads and closes without reading one resets)."""
         pair = build_context(cfg), build_context(cfg)
         for ctx in pair:
             if cfg.tls.session_cache in ("local", "memcache"):
@@ -174,9 +175,9 @@ class TLSService:
         return max(0.1, self.handshake_timeout - (time.monotonic() - t0))
 
     # ------------------------------------------------------------ data channels
-    def data_wrapper(self, control_tls: Any) -> Callable[[socket.socket], Any]:
-        """For a data connection of the session whose control connection is `control_tls`
-        (its ssl.SSLObject): the session to resume is that one's."""
+    def data_wrapper(self, control: ControlSessions | None) -> Callable[[socket.socket], Any]:
+        """For a data connection of the session whose control connection's TLS
+        sessions are `control`: the session to resume is one of those."""
         context, require = self.data_context, self.cfg.tls.require_data_session_reuse
         close_notify = self.cfg.tls.upload_close_notify
         loop = asyncio.get_running_loop()
@@ -186,7 +187,7 @@ class TLSService:
 
         async def wrap(sock: socket.socket) -> TLSStream:
             left = await self.prefetch(sock)
-            return await wrap_data(sock, context, control_tls, require, left, loop, counted, close_notify)
+            return await wrap_data(sock, context, control, require, left, loop, counted, close_notify)
 
         return wrap
 

@@ -68,6 +68,10 @@ def libssl() -> ctypes.CDLL:
         lib.SSL_SESSION_get_time.restype = ctypes.c_long
         lib.SSL_SESSION_get_master_key.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         lib.SSL_SESSION_get_master_key.restype = ctypes.c_size_t
+        lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+        lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+        lib.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
+        lib.SSL_new_session_ticket.restype = ctypes.c_int
         _lib = lib
     return _lib
 
@@ -88,6 +92,25 @@ def session_secret(session: ssl.SSLSession) -> bytes | None:
     buf = ctypes.create_string_buffer(256)
     n = lib.SSL_SESSION_get_master_key(ptr, buf, 256)
     return buf.raw[:n] if n else None
+
+
+def ssl_pointer(obj: ssl.SSLObject) -> int:
+    """The SSL * behind an ssl.SSLObject (the pointer after the socket weakref in
+    _ssl's object), verified: its SSL_CTX must be the one behind `obj.context`."""
+    lib = libssl()
+    ptr = ctypes.c_void_p.from_address(id(obj._sslobj) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)).value
+    ctx = obj.context
+    want = getattr(ctx, "_ftpcluster_ptr", None)
+    if want is None:
+        want = ctx._ftpcluster_ptr = ctx_pointer(ctx)  # type: ignore[attr-defined]
+    if not ptr or lib.SSL_get_SSL_CTX(ptr) != want:
+        raise NativeUnavailable("SSL pointer check failed")
+    return ptr
+
+
+def new_session_ticket(obj: ssl.SSLObject) -> bool:
+    """Have a TLS 1.3 server connection send one more ticket with its next write."""
+    return bool(libssl().SSL_new_session_ticket(ssl_pointer(obj)) == 1)
 
 
 def ctx_pointer(ctx: ssl.SSLContext) -> int:
