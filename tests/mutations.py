@@ -73,6 +73,9 @@ MUTATIONS: list[Mutation] = [
     M("data-newest-session-only", "data connections may resume only the control's newest session",
       "ftpcluster/worker/datatls.py", [("        return secret in self.secrets\n", "        return secret == newest\n")],
       ["tests/test_ftps.py::test_a_client_may_keep_resuming_an_earlier_session"]),
+    M("ban-index-no-reseal", "ban index shards under a retired key are not sealed again (refused after the overlap)",
+      "ftpcluster/cluster/ban_sync.py", [("        entries = self._read_index(reseal=True)\n", "        entries = self._read_index()\n")],
+      ["tests/test_memcache_trust.py::test_key_rotation_keeps_bans_and_sessions"]),
     M("dotdot", "`..` at the top of the home passes the lexical check", "ftpcluster/worker/fs.py",
       [('                if not parts:\n                    raise PathError("path leads outside the home directory")\n'
         "                parts.pop()\n", "                parts.append(part)\n")],

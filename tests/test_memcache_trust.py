@@ -22,7 +22,7 @@ import pytest
 
 from ftpcluster.cluster.ban_sync import _shard
 from ftpcluster.cluster.record_mac import RecordMac
-from ftpcluster.cluster.session_seal import Secret
+from ftpcluster.cluster.session_seal import Secret, load_secrets
 
 from .support_memcached import Memcached, have_memcached, start_memcached
 from .support_server import Server, cli, free_port, have, make_server, wait_for
@@ -267,6 +267,9 @@ def test_key_rotation_keeps_bans_and_sessions(cluster, tmp_path):
     ban(h2, "127.0.3.30", "--for", "1h")
     assert wait_for(lambda: refused(h1, "127.0.3.30"), timeout=10)
     old_id = key.read_text().split("\n")[2].split()[0]
+    # An index shard emptied by pruning and never written again, sealed under the old key.
+    idle = next(f"banidx:{i}" for i in range(16) if c.get(f"banidx:{i}") is None)
+    c.set(idle, RecordMac(load_secrets(key), NS).seal(idle, b"[]"))
     assert cli("key", "generate", "--out", str(key)).returncode == 0  # rotate: the old key kept, retired now
     assert f"{old_id} " in key.read_text() and "retired=" in key.read_text()
 
@@ -276,6 +279,13 @@ def test_key_rotation_keeps_bans_and_sessions(cluster, tmp_path):
     assert cli("reload", config=h2.config).returncode == 0
     ban(h1, "127.0.3.32", "--for", "1h")
     assert wait_for(lambda: refused(h2, "127.0.3.32"), timeout=10)
+    # Every index shard is sealed under the new key now, also those no ban of a host
+    # that reloaded touched: they would be refused (counted as forged) after the overlap.
+    new_id = b"%08x" % int(key.read_text().split("\n")[2].split()[0])
+    shards = [f"banidx:{i}" for i in range(16)]
+    assert any(c.get(s) for s in shards)
+    assert wait_for(lambda: all(v[3:11] == new_id for v in map(c.get, shards) if v), timeout=10), \
+        [(s, v[:11]) for s in shards if (v := c.get(s))]
     for ip in ("127.0.3.30", "127.0.3.31", "127.0.3.32"):
         assert refused(h1, ip) and refused(h2, ip), ip
     assert cli("permit", "host", "127.0.3.30", config=h1.config).returncode == 0

@@ -343,11 +343,19 @@ class BanSync:
             self.applied += 1
             self.count("ftpcluster_bans_added_total", ("user" if ban.kind == "userhost" else ban.kind, "cluster"))
 
-    def _read_index(self) -> set[str]:
+    def _read_index(self, reseal: bool = False) -> set[str]:
+        """Every entry of every shard. With `reseal`, a shard still sealed under a
+        retired key (a key rotation) is sealed again under the current one: the hosts
+        republish their own bans after a reload, but a shard no ban of theirs touches
+        would otherwise be refused (and counted as forged) once the overlap ends."""
         entries: set[str] = set()
         for i in range(SHARDS):
             name = f"banidx:{i}"
-            entries |= _index_parse(self.mac.open("banidx", name, self.ring.get(name), server_of(self.ring, name)))
+            raw = self.ring.get(name)
+            payload = self.mac.open("banidx", name, raw, server_of(self.ring, name))
+            entries |= _index_parse(payload)
+            if reseal and payload is not None and self.mac.retired(raw):
+                self._edit_index(name, add=set(), drop=set())
         return entries
 
     def _read_records(self, names: Any) -> dict[str, Any]:
@@ -370,7 +378,7 @@ class BanSync:
     def full_load(self) -> None:
         """Every ban the cluster has in force, and the removals of bans this host still holds.
         A ban whose record is simply gone stays until it expires: only a MAC'd removal lifts it."""
-        entries = self._read_index()
+        entries = self._read_index(reseal=True)
         got = self._read_records(f"ban:{e}" for e in entries) if entries else {}
         gone = entries - {name[4:] for name in got}
         if gone:

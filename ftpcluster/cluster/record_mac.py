@@ -91,6 +91,11 @@ class RecordMac:
             return None
         return payload
 
+    def retired(self, raw: object) -> bool:
+        """Sealed under a key other than the current one (call after verify() passed):
+        a record to seal again before the overlap ends, or it will be refused then."""
+        return isinstance(raw, (bytes, bytearray)) and bytes(raw[3:11]) != b"%08x" % self.current_id
+
     def open(self, kind: str, name: str, raw: object, server: str = "") -> bytes | None:
         """verify(), and a value that fails is counted and logged (None in = a plain miss)."""
         if raw is None:
