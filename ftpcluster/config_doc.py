@@ -290,8 +290,9 @@ Rotating the cluster key: run `ftpcluster key generate` on one host (the new
 key goes first, the previous one stays with a `retired=<unix time>` stamp),
 copy the file to every host and `ftpcluster reload` each one within the
 overlap. A reloaded host writes under the new key and accepts both, and
-rewrites its own bans under the new key at once; a host not yet reloaded does
-not accept what reloaded hosts write (it keeps the bans it has and catches up
+rewrites its own bans under the new key at once, and at its next full load any
+ban index shard still under a retired key (one no live host's ban touches); a
+host not yet reloaded does not accept what reloaded hosts write (it keeps the bans it has and catches up
 at its reload). Counter names change with the key, so event counts restart
 from zero at the rotation. Hosts running a version without MACs cannot share
 bans with hosts running this one: upgrade every host.
