@@ -23,7 +23,9 @@ from .procs import raise_nofile
 from .workloads import BY_NAME, WORKLOADS, Settings, Skip, Workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PEERS = ["ftpcluster", "pyftpdlib", "proftpd"]
+# The floor (bench/floor_server.py) runs the login workloads only: what a login costs
+# in kernel, event loop and OpenSSL alone, so every run shows how much is ours.
+PEERS = ["ftpcluster", "pyftpdlib", "proftpd", peers_mod.FLOOR]
 # ftpcluster again at log level warning, for the session workloads only: the
 # main peer runs at the default level (info), so the table shows both.
 QUIET = peers_mod.QUIET
@@ -40,8 +42,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(BY_NAME))
     ap.add_argument("--flood-seconds", type=float, help="ban_flood seconds per run; default 5, quick 2")
     ap.add_argument("--peers", default=",".join(PEERS),
-                    help="comma-separated peers to start; add 'floor' for what a login costs in kernel and "
-                         "event loop alone (bench/floor_server.py, sessions and ftps_resumed only)")  # fmt: skip
+                    help="comma-separated peers to start; 'floor' is what a login costs in kernel, event loop "
+                         "and OpenSSL alone (bench/floor_server.py, sessions and ftps_resumed only)")  # fmt: skip
     ap.add_argument("--profile", metavar="WORKLOAD", choices=sorted(BY_NAME),
                     help="profile ftpcluster under WORKLOAD with py-spy (only that; no table)")  # fmt: skip
     ap.add_argument("--no-nice", action="store_true", help="don't lower the bench's priority")
