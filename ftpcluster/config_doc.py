@@ -31,7 +31,7 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "login_timeout": ("Time to log in before 421.", "TimeoutLogin"),
         "data_timeout": ("Data connection set-up; a transfer with no byte moved this long (a slow reader that keeps reading is never cut); a PASV/EPSV port no transfer used this long is closed.", "TimeoutStalled"),
         "no_transfer_timeout": ("Logged in this long without a transfer: 421; 0 = off.", "TimeoutNoTransfer"),
-        "max_sessions_per_node": ("421 for sessions beyond this on one node; implicit-TLS handshakes in flight count too. A node whose descriptor limit holds fewer (three per session, 64 spare) admits only those. Nodes accept from one shared queue, so a full node answers 421 even while another has room: size it for the host's load divided by the nodes, with room to spare.", "MaxInstances"),
+        "max_sessions_per_node": ("421 for sessions beyond this on one node; implicit-TLS handshakes in flight count too. A node whose descriptor limit holds fewer (three per session, 64 spare) admits only those. Nodes accept from one shared queue; a full node stops taking from it while another node of the host has room (per the node table, up to a second old), so 421 comes once no node has room.", "MaxInstances"),
         "max_passive_per_host": ("Passive listeners one client address may hold open on a node (425 beyond), so one account cannot hold the whole range; 0 = no limit.", ""),
         "max_line_length": ("Longer command lines get 500 and are discarded (at least 512).", "CommandBufferSize"),
         "atomic_uploads": ("STOR writes a hidden temporary file renamed on success.", "HiddenStores"),

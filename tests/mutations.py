@@ -76,6 +76,9 @@ MUTATIONS: list[Mutation] = [
     M("ban-index-no-reseal", "ban index shards under a retired key are not sealed again (refused after the overlap)",
       "ftpcluster/cluster/ban_sync.py", [("        entries = self._read_index(reseal=True)\n", "        entries = self._read_index()\n")],
       ["tests/test_memcache_trust.py::test_key_rotation_keeps_bans_and_sessions"]),
+    M("full-node-answers-421", "a full node keeps taking connections (421) while another node has room",
+      "ftpcluster/supervisor/node_process.py", [("        room_elsewhere=room_elsewhere,\n", "        room_elsewhere=None,\n")],
+      ["tests/test_limits.py::test_full_node_leaves_connections_to_a_node_with_room"]),
     M("dotdot", "`..` at the top of the home passes the lexical check", "ftpcluster/worker/fs.py",
       [('                if not parts:\n                    raise PathError("path leads outside the home directory")\n'
         "                parts.pop()\n", "                parts.append(part)\n")],

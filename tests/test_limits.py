@@ -224,6 +224,46 @@ def test_max_sessions_per_node(server_factory: Factory) -> None:
         s.close()
 
 
+def test_full_node_leaves_connections_to_a_node_with_room(server_factory: Factory) -> None:
+    """Two nodes share the listener. One with max_sessions_per_node sessions stops
+    listening while the other has room, so the next client is served by the other,
+    not told 421 (here the other node is stopped for a moment, so the first one
+    takes both sessions and the third client waits for the other in the queue).
+    With no node left with room, a client is told 421 again (within a second)."""
+    import signal
+
+    from .support_cluster import node_pids
+
+    srv = server_factory(nodes=2, server={"max_sessions_per_node": 2})
+    assert wait_for(lambda: len(node_pids(srv)) == 2, 10, 0.1)
+    pids = sorted(node_pids(srv).values())
+    time.sleep(1.2)  # both heartbeats written since they started accepting
+    os.kill(pids[1], signal.SIGSTOP)  # its heartbeat stays fresh for a few seconds
+    sessions: list[Raw] = []
+    try:
+        for _ in range(2):
+            sessions.append(Raw(srv))
+            assert sessions[-1].greeting[0] == 220
+        waiting = socket.create_connection((srv.host, srv.port), timeout=10)
+        waiting.settimeout(0.5)
+        try:
+            early = waiting.recv(100)  # the full node would answer 421 at once
+        except socket.timeout:
+            early = b""
+        assert early == b"", early
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    waiting.settimeout(10)
+    assert waiting.recv(100).startswith(b"220"), "the node with room did not take the waiting client"
+    sessions.append(Raw(srv))  # the fourth session: both nodes are full now
+    assert sessions[-1].greeting[0] == 220
+    over = Raw(srv)
+    assert over.greeting[0] == 421  # no node has room: told at once, as before
+    for r in [*sessions, over]:
+        r.close()
+    waiting.close()
+
+
 def test_max_line_length(server_factory: Factory) -> None:
     srv = server_factory(server={"max_line_length": 600})
     c = Raw(srv)

@@ -27,6 +27,7 @@ from ..worker.node import NodeContext, run_node, set_parent_death_signal
 from .node_table import ACCEPTING, BOOTING, STOPPING, NodeTable
 
 BOOT_ERROR = 3
+ROOM_FRESH = 3.0  # seconds: a node whose heartbeat is older does not count as having room (full_node.py)
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
                  signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE)  # fmt: skip
 
@@ -138,6 +139,16 @@ def _child(
         state = STOPPING if stats.get("stopping") else ACCEPTING
         table.beat(slot, pid, state, started, stats.get("sessions", 0), stats.get("sessions_total", 0), stats.get("rejected_total", 0))
 
+    def room_elsewhere(cap: int) -> bool:
+        """Another node of this host accepting, alive (heartbeat fresh), below `cap`."""
+        now = time.monotonic()
+        for other in range(table.slots):
+            if other != slot:
+                v = table.read(other)
+                if v.pid and v.state == ACCEPTING and now - v.heartbeat < ROOM_FRESH and v.sessions < cap:
+                    return True
+        return False
+
     ctx = NodeContext(
         node_id=node_id,
         config=cfg,
@@ -147,6 +158,7 @@ def _child(
         heartbeat=heartbeat,
         parent_fd=parent_fd,
         slot=slot,
+        room_elsewhere=room_elsewhere,
     )
     return run_node(ctx)
 

@@ -32,6 +32,7 @@ from ..descriptors import sessions_within, soft_limit
 from ..logs import reopen
 from ..users import Authenticator, UserRecord, load_users
 from .control import ControlConnection
+from .full_node import FullNode, RoomElsewhere
 from .loops import new_event_loop
 from .passive import PassivePorts
 from .quickack import ack_arrivals
@@ -60,6 +61,7 @@ class NodeContext:
     heartbeat: Callable[[dict[str, Any]], None] | None = None  # called about once a second
     parent_fd: int | None = None  # read end of a pipe; EOF = the supervisor died
     slot: int = 0  # this node's row in the host's shared tables (node table, metrics)
+    room_elsewhere: RoomElsewhere | None = None  # (cap) -> another node has room (full_node.py)
 
 
 class NodeServer:
@@ -95,6 +97,7 @@ class NodeServer:
         self._pid = os.getpid()  # for session ids: the node is made after the fork
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._server: asyncio.AbstractServer | None = None  # the loop's server on the plain listener
+        self.full = FullNode(ctx.room_elsewhere, self._pause_listening, self._resume_listening)
         # Sessions admitted at most: max_sessions_per_node, or fewer when the descriptor
         # limit would run out first (then a client gets 421, not a silent close from
         # the event loop's accept out of descriptors).
@@ -171,32 +174,48 @@ class NodeServer:
     # ------------------------------------------------------------ accepting
     async def start_accepting(self) -> None:
         self._listeners = []
-        if self.services.proxy is None:
-            # The loop accepts (C, no Python per connection); connection_made refuses bans.
-            # It listens again with the supervisor's backlog; stop_accepting() closes only
-            # this process's descriptor of the shared listener.
-            self.ctx.control_sock.setblocking(False)
-            self._server = await self.loop.create_server(
-                lambda: ControlConnection(self, None), sock=self.ctx.control_sock, backlog=LISTEN_BACKLOG
-            )
-        else:
+        if self.services.proxy is not None:
             self._listeners.append((self.ctx.control_sock, False))  # a PROXY header comes first
         if self.ctx.implicit_tls_sock is not None and self.tls is not None:
             self._listeners.append((self.ctx.implicit_tls_sock, True))
-        for sock, implicit in self._listeners:
+        for sock, _ in self._listeners:
             sock.setblocking(False)
+        await self._listen()
+
+    async def _listen(self) -> None:
+        if self.services.proxy is None:
+            # The loop accepts (C, no Python per connection); connection_made refuses bans.
+            # It listens again with the supervisor's backlog. It gets a duplicate of the
+            # shared listener, which closing the server closes: stop_accepting() (and a
+            # full node's pause) closes only this process's descriptor in use.
+            sock = self.ctx.control_sock
+            dup = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+            server = await self.loop.create_server(lambda: ControlConnection(self, None), sock=dup, backlog=LISTEN_BACKLOG)
+            if self.stopping or self.full.paused or self._server is not None:
+                server.close()  # stopped or full again while it was being made
+            else:
+                self._server = server
+        for sock, implicit in self._listeners:
             # Our own accept loop: a banned client is refused before a TLS handshake or a
             # PROXY header read, with no transport or protocol object at all.
             self.loop.add_reader(sock.fileno(), self._on_acceptable, sock, implicit)
 
-    def stop_accepting(self) -> None:
+    def _pause_listening(self) -> None:
+        """Full, and a sibling has room (full_node.py): leave the queue to the others."""
         for sock, _ in self._listeners:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(sock.fileno())
-        self._listeners = []
         if self._server is not None:
             server, self._server = self._server, None
             server.close()
+
+    def _resume_listening(self) -> None:
+        if not self.stopping:
+            self.track(self.loop.create_task(self._listen()))
+
+    def stop_accepting(self) -> None:
+        self._pause_listening()
+        self._listeners = []
 
     def admit(self, ip: str) -> str | None:
         """A refusal for a connection the loop accepted (bans, limits, a full node), or
@@ -238,6 +257,7 @@ class NodeServer:
             return
         sock.setblocking(False)  # TCP_NODELAY and SO_OOBINLINE (ABOR's urgent byte) come from the listener
         self.connecting += 1
+        self.full.filled(len(self.sessions) + self.connecting, self.session_cap)
         self.track(self.loop.create_task(self._connect(sock, (ip, addr[1]), implicit)))
 
     def _refuse(self, sock: socket.socket, msg: str, counted: bool = False) -> None:
@@ -253,6 +273,7 @@ class NodeServer:
             await self._connect_counted(sock, client, implicit)
         finally:
             self.connecting -= 1
+            self.full.freed(len(self.sessions) + self.connecting, self.session_cap)
             if self.stopping:
                 self._stop_when_idle()  # maybe the last accepted connection, refused or failed
 
@@ -303,11 +324,13 @@ class NodeServer:
         self.sessions.add(conn)
         self.sessions_total += 1
         conn.publish(_CONNECT)
+        self.full.filled(len(self.sessions) + self.connecting, self.session_cap)
 
     def session_closed(self, conn: ControlConnection) -> None:
         if conn in self.sessions:
             self.sessions.discard(conn)
             conn.publish(_DISCONNECT)
+            self.full.freed(len(self.sessions) + self.connecting, self.session_cap)
         if self.stopping:
             self._stop_when_idle()
 
@@ -401,6 +424,7 @@ class NodeServer:
             if self.ctx.heartbeat is not None:
                 with contextlib.suppress(Exception):
                     self.ctx.heartbeat(self.stats())
+            self.full.tick(len(self.sessions) + self.connecting, self.session_cap)
             if self.tls is not None:
                 self.tls.flush_counts()  # the memcached thread's counts, also on an idle node
             with contextlib.suppress(asyncio.TimeoutError):
