@@ -79,6 +79,9 @@ MUTATIONS: list[Mutation] = [
     M("full-node-answers-421", "a full node keeps taking connections (421) while another node has room",
       "ftpcluster/supervisor/node_process.py", [("        room_elsewhere=room_elsewhere,\n", "        room_elsewhere=None,\n")],
       ["tests/test_limits.py::test_full_node_leaves_connections_to_a_node_with_room"]),
+    M("tls13-sessions-stored", "every TLS 1.3 ticket's session is stored in the shared cache (and memcached), evicting ones resumable by id",
+      "ftpcluster/worker/tls_native.py", [("            if lib.SSL_SESSION_get_protocol_version(sess) == TLS1_3_VERSION and", "            if False and")],
+      ["tests/test_cluster_tls.py::test_only_sessions_resumable_by_id_are_remembered_for_revocation"]),
     M("dotdot", "`..` at the top of the home passes the lexical check", "ftpcluster/worker/fs.py",
       [('                if not parts:\n                    raise PathError("path leads outside the home directory")\n'
         "                parts.pop()\n", "                parts.append(part)\n")],

@@ -222,27 +222,40 @@ def implicit_login(h, ctx: ssl.SSLContext, session: ssl.SSLSession | None):  # t
 def test_only_sessions_resumable_by_id_are_remembered_for_revocation(server_factory, memcached, tmp_path):
     """TLS 1.3 under stateless tickets resumes from the ticket alone, and each such
     session has a dummy id of its own: a login must not add it to the user's list (a
-    shared-memory and a memcached write per login, for an id no client presents).
-    A TLS 1.2 session's id is remembered (a client without tickets resumes by it)."""
+    shared-memory and a memcached write per login, for an id no client presents),
+    nor store the session in the cache (OpenSSL offers every TLS 1.3 ticket to it; a
+    control connection issues one per login and more for data connections, and each
+    would evict a session some client resumes by id). A TLS 1.2 session's id is
+    remembered and the session stored (a client without tickets resumes by it)."""
     from ftpcluster.cluster.tls_cache import open_cache
     from ftpcluster.cluster.tls_revoke import unpack_ids, user_key
     from ftpcluster.config import load
 
-    _, (a,) = tls_hosts(server_factory, memcached, tmp_path, "cluster", n=1)
+    (mc,), (a,) = tls_hosts(server_factory, memcached, tmp_path, "cluster", n=1)
     l1 = open_cache(load(str(a.config)))
     try:
         session, reused, ctx13 = None, [], client_ctx(ssl.TLSVersion.TLSv1_3)
+        keys = tls_keys(mc)
         for _ in range(2):
             session, was_reused, reply = implicit_login(a, ctx13, session)
             assert reply.startswith(b"230"), reply
             reused.append(was_reused)
         assert reused == [False, True]
         assert unpack_ids(l1.get(user_key(a.user))) == []
+        f = ReusingFTP_TLS(context=ctx13, timeout=10)  # explicit, with protected transfers (more tickets)
+        f.connect(a.host, a.port)
+        f.login(a.user, a.password)
+        f.prot_p()
+        for _ in range(3):
+            f.retrlines("LIST", lambda line: None)
+        f.quit()
         ctx12 = client_ctx(ssl.TLSVersion.TLSv1_2)
         ctx12.options |= ssl.OP_NO_TICKET  # resumes by session id
         s12, _, reply = implicit_login(a, ctx12, None)
         assert reply.startswith(b"230"), reply
         assert unpack_ids(l1.get(user_key(a.user))) == [s12.id]
+        wait_stored(mc, keys)  # the TLS 1.2 session reached memcached (a background thread writes it)...
+        assert len(tls_keys(mc) - keys) == 1  # ... and none of the TLS 1.3 ones did
     finally:
         l1.close()
 

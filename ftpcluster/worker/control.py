@@ -246,7 +246,7 @@ class ControlConnection(asyncio.Protocol):
         self._channel().set_active(action.host, action.port)
         s = self.session
         if s is not None and s.prot_private and self.tls_sessions is not None:
-            self.tls_sessions.before_data()  # the ticket goes out ahead of the 150
+            self.tls_sessions.before_data()  # the ticket goes out with the next reply (200 to PORT/EPRT)
 
     def _act_close_passive(self, action: ClosePassive) -> None:
         if self.data is not None:

@@ -19,6 +19,7 @@ SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_SESS_CACHE_SERVER = 0x2
 SSL_SESS_CACHE_NO_INTERNAL = 0x300
 MAX_DER = 16 * 1024
+TLS1_3_VERSION = 0x0304
 
 NEW_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 GET_CB = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_int,
@@ -72,6 +73,10 @@ def libssl() -> ctypes.CDLL:
         lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
         lib.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
         lib.SSL_new_session_ticket.restype = ctypes.c_int
+        lib.SSL_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_get_options.restype = ctypes.c_uint64
+        lib.SSL_SESSION_get_protocol_version.argtypes = [ctypes.c_void_p]
+        lib.SSL_SESSION_get_protocol_version.restype = ctypes.c_int
         _lib = lib
     return _lib
 
@@ -169,7 +174,14 @@ class Hooks:
         self.remove_cb = REMOVE_CB(self._remove)
 
     def _new(self, ssl_ptr: int, sess: int) -> int:
+        """A session to store, unless no client can ever ask for it by id: OpenSSL
+        calls this for every TLS 1.3 ticket, also a stateless one, which carries
+        the session itself (a control connection issues one per login and more
+        for data connections: each would evict a session a client can resume)."""
         try:
+            lib = libssl()
+            if lib.SSL_SESSION_get_protocol_version(sess) == TLS1_3_VERSION and not lib.SSL_get_options(ssl_ptr) & ssl.OP_NO_TICKET:
+                return 0
             got = session_der(sess)
             if got is not None:
                 self.backend.store(got[0], got[1], self.ttl)
