@@ -257,11 +257,66 @@ def test_full_node_leaves_connections_to_a_node_with_room(server_factory: Factor
     assert waiting.recv(100).startswith(b"220"), "the node with room did not take the waiting client"
     sessions.append(Raw(srv))  # the fourth session: both nodes are full now
     assert sessions[-1].greeting[0] == 220
+    time.sleep(1.5)  # no node has room: the first one listens again within a second
     over = Raw(srv)
     assert over.greeting[0] == 421  # no node has room: told at once, as before
-    for r in [*sessions, over]:
+    over.close()
+    # A node full while no other had room keeps listening; once one has room again
+    # (the fourth session, on the second node, ends) it leaves the queue to it.
+    sessions.pop().close()
+    time.sleep(1.5)  # the full node looks again within a second
+    greetings = []
+    for _ in range(6):
+        r = Raw(srv)
+        greetings.append(r.greeting[0])
+        r.close()
+        time.sleep(0.1)  # its session ended on the node (the slot is free again)
+    assert greetings == [220] * 6
+    for r in sessions:
         r.close()
     waiting.close()
+
+
+def test_full_node_counts_handshakes_and_leaves_the_rest_of_the_queue(server_factory: Factory) -> None:
+    """With implicit TLS a node accepts in batches from the queue (its own accept
+    loop): once full it leaves the rest of the batch in the queue for a node with
+    room, not 421s. Connections still in their handshake count against the cap in
+    the node table too: two nodes full of them do not each take the other for one
+    with room (then both would stop listening and clients wait in the queue until
+    the handshakes time out, not 421)."""
+    import signal
+    import ssl
+
+    from .support_cluster import node_pids
+
+    srv = server_factory(nodes=2, tls={"handshake_timeout": "60s"}, implicit=True, server={"max_sessions_per_node": 2})
+    assert srv.implicit_port is not None
+    assert wait_for(lambda: len(node_pids(srv)) == 2, 10, 0.1)
+    first, second = sorted(node_pids(srv).values())
+    time.sleep(1.2)  # both heartbeats written since they started accepting
+    os.kill(first, signal.SIGSTOP)
+    os.kill(second, signal.SIGSTOP)
+    try:  # four connections wait in the queue; the first node wakes to all of them at once
+        queued = [socket.create_connection((srv.host, srv.implicit_port), timeout=10) for _ in range(4)]
+        os.kill(first, signal.SIGCONT)
+        time.sleep(0.5)
+    finally:
+        os.kill(first, signal.SIGCONT)
+        os.kill(second, signal.SIGCONT)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    tls = ctx.wrap_socket(queued[2], server_hostname="x")  # the first node took two; this one waited
+    tls.settimeout(10)
+    assert tls.recv(100).startswith(b"220")
+    # Both nodes are full: the first with two silent handshakes, the second with that
+    # session and one silent handshake. A plain client is told 421 within a second or
+    # so, not left waiting for the 60 s handshake timeout.
+    with socket.create_connection((srv.host, srv.port), timeout=10) as c:
+        c.settimeout(5)
+        assert c.recv(100).startswith(b"421")
+    tls.close()
+    for q in queued:
+        q.close()
 
 
 def test_max_line_length(server_factory: Factory) -> None:

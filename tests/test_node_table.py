@@ -23,7 +23,7 @@ def _reordered_write(table: NodeTable, k: int) -> None:
     """The sequence word closed before the second half of the body is stored: the
     order a weakly ordered CPU may make the plain stores visible in."""
     i, off = SLOT * SLOT_SIZE // 8, SLOT * SLOT_SIZE + RECORD_OFF
-    body = BODY.pack(k, 2, float(k), float(k), k, k, k)
+    body = BODY.pack(k, 2, float(k), float(k), k, k, k, k)
     record = CRC.pack(zlib.crc32(body)) + body
     half = len(record) // 2
     seq = table.words[i]
@@ -42,11 +42,11 @@ def _hammer(table: NodeTable, stop_at: float, mode: str) -> None:
         for _ in range(1000):
             k += 1
             if mode == "raw":  # the old way: one pack_into, no sequence word
-                BODY.pack_into(table.mem, off, k, 2, float(k), float(k), k, k, k)
+                BODY.pack_into(table.mem, off, k, 2, float(k), float(k), k, k, k, k)
             elif mode == "reordered":
                 _reordered_write(table, k)
             else:
-                table._write(SLOT, k, 2, float(k), float(k), k, k, k)
+                table._write(SLOT, k, 2, float(k), float(k), k, k, k, k)
 
 
 def _seq_only_read(table: NodeTable) -> Any:
@@ -62,7 +62,7 @@ def _seq_only_read(table: NodeTable) -> Any:
 
 def _torn_reads(mode: str, seconds: float, stop_on_first: bool, check_crc: bool = True) -> tuple[int, int, Any]:
     table = NodeTable(slots=8)
-    table._write(SLOT, 1, 2, 1.0, 1.0, 1, 1, 1)
+    table._write(SLOT, 1, 2, 1.0, 1.0, 1, 1, 1, 1)
     ctx = multiprocessing.get_context("fork")
     stop_at = time.monotonic() + seconds + 0.5
     writer = ctx.Process(target=_hammer, args=(table, stop_at, mode), daemon=True)

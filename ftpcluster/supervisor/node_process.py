@@ -137,7 +137,8 @@ def _child(
 
     def heartbeat(stats: dict[str, Any]) -> None:
         state = STOPPING if stats.get("stopping") else ACCEPTING
-        table.beat(slot, pid, state, started, stats.get("sessions", 0), stats.get("sessions_total", 0), stats.get("rejected_total", 0))
+        table.beat(slot, pid, state, started, stats.get("sessions", 0), stats.get("sessions_total", 0),
+                   stats.get("rejected_total", 0), stats.get("in_use", 0))  # fmt: skip
 
     def room_elsewhere(cap: int) -> bool:
         """Another node of this host accepting, alive (heartbeat fresh), below `cap`."""
@@ -145,7 +146,7 @@ def _child(
         for other in range(table.slots):
             if other != slot:
                 v = table.read(other)
-                if v.pid and v.state == ACCEPTING and now - v.heartbeat < ROOM_FRESH and v.sessions < cap:
+                if v.pid and v.state == ACCEPTING and now - v.heartbeat < ROOM_FRESH and v.in_use < cap:
                     return True
         return False
 

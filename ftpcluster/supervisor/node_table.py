@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 SEQ = struct.Struct("<Q")  # the slot's sequence word, at its start
 CRC = struct.Struct("<Q")  # CRC32 of the body (in a word of its own), after the sequence word
-BODY = struct.Struct("<qqddqqq")  # pid, state, started, heartbeat, sessions, sessions_total, rejected
+BODY = struct.Struct("<qqddqqqq")  # pid, state, started, heartbeat, sessions, sessions_total, rejected, in_use
 RECORD_OFF = SEQ.size  # the CRC word, then the body
 SLOT_SIZE = 128  # two cache lines: a slot never shares a line with its neighbour's sequence word
 assert SEQ.size + CRC.size + BODY.size <= SLOT_SIZE and SLOT_SIZE % 8 == 0
@@ -48,6 +48,7 @@ class SlotView:
     sessions: int
     sessions_total: int
     rejected: int
+    in_use: int = 0  # sessions and connections still being set up (TLS handshake, PROXY header): the cap counts both
 
 
 class NodeTable:
@@ -103,11 +104,12 @@ class NodeTable:
 
     def reset(self, slot: int, pid: int = 0, state: int = FREE) -> None:
         now = time.monotonic()
-        self._write(slot, pid, state, now, now, 0, 0, 0)
+        self._write(slot, pid, state, now, now, 0, 0, 0, 0)
 
-    def beat(self, slot: int, pid: int, state: int, started: float, sessions: int, total: int, rejected: int) -> None:
-        """Called by the node itself about once a second."""
-        self._write(slot, pid, state, started, time.monotonic(), sessions, total, rejected)
+    def beat(self, slot: int, pid: int, state: int, started: float, sessions: int, total: int, rejected: int,
+             in_use: int = 0) -> None:  # fmt: skip
+        """Called by the node itself about once a second (and when it fills up or has room again)."""
+        self._write(slot, pid, state, started, time.monotonic(), sessions, total, rejected, in_use)
 
 
 def passive_slices(low: int, high: int, count: int) -> list[tuple[int, int]]:

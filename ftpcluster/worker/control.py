@@ -56,6 +56,7 @@ class ControlConnection(asyncio.Protocol):
         # connection_made asks the node (bans, limits) before any session exists.
         self.client_ip, self.client_port = client if client is not None else ("", 0)
         self.admitted = client is not None
+        self.set_up_by_node = client is not None  # the node's accept loop: counted in node.connecting meanwhile
         self.implicit_tls = implicit_tls
         self.info = info or {}  # e.g. PROXY protocol details
         self.transport: asyncio.Transport | None = None

@@ -97,7 +97,7 @@ class NodeServer:
         self._pid = os.getpid()  # for session ids: the node is made after the fork
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._server: asyncio.AbstractServer | None = None  # the loop's server on the plain listener
-        self.full = FullNode(ctx.room_elsewhere, self._pause_listening, self._resume_listening)
+        self.full = FullNode(ctx.room_elsewhere, self._pause_listening, self._resume_listening, self._publish_row)
         # Sessions admitted at most: max_sessions_per_node, or fewer when the descriptor
         # limit would run out first (then a client gets 421, not a silent close from
         # the event loop's accept out of descriptors).
@@ -189,12 +189,19 @@ class NodeServer:
             # shared listener, which closing the server closes: stop_accepting() (and a
             # full node's pause) closes only this process's descriptor in use.
             sock = self.ctx.control_sock
-            dup = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
-            server = await self.loop.create_server(lambda: ControlConnection(self, None), sock=dup, backlog=LISTEN_BACKLOG)
+            try:
+                dup = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+                server = await self.loop.create_server(lambda: ControlConnection(self, None), sock=dup, backlog=LISTEN_BACKLOG)
+            except OSError as e:  # out of descriptors, say: try again at the next tick
+                log.warning("cannot listen again", error=e.strerror or str(e))
+                self.full.paused = True
+                return
             if self.stopping or self.full.paused or self._server is not None:
                 server.close()  # stopped or full again while it was being made
             else:
                 self._server = server
+        if self.stopping or self.full.paused:
+            return
         for sock, implicit in self._listeners:
             # Our own accept loop: a banned client is refused before a TLS handshake or a
             # PROXY header read, with no transport or protocol object at all.
@@ -213,6 +220,15 @@ class NodeServer:
         if not self.stopping:
             self.track(self.loop.create_task(self._listen()))
 
+    def _publish_row(self) -> None:
+        """The node table row now: siblings see this node fill up or have room at once."""
+        if self.ctx.heartbeat is not None:
+            with contextlib.suppress(Exception):
+                self.ctx.heartbeat(self.stats())
+
+    def _in_use(self) -> int:
+        return len(self.sessions) + self.connecting
+
     def stop_accepting(self) -> None:
         self._pause_listening()
         self._listeners = []
@@ -221,8 +237,9 @@ class NodeServer:
         """A refusal for a connection the loop accepted (bans, limits, a full node), or
         None; refusals are counted as _refuse() counts them."""
         msg = self.refusal_for(ip)
-        if msg is None and len(self.sessions) + self.connecting >= self.session_cap:
+        if msg is None and self._in_use() >= self.session_cap:
             msg = "421 Too many connections on this node, try again later"
+            self.full.refused(self.session_cap)
         if msg is None and self.stopping and not self.draining:  # accepted just before the stop
             msg = "421 Server shutting down"
         if msg is not None:
@@ -239,6 +256,8 @@ class NodeServer:
                 log.warning("accept failed", error=e.strerror)
                 return
             self._admit(sock, addr, implicit)
+            if self.full.paused:
+                return  # full: the rest of the queue is for the nodes with room
 
     def refusal_for(self, ip: str) -> str | None:
         for check in self.admission:
@@ -257,7 +276,7 @@ class NodeServer:
             return
         sock.setblocking(False)  # TCP_NODELAY and SO_OOBINLINE (ABOR's urgent byte) come from the listener
         self.connecting += 1
-        self.full.filled(len(self.sessions) + self.connecting, self.session_cap)
+        self.full.changed(self._in_use(), self.session_cap)
         self.track(self.loop.create_task(self._connect(sock, (ip, addr[1]), implicit)))
 
     def _refuse(self, sock: socket.socket, msg: str, counted: bool = False) -> None:
@@ -273,7 +292,7 @@ class NodeServer:
             await self._connect_counted(sock, client, implicit)
         finally:
             self.connecting -= 1
-            self.full.freed(len(self.sessions) + self.connecting, self.session_cap)
+            self.full.changed(self._in_use(), self.session_cap)
             if self.stopping:
                 self._stop_when_idle()  # maybe the last accepted connection, refused or failed
 
@@ -324,13 +343,14 @@ class NodeServer:
         self.sessions.add(conn)
         self.sessions_total += 1
         conn.publish(_CONNECT)
-        self.full.filled(len(self.sessions) + self.connecting, self.session_cap)
+        if not conn.set_up_by_node:  # else counted in `connecting` until _connect ends
+            self.full.changed(self._in_use(), self.session_cap)
 
     def session_closed(self, conn: ControlConnection) -> None:
         if conn in self.sessions:
             self.sessions.discard(conn)
             conn.publish(_DISCONNECT)
-            self.full.freed(len(self.sessions) + self.connecting, self.session_cap)
+            self.full.changed(self._in_use(), self.session_cap)
         if self.stopping:
             self._stop_when_idle()
 
@@ -424,7 +444,7 @@ class NodeServer:
             if self.ctx.heartbeat is not None:
                 with contextlib.suppress(Exception):
                     self.ctx.heartbeat(self.stats())
-            self.full.tick(len(self.sessions) + self.connecting, self.session_cap)
+            self.full.tick(self._in_use(), self.session_cap)
             if self.tls is not None:
                 self.tls.flush_counts()  # the memcached thread's counts, also on an idle node
             with contextlib.suppress(asyncio.TimeoutError):
@@ -433,6 +453,7 @@ class NodeServer:
     def stats(self) -> dict[str, Any]:
         return {
             "sessions": len(self.sessions),
+            "in_use": self._in_use(),
             "sessions_total": self.sessions_total,
             "rejected_total": self.rejected_total,
             "stopping": self.stopping,
