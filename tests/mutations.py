@@ -71,7 +71,7 @@ MUTATIONS: list[Mutation] = [
       "ftpcluster/worker/datatls.py", [("                new_session_ticket(self.tls)\n", "                pass\n")],
       ["tests/test_ftps.py::test_curl_several_urls_in_one_command"]),
     M("data-newest-session-only", "data connections may resume only the control's newest session",
-      "ftpcluster/worker/datatls.py", [("        return secret in self.secrets\n", "        return secret == newest\n")],
+      "ftpcluster/worker/datatls.py", [("        return secret == self.first or secret in self.secrets\n", "        return secret == newest\n")],
       ["tests/test_ftps.py::test_a_client_may_keep_resuming_an_earlier_session"]),
     M("ban-index-no-reseal", "ban index shards under a retired key are not sealed again (refused after the overlap)",
       "ftpcluster/cluster/ban_sync.py", [("        entries = self._read_index(reseal=True)\n", "        entries = self._read_index()\n")],
@@ -94,6 +94,9 @@ MUTATIONS: list[Mutation] = [
     M("full-node-table-sessions-only", "the node table's room ignores connections still in their handshake",
       "ftpcluster/supervisor/node_process.py", [("and v.in_use < cap:", "and v.sessions < cap:")],
       ["tests/test_limits.py::test_full_node_counts_handshakes_and_leaves_the_rest_of_the_queue"]),
+    M("data-login-session-forgotten", "the login's session is forgotten after a few fresh tickets",
+      "ftpcluster/worker/datatls.py", [("        return secret == self.first or secret in self.secrets\n", "        return secret in self.secrets\n")],
+      ["tests/test_ftps.py::test_a_client_may_keep_resuming_an_earlier_session"]),
     M("dotdot", "`..` at the top of the home passes the lexical check", "ftpcluster/worker/fs.py",
       [('                if not parts:\n                    raise PathError("path leads outside the home directory")\n'
         "                parts.pop()\n", "                parts.append(part)\n")],

@@ -267,9 +267,10 @@ def test_curl_several_urls_in_one_command(tls_server, tmp_path, tlsflags):
 
 
 def test_a_client_may_keep_resuming_an_earlier_session(tls_server):
-    """A client that saved its session after login and offers it on every data
-    connection still transfers, after the server has issued fresh tickets (which a
-    client following the newest one resumes)."""
+    """A client that saved its session after login and offers it on data
+    connections still transfers, after the server has issued fresh tickets (which a
+    client following the newest one resumes), also when it follows the newest one
+    in between more often than the server keeps recent sessions."""
     (tls_server.home / "again.txt").write_bytes(b"again\n" * 100)
     f = tls_login(tls_server, maxv=ssl.TLSVersion.TLSv1_3)
     f.voidcmd("NOOP")  # the ticket has been read
@@ -281,7 +282,7 @@ def test_a_client_may_keep_resuming_an_earlier_session(tls_server):
             return self.context.wrap_socket(conn, server_hostname=self.host, session=saved), size
 
     seen = {saved.id}
-    for cls in (Saved, Saved, ReusingFTP_TLS, Saved, ReusingFTP_TLS):
+    for cls in (Saved, Saved, ReusingFTP_TLS, Saved, *[ReusingFTP_TLS, Saved] * 6):
         f.__class__ = cls
         out = io.BytesIO()
         f.retrbinary("RETR again.txt", out.write)

@@ -124,13 +124,15 @@ class ControlSessions:
     once, so the control connection's one ticket served the first data connection
     and the next offered none (a full handshake: 522). Once a data connection has
     resumed the newest session, the next PASV/EPSV/PORT/EPRT issues one more ticket
-    on the control connection, which the client reads before that reply. The last
-    KEEP_SESSIONS stay good, for clients that keep resuming an older one."""
+    on the control connection, which the client reads before that reply. The login's
+    session and the last KEEP_SESSIONS stay good, for clients that keep resuming the
+    one they saved at login, or an older one now and then."""
 
-    __slots__ = ("tls", "secrets", "spent")
+    __slots__ = ("tls", "first", "secrets", "spent")
 
     def __init__(self, control_tls: Any) -> None:
         self.tls = control_tls  # the control connection's ssl.SSLObject
+        self.first: bytes | None = None  # the session before any fresh ticket
         self.secrets: collections.deque[bytes] = collections.deque(maxlen=KEEP_SESSIONS)
         self.spent = False  # a data connection resumed the newest session
 
@@ -139,6 +141,8 @@ class ControlSessions:
         secret = session_secret(session) if session is not None else None
         if secret is not None and secret not in self.secrets:
             self.secrets.append(secret)
+            if self.first is None:
+                self.first = secret
         return secret
 
     def resumed_by(self, data: ssl.SSLSocket) -> bool:
@@ -154,7 +158,7 @@ class ControlSessions:
             return False
         if secret == newest:
             self.spent = True
-        return secret in self.secrets
+        return secret == self.first or secret in self.secrets
 
     def before_data(self) -> None:
         """A protected data connection comes next: one more ticket if the newest was used."""
