@@ -274,12 +274,23 @@ def test_user_ban_revokes_cached_sessions(server_factory, memcached, tmp_path, m
     wait_stored(mc, keys)
     _, reused, _ = login(b, session)
     assert reused  # through memcached on the other host
+    # Protected transfers: a TLS 1.3 control connection hands out a fresh ticket (a
+    # cached session under tickets "off") for each data connection after the first.
+    f = ReusingFTP_TLS(context=ctx, timeout=10)
+    f.connect(a.host, a.port)
+    f.login(a.user, a.password)
+    f.prot_p()
+    for _ in range(3):
+        f.retrlines("LIST", lambda line: None)
+    later = f.sock.session
+    f.quit()
     assert cli("ban", "user", "alice", "--for", "1h", config=a.config).returncode == 0
     # The ban and the revocation reach host b through memcached (asynchronously, the
-    # revocation after the ban): wait until the session no longer resumes on each host.
+    # revocation after the ban): wait until the sessions no longer resume on each host.
     for h in (a, b):
-        got = wait_for(lambda h=h: (r := login(h, session)) and not r[1] and r[2].startswith(b"530") and r, 15)
-        assert got, f"{h.dir.name}: the banned user's session still resumes or logs in: {login(h, session)[1:]}"
+        for s in (session, later):
+            got = wait_for(lambda h=h, s=s: (r := login(h, s)) and not r[1] and r[2].startswith(b"530") and r, 15)
+            assert got, f"{h.dir.name}: the banned user's session still resumes or logs in: {login(h, s)[1:]}"
 
 
 def test_revocation_racing_a_prefetch_leaves_no_session(tmp_path, memcached):

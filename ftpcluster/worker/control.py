@@ -106,7 +106,7 @@ class ControlConnection(asyncio.Protocol):
         node.session_opened(self)
         if self.implicit_tls:
             self.tls_object = transport.get_extra_info("ssl_object")
-            self.tls_sessions = ControlSessions(self.tls_object) if self.tls_object is not None else None
+            self.tls_sessions = ControlSessions(self.tls_object, self._remember_session) if self.tls_object is not None else None
             resumed = bool(self.tls_object is not None and self.tls_object.session_reused)
             self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": resumed}))
         self.perform(self.session.greeting())
@@ -326,18 +326,32 @@ class ControlConnection(asyncio.Protocol):
             self.node.deliver(subs, event, info)
 
     def _tls_session_id(self) -> bytes | None:
-        """The id a ban would revoke (tls_revoke), or None where no client can resume by
-        id: TLS 1.3 with stateless tickets resumes from the ticket alone, and OpenSSL
-        gives each such session a dummy id of its own, so remembering it cost a shared
-        memory write (and a memcached write) per login for nothing."""
-        tls = self.tls_object
-        if tls is None or (not tls.context.options & ssl.OP_NO_TICKET and tls.version() == "TLSv1.3"):
-            return None
+        """The id of the login's session a ban would revoke (tls_revoke)."""
         try:
-            sess = self.tls_object.session
+            return self._revocable_id(self.tls_object.session if self.tls_object is not None else None)
         except (AttributeError, ValueError):
             return None
-        return sess.id if sess is not None and sess.id else None
+
+    def _revocable_id(self, session: Any) -> bytes | None:
+        """A session's id, or None where no client can resume by id: TLS 1.3 with
+        stateless tickets resumes from the ticket alone, and OpenSSL gives each such
+        session a dummy id of its own (remembering it cost a shared-memory and a
+        memcached write per login for nothing)."""
+        tls = self.tls_object
+        if tls is None or session is None or (not tls.context.options & ssl.OP_NO_TICKET and tls.version() == "TLSv1.3"):
+            return None
+        return session.id or None
+
+    def _remember_session(self, session: Any) -> None:
+        """A session handed out after login (a fresh ticket for data connections, which
+        is a cached session under `session_tickets = "off"`): on the user's list too,
+        so a ban revokes it as it revokes the login's."""
+        s, tls = self.session, self.node.tls
+        if s is None or s.user is None or tls is None or tls.store is None:
+            return
+        sid = self._revocable_id(session)
+        if sid:
+            tls.store.remember_user(s.user.name, sid)
 
     # ------------------------------------------------------------ actions
     async def _verify(self, action: VerifyPassword) -> None:
@@ -467,7 +481,7 @@ class ControlConnection(asyncio.Protocol):
         self.transport = new  # type: ignore[assignment]
         self._read_paused = False  # the TLS transport reads from the start
         self.tls_object = new.get_extra_info("ssl_object")
-        self.tls_sessions = ControlSessions(self.tls_object) if self.tls_object is not None else None
+        self.tls_sessions = ControlSessions(self.tls_object, self._remember_session) if self.tls_object is not None else None
         self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(self.tls_object and self.tls_object.session_reused)}))
         self._report(self.session.tls_done())
         early, self._tls_early = self._tls_early or [], None

@@ -128,10 +128,11 @@ class ControlSessions:
     session and the last KEEP_SESSIONS stay good, for clients that keep resuming the
     one they saved at login, or an older one now and then."""
 
-    __slots__ = ("tls", "first", "secrets", "spent")
+    __slots__ = ("tls", "on_new", "first", "secrets", "spent")
 
-    def __init__(self, control_tls: Any) -> None:
+    def __init__(self, control_tls: Any, on_new: Callable[[Any], None] | None = None) -> None:
         self.tls = control_tls  # the control connection's ssl.SSLObject
+        self.on_new = on_new  # called with each session seen for the first time (a ban must revoke it too)
         self.first: bytes | None = None  # the session before any fresh ticket
         self.secrets: collections.deque[bytes] = collections.deque(maxlen=KEEP_SESSIONS)
         self.spent = False  # a data connection resumed the newest session
@@ -143,6 +144,8 @@ class ControlSessions:
             self.secrets.append(secret)
             if self.first is None:
                 self.first = secret
+            if self.on_new is not None:
+                self.on_new(session)
         return secret
 
     def resumed_by(self, data: ssl.SSLSocket) -> bool:
