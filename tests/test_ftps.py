@@ -5,6 +5,7 @@ handshake abuse, certificate reload, ECDSA and RSA."""
 from __future__ import annotations
 
 import ftplib
+import json
 import hashlib
 import io
 import os
@@ -95,6 +96,10 @@ def test_plain_ftp_tls_data_refused_without_reuse(tls_server, maxv):
     assert _refusal(f, e.value).startswith("522")
     assert f.voidcmd("NOOP").startswith("200")
     f.close()
+    # The transfer's log line says why (what the client was told).
+    assert wait_for(lambda: [r for r in map(json.loads, filter(lambda l: l.startswith("{"), tls_server.logs().splitlines()))
+                             if r.get("event") == "transfer" and r.get("status") == "refused"
+                             and r.get("reason", "").startswith("522 Data connection must resume")], 10)  # fmt: skip
 
 
 def _refusal(f: ftplib.FTP, err: BaseException) -> str:

@@ -353,7 +353,9 @@ def abor(s: Session, arg: str) -> None:
 def finish_transfer(s: Session, result: TransferResult) -> None:
     t, s.transfer = s.transfer, None
     s.data_ready = False
+    code, text = _transfer_reply(result)
     if t is not None:
+        fields = {} if code == 226 else {"reason": f"{code} {text}"}  # why, in the log line of a failed one
         s.emit(
             EventName.TRANSFER,
             command=t.command,
@@ -363,19 +365,23 @@ def finish_transfer(s: Session, result: TransferResult) -> None:
             seconds=result.seconds,
             ascii=t.ascii,
             direction="i" if t.kind == "receive_file" else "o",
+            **fields,
         )
-    if result.status == "ok":
-        s.reply(226, "Transfer complete")
-    elif result.status == "aborted":
-        s.reply(426, "Connection closed; transfer aborted")
-        if s.abort_requested:
-            s.reply(226, "ABOR command successful")
-    elif result.status == "no_connection":
-        s.reply(425, result.message or "Can't open data connection")
-    elif result.status == "refused":
-        s.reply(result.code or 522, result.message or "Data connection refused")
-    else:
-        s.reply(result.code or 451, result.message or "Transfer failed")
+    s.reply(code, text)
+    if result.status == "aborted" and s.abort_requested:
+        s.reply(226, "ABOR command successful")
     s.abort_requested = False
     if s.quitting:
         s.close(221, "Goodbye")
+
+
+def _transfer_reply(result: TransferResult) -> tuple[int, str]:
+    if result.status == "ok":
+        return 226, "Transfer complete"
+    if result.status == "aborted":
+        return 426, "Connection closed; transfer aborted"
+    if result.status == "no_connection":
+        return 425, result.message or "Can't open data connection"
+    if result.status == "refused":
+        return result.code or 522, result.message or "Data connection refused"
+    return result.code or 451, result.message or "Transfer failed"
