@@ -145,7 +145,8 @@ class ControlSessions:
             if self.first is None:
                 self.first = secret
             if self.on_new is not None:
-                self.on_new(session)
+                with contextlib.suppress(Exception):  # best effort: never a reason to refuse the data connection
+                    self.on_new(session)
         return secret
 
     def resumed_by(self, data: ssl.SSLSocket) -> bool:
