@@ -100,6 +100,9 @@ MUTATIONS: list[Mutation] = [
     M("ban-misses-fresh-tickets", "a ban leaves the sessions handed out for data connections (stateful TLS 1.3 tickets) resumable",
       "ftpcluster/worker/datatls.py", [("            if self.on_new is not None:\n                with contextlib.suppress(Exception):  # best effort: never a reason to refuse the data connection\n                    self.on_new(session)\n", "")],
       ["tests/test_cluster_tls.py::test_user_ban_revokes_cached_sessions"]),
+    M("data-not-resumed-from", "with stateful TLS 1.3 tickets, data connections may not offer the session the login resumed from",
+      "ftpcluster/worker/datatls.py", [("            self.first = resumed_secret(control_tls)\n", "            pass\n")],
+      ["tests/test_cluster_tls.py::test_data_connections_may_offer_the_session_the_login_resumed_from"]),
     M("dotdot", "`..` at the top of the home passes the lexical check", "ftpcluster/worker/fs.py",
       [('                if not parts:\n                    raise PathError("path leads outside the home directory")\n'
         "                parts.pop()\n", "                parts.append(part)\n")],

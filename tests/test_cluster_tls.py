@@ -343,6 +343,45 @@ def test_revocation_racing_a_prefetch_leaves_no_session(tmp_path, memcached):
     l1.close()
 
 
+def test_data_connections_may_offer_the_session_the_login_resumed_from(server_factory, memcached, tmp_path):
+    """With stateful TLS 1.3 tickets (tickets "off") OpenSSL issues a resumed login a
+    new ticket during the handshake, so the control connection's own session is not
+    the one the client resumed with. A client that offers that one again on its data
+    connections (on either host) is served, not told 522."""
+    import ftplib
+
+    _, hosts = tls_hosts(server_factory, memcached, tmp_path, "off")
+    ctx = client_ctx(ssl.TLSVersion.TLSv1_3)
+    f = ReusingFTP_TLS(context=ctx, timeout=10)
+    f.connect(hosts[0].host, hosts[0].port)
+    f.login(hosts[0].user, hosts[0].password)
+    f.prot_p()
+    f.retrlines("LIST", lambda line: None)  # the ticket has been read
+    saved = f.sock.session
+    f.quit()
+
+    class ResumesSaved(ReusingFTP_TLS):
+        def auth(self):  # type: ignore[no-untyped-def]
+            resp = self.voidcmd("AUTH TLS")
+            self.sock = self.context.wrap_socket(self.sock, server_hostname=self.host, session=saved)
+            self.file = self.sock.makefile(mode="r", encoding=self.encoding)
+            return resp
+
+        def ntransfercmd(self, cmd, rest=None):  # type: ignore[no-untyped-def]
+            conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+            return self.context.wrap_socket(conn, server_hostname=self.host, session=saved), size
+
+    for h in hosts:
+        g = ResumesSaved(context=ctx, timeout=10)
+        g.connect(h.host, h.port)
+        g.login(h.user, h.password)
+        assert g.sock.session_reused, h.dir.name
+        g.prot_p()
+        for _ in range(3):
+            g.retrlines("LIST", lambda line: None)
+        g.quit()
+
+
 def test_listed_agrees_with_unpacking_the_list():
     """remember()'s membership check (no list built) against unpack_ids, on packed
     lists, garbage, truncated lists, ids that also occur inside other ids, and lists

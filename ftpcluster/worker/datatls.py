@@ -22,7 +22,7 @@ from typing import Any, Callable
 from .datachannel import DataRefused
 from .datastream import Fair, Truncated
 from .quickack import ack_now
-from .tls_native import NativeUnavailable, new_session_ticket, session_secret
+from .tls_native import NativeUnavailable, new_session_ticket, resumed_secret, session_secret
 
 
 class TLSStream(Fair):
@@ -133,7 +133,10 @@ class ControlSessions:
     def __init__(self, control_tls: Any, on_new: Callable[[Any], None] | None = None) -> None:
         self.tls = control_tls  # the control connection's ssl.SSLObject
         self.on_new = on_new  # called with each session seen for the first time (a ban must revoke it too)
-        self.first: bytes | None = None  # the session before any fresh ticket
+        # the session before any fresh ticket; with stateful TLS 1.3 tickets, the one the login resumed from
+        self.first: bytes | None = None
+        with contextlib.suppress(NativeUnavailable, AttributeError, ValueError, OSError):
+            self.first = resumed_secret(control_tls)
         self.secrets: collections.deque[bytes] = collections.deque(maxlen=KEEP_SESSIONS)
         self.spent = False  # a data connection resumed the newest session
 

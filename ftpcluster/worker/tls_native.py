@@ -10,6 +10,7 @@ the caller falls back to per-process caching and says so once."""
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ssl
 from typing import Callable, Protocol
@@ -19,6 +20,7 @@ SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_SESS_CACHE_SERVER = 0x2
 SSL_SESS_CACHE_NO_INTERNAL = 0x300
 MAX_DER = 16 * 1024
+MAX_LOOKED_UP = 4096  # handshakes in flight whose looked-up session is kept (resumed_secret)
 TLS1_3_VERSION = 0x0304
 
 NEW_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -169,6 +171,8 @@ class Hooks:
 
     def __init__(self, backend: SessionBackend, ttl: float, on_error: Callable[[BaseException], None]) -> None:
         self.backend, self.ttl, self.on_error = backend, ttl, on_error
+        # SSL * -> secret of the session last looked up for it (resumed_secret)
+        self.looked_up: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self.new_cb = NEW_CB(self._new)
         self.get_cb = GET_CB(self._get)
         self.remove_cb = REMOVE_CB(self._remove)
@@ -195,7 +199,15 @@ class Hooks:
             if id_len <= 0 or id_len > 64:
                 return None
             der = self.backend.lookup(ctypes.string_at(id_ptr, id_len))
-            return session_from_der(der) if der else None
+            sess = session_from_der(der) if der else None
+            if sess:
+                buf = ctypes.create_string_buffer(256)
+                n = libssl().SSL_SESSION_get_master_key(sess, buf, 256)
+                self.looked_up[ssl_ptr] = buf.raw[:n]
+                self.looked_up.move_to_end(ssl_ptr)
+                while len(self.looked_up) > MAX_LOOKED_UP:
+                    self.looked_up.popitem(last=False)
+            return sess
         except BaseException as e:
             self.on_error(e)
             return None
@@ -204,6 +216,20 @@ class Hooks:
         # OpenSSL's own evictions and context frees (a reload) land here: the shared
         # store keeps the session for the other processes and hosts.
         return None
+
+
+def resumed_secret(obj: ssl.SSLObject) -> bytes | None:
+    """With stateful TLS 1.3 tickets (`session_tickets = "off"`): the secret of the
+    session a resumed connection was resumed from. Its own session is already the
+    ticket OpenSSL issued during the handshake, so a client that offers the session
+    it resumed with again (on a data connection) would not match it. Resuming went
+    through the cache lookup of this very handshake (no internal cache, no stateless
+    tickets), which is what `looked_up` holds for its SSL *."""
+    ctx = obj.context
+    hooks = getattr(ctx, "_ftpcluster_hooks", None)
+    if hooks is None or not obj.session_reused or not ctx.options & ssl.OP_NO_TICKET or obj.version() != "TLSv1.3":
+        return None
+    return hooks.looked_up.pop(ssl_pointer(obj), None)
 
 
 def install_session_cache(ctx: ssl.SSLContext, backend: SessionBackend, ttl: float, sid_context: bytes,
