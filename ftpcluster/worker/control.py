@@ -105,10 +105,7 @@ class ControlConnection(asyncio.Protocol):
         self.session_info = SessionInfo(self.session.session_id, self.client_ip, health_check="health_check" in self.info)
         node.session_opened(self)
         if self.implicit_tls:
-            self.tls_object = transport.get_extra_info("ssl_object")
-            self.tls_sessions = ControlSessions(self.tls_object, self._remember_session) if self.tls_object is not None else None
-            resumed = bool(self.tls_object is not None and self.tls_object.session_reused)
-            self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": resumed}))
+            self._tls_on(transport)
         self.perform(self.session.greeting())
 
     def data_received(self, data: bytes) -> None:
@@ -245,9 +242,7 @@ class ControlConnection(asyncio.Protocol):
 
     def _act_set_active(self, action: SetActive) -> None:
         self._channel().set_active(action.host, action.port)
-        s = self.session
-        if s is not None and s.prot_private and self.tls_sessions is not None:
-            self.tls_sessions.before_data()  # the ticket goes out with the next reply (200 to PORT/EPRT)
+        self._ticket_before_data()  # the ticket goes out with the next reply (200 to PORT/EPRT)
 
     def _act_close_passive(self, action: ClosePassive) -> None:
         if self.data is not None:
@@ -325,6 +320,18 @@ class ControlConnection(asyncio.Protocol):
                 info.tls_session_id = self._tls_session_id()
             self.node.deliver(subs, event, info)
 
+    def _tls_on(self, transport: Any) -> None:
+        """The control connection is TLS now (implicit, or after AUTH TLS)."""
+        self.tls_object = tls = transport.get_extra_info("ssl_object")
+        self.tls_sessions = ControlSessions(tls, self._remember_session) if tls is not None else None
+        self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(tls is not None and tls.session_reused)}))
+
+    def _ticket_before_data(self) -> None:
+        """A protected data connection comes next (ControlSessions.before_data)."""
+        s = self.session
+        if s is not None and s.prot_private and self.tls_sessions is not None:
+            self.tls_sessions.before_data()
+
     def _tls_session_id(self) -> bytes | None:
         """The id of the login's session a ban would revoke (tls_revoke)."""
         try:
@@ -384,11 +391,8 @@ class ControlConnection(asyncio.Protocol):
             local = self._local_ip = self.transport.get_extra_info("sockname")[0]
         channel = self._channel()
         channel.allowed_peers = self.node.data_peers(self)
-        early = None
-        if s.prot_private and self.node.tls is not None:
-            early = self.node.tls.data_wrapper(self.tls_sessions)
-            if self.tls_sessions is not None:
-                self.tls_sessions.before_data()  # the ticket goes out ahead of the 227/229
+        early = self.node.tls.data_wrapper(self.tls_sessions) if (s.prot_private and self.node.tls is not None) else None
+        self._ticket_before_data()  # the ticket goes out ahead of the 227/229
         port = channel.reuse_passive(local, early)  # the one kept after the last small RETR
         if port is None:
             channel.close()  # this session's previous listener does not count against the limit
@@ -480,9 +484,7 @@ class ControlConnection(asyncio.Protocol):
             return
         self.transport = new  # type: ignore[assignment]
         self._read_paused = False  # the TLS transport reads from the start
-        self.tls_object = new.get_extra_info("ssl_object")
-        self.tls_sessions = ControlSessions(self.tls_object, self._remember_session) if self.tls_object is not None else None
-        self.publish(Event(EventName.TLS_ESTABLISHED, {"resumed": bool(self.tls_object and self.tls_object.session_reused)}))
+        self._tls_on(new)
         self._report(self.session.tls_done())
         early, self._tls_early = self._tls_early or [], None
         if early and not self.closing:

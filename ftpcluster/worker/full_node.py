@@ -68,6 +68,11 @@ class FullNode:
         elif in_use < cap or self.room_elsewhere is None or not self.room_elsewhere(cap):
             self._listen_again()
 
+    def listen_failed(self) -> None:
+        """The node could not listen again (out of descriptors, say): as if paused, so
+        the next tick tries again."""
+        self.paused = True
+
     def _look(self, cap: int) -> None:
         if not self.paused and self.room_elsewhere is not None and self.room_elsewhere(cap):
             self.paused = True

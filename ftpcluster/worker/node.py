@@ -194,7 +194,7 @@ class NodeServer:
                 server = await self.loop.create_server(lambda: ControlConnection(self, None), sock=dup, backlog=LISTEN_BACKLOG)
             except OSError as e:  # out of descriptors, say: try again at the next tick
                 log.warning("cannot listen again", error=e.strerror or str(e))
-                self.full.paused = True
+                self.full.listen_failed()
                 return
             if self.stopping or self.full.paused or self._server is not None:
                 server.close()  # stopped or full again while it was being made

@@ -96,8 +96,13 @@ def session_secret(session: ssl.SSLSession) -> bytes | None:
     idp = lib.SSL_SESSION_get_id(ptr, ctypes.byref(idlen))
     if lib.SSL_SESSION_get_time(ptr) != session.time or ctypes.string_at(idp, idlen.value) != session.id:
         raise NativeUnavailable("SSL_SESSION pointer check failed")
+    return _master_key(ptr)
+
+
+def _master_key(sess: int) -> bytes | None:
+    """The master secret / resumption PSK of an SSL_SESSION *."""
     buf = ctypes.create_string_buffer(256)
-    n = lib.SSL_SESSION_get_master_key(ptr, buf, 256)
+    n = libssl().SSL_SESSION_get_master_key(sess, buf, 256)
     return buf.raw[:n] if n else None
 
 
@@ -200,10 +205,9 @@ class Hooks:
                 return None
             der = self.backend.lookup(ctypes.string_at(id_ptr, id_len))
             sess = session_from_der(der) if der else None
-            if sess:
-                buf = ctypes.create_string_buffer(256)
-                n = libssl().SSL_SESSION_get_master_key(sess, buf, 256)
-                self.looked_up[ssl_ptr] = buf.raw[:n]
+            secret = _master_key(sess) if sess else None
+            if secret is not None:
+                self.looked_up[ssl_ptr] = secret
                 self.looked_up.move_to_end(ssl_ptr)
                 while len(self.looked_up) > MAX_LOOKED_UP:
                     self.looked_up.popitem(last=False)
